@@ -1,0 +1,11 @@
+//! spotbuild: a build farm controller for monorepos on EC2 spot instances.
+//!
+//! It decides what needs building before renting anything ([`plan`]), using the image
+//! registry as its state ([`registry`]) and the repository's trees ([`git`]) as described
+//! by the build manifest ([`manifest`]). [`cli`] is the command-line surface.
+
+pub mod cli;
+pub mod git;
+pub mod manifest;
+pub mod plan;
+pub mod registry;

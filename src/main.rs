@@ -1,0 +1,5 @@
+//! The `spotbuild` binary: everything lives in the library; this only hands over.
+
+fn main() -> std::process::ExitCode {
+    spotbuild::cli::main()
+}

@@ -1,0 +1,755 @@
+//! The build manifest (`build_manifest.json`, compatible with the Aztec build-system):
+//! parsing, validation with actionable errors, dependency order, and the canonical form of
+//! each entry that feeds the content hash.
+
+pub mod config;
+mod pattern;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use pattern::{Pattern, PatternError};
+
+/// Where the manifest lives, relative to the repository root.
+pub const MANIFEST_PATH: &str = "build_manifest.json";
+
+/// Keys a project entry may carry. Aztec's own keys first, then spotbuild's.
+const KNOWN_KEYS: &[&str] = &[
+    "buildDir",
+    "projectDir",
+    "dockerfile",
+    "rebuildPatterns",
+    "dependencies",
+    "runDependencies",
+    "multiarch",
+    "submodulePath",
+    "tests",
+    "cpus",
+    "buildArgs",
+];
+
+const KNOWN_JOB_KEYS: &[&str] = &["command", "cpus", "host"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("failed to parse {file}: {message} at line {line}, column {column}")]
+    Json {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("failed to read {file}: the top level must be an object keyed by project name")]
+    NotAnObject { file: String },
+    #[error("project `{project}`: unknown key `{key}`")]
+    UnknownKey {
+        project: String,
+        key: String,
+        suggestion: Option<String>,
+    },
+    #[error("project `{project}`: `{key}` must be {expected}, found {found}")]
+    WrongType {
+        project: String,
+        key: String,
+        expected: &'static str,
+        found: &'static str,
+    },
+    #[error("project `{project}`: {message}")]
+    Invalid { project: String, message: String },
+    #[error("project `{project}` depends on unknown project `{dependency}`")]
+    UnknownDependency {
+        project: String,
+        dependency: String,
+        suggestion: Option<String>,
+    },
+    #[error("dependency cycle: {}", cycle.join(" -> "))]
+    Cycle { cycle: Vec<String> },
+    #[error("project `{project}`: invalid rebuild pattern `{pattern}`{}: {error}", origin.as_deref().map(|o| format!(" ({o})")).unwrap_or_default())]
+    InvalidPattern {
+        project: String,
+        pattern: String,
+        /// Where a pattern from a patterns file came from (`file:line`).
+        origin: Option<String>,
+        error: PatternError,
+    },
+    #[error("project `{project}`: rebuild patterns file `{path}` does not exist at this commit")]
+    MissingPatternsFile { project: String, path: String },
+    #[error("project `{project}`: Dockerfile `{path}` does not exist at this commit")]
+    MissingDockerfile { project: String, path: String },
+}
+
+impl ManifestError {
+    /// A next step for the user, when there is a useful one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ManifestError::UnknownKey {
+                suggestion: Some(s),
+                ..
+            }
+            | ManifestError::UnknownDependency {
+                suggestion: Some(s),
+                ..
+            } => Some(format!("did you mean `{s}`?")),
+            ManifestError::UnknownKey { .. } => Some(format!(
+                "a project entry may only have the keys {}",
+                KNOWN_KEYS.join(", ")
+            )),
+            ManifestError::Cycle { .. } => {
+                Some("remove one of these dependencies to break the cycle".into())
+            }
+            ManifestError::MissingDockerfile { .. } => Some(
+                "set `dockerfile` (relative to `buildDir`) or commit the Dockerfile".into(),
+            ),
+            ManifestError::MissingPatternsFile { .. } => Some(
+                "a string `rebuildPatterns` names a file relative to `projectDir`, one regex per line".into(),
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// A named test job of a project: a command run in the project's built image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TestJob {
+    pub command: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Run on the instance itself rather than inside the image.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub host: bool,
+}
+
+/// Where a project's rebuild patterns came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternSource {
+    /// `null` or absent: `^<projectDir>/`.
+    Default,
+    Inline,
+    /// A file, repo-relative path.
+    File(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub name: String,
+    pub build_dir: String,
+    pub project_dir: String,
+    /// Relative to `build_dir`.
+    pub dockerfile: String,
+    pub patterns: Vec<Pattern>,
+    pub pattern_source: PatternSource,
+    pub dependencies: Vec<String>,
+    pub run_dependencies: Vec<String>,
+    pub multiarch: Option<Value>,
+    pub submodule_path: Option<String>,
+    pub tests: BTreeMap<String, TestJob>,
+    pub cpus: Option<u32>,
+    pub build_args: BTreeMap<String, String>,
+}
+
+impl Project {
+    /// The Dockerfile's repo-relative path.
+    pub fn dockerfile_path(&self) -> String {
+        join_path(&self.build_dir, &self.dockerfile)
+    }
+
+    /// The canonical, order-independent serialisation of this entry, with defaults filled in
+    /// and pattern files replaced by their patterns. Two manifests that mean the same thing
+    /// give the same bytes.
+    pub fn canonical(&self) -> String {
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            name: &'a str,
+            build_dir: &'a str,
+            project_dir: &'a str,
+            dockerfile: &'a str,
+            patterns: Vec<&'a str>,
+            dependencies: Vec<&'a str>,
+            run_dependencies: Vec<&'a str>,
+            multiarch: &'a Option<Value>,
+            submodule_path: &'a Option<String>,
+            tests: &'a BTreeMap<String, TestJob>,
+            cpus: Option<u32>,
+            build_args: &'a BTreeMap<String, String>,
+        }
+        let mut patterns: Vec<&str> = self.patterns.iter().map(|p| p.as_str()).collect();
+        patterns.sort_unstable();
+        patterns.dedup();
+        let mut dependencies: Vec<&str> = self.dependencies.iter().map(String::as_str).collect();
+        dependencies.sort_unstable();
+        let mut run_dependencies: Vec<&str> =
+            self.run_dependencies.iter().map(String::as_str).collect();
+        run_dependencies.sort_unstable();
+        serde_json::to_string(&Canonical {
+            name: &self.name,
+            build_dir: &self.build_dir,
+            project_dir: &self.project_dir,
+            dockerfile: &self.dockerfile,
+            patterns,
+            dependencies,
+            run_dependencies,
+            multiarch: &self.multiarch,
+            submodule_path: &self.submodule_path,
+            tests: &self.tests,
+            cpus: self.cpus,
+            build_args: &self.build_args,
+        })
+        .expect("a canonical manifest entry always serialises")
+    }
+}
+
+/// A validated manifest: every dependency exists, there is no cycle, and `projects` is in
+/// dependency order (every project after all of its dependencies; ties by name).
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub projects: Vec<Project>,
+    index: HashMap<String, usize>,
+}
+
+impl Manifest {
+    /// Parses and validates manifest text. `read_file` reads a repo-relative file at the
+    /// commit being planned (for rebuild-pattern files); `Ok(None)` means it does not exist.
+    pub fn parse<E>(
+        text: &[u8],
+        file: &str,
+        mut read_file: impl FnMut(&str) -> Result<Option<Vec<u8>>, E>,
+    ) -> Result<Manifest, ParseError<E>> {
+        let root: Value = serde_json::from_slice(text).map_err(|e| ManifestError::Json {
+            file: file.to_string(),
+            line: e.line(),
+            column: e.column(),
+            message: json_message(&e),
+        })?;
+        let Value::Object(root) = root else {
+            return Err(ManifestError::NotAnObject {
+                file: file.to_string(),
+            }
+            .into());
+        };
+        let mut projects = Vec::with_capacity(root.len());
+        for (name, entry) in &root {
+            projects.push(parse_project(name, entry, &mut read_file)?);
+        }
+        Ok(Manifest::from_projects(projects)?)
+    }
+
+    /// Validates dependencies and orders projects.
+    pub fn from_projects(projects: Vec<Project>) -> Result<Manifest, ManifestError> {
+        let by_name: BTreeMap<&str, &Project> =
+            projects.iter().map(|p| (p.name.as_str(), p)).collect();
+        for p in &projects {
+            for dep in &p.dependencies {
+                if !by_name.contains_key(dep.as_str()) {
+                    return Err(ManifestError::UnknownDependency {
+                        project: p.name.clone(),
+                        dependency: dep.clone(),
+                        suggestion: closest(dep, by_name.keys().copied()),
+                    });
+                }
+            }
+        }
+        let order = dependency_order(&by_name)?;
+        let mut slots: HashMap<String, Project> =
+            projects.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let projects: Vec<Project> = order
+            .iter()
+            .map(|n| slots.remove(n).expect("ordered names come from the projects"))
+            .collect();
+        let index = projects
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.clone(), i))
+            .collect();
+        Ok(Manifest { projects, index })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Project> {
+        self.index.get(name).map(|&i| &self.projects[i])
+    }
+
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// The closest project name to `name`, for did-you-mean hints.
+    pub fn suggest(&self, name: &str) -> Option<String> {
+        closest(name, self.projects.iter().map(|p| p.name.as_str()))
+    }
+}
+
+/// A manifest error, or a failure of the caller's file reader.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError<E> {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Read(E),
+}
+
+/// serde_json appends " at line L column C" to its messages; we print our own.
+fn json_message(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_project<E>(
+    name: &str,
+    entry: &Value,
+    read_file: &mut impl FnMut(&str) -> Result<Option<Vec<u8>>, E>,
+) -> Result<Project, ParseError<E>> {
+    let wrong = |key: &str, expected: &'static str, v: &Value| ManifestError::WrongType {
+        project: name.to_string(),
+        key: key.to_string(),
+        expected,
+        found: type_name(v),
+    };
+    let invalid = |message: String| ManifestError::Invalid {
+        project: name.to_string(),
+        message,
+    };
+    if name.is_empty() || name.contains('/') || name.chars().any(char::is_whitespace) {
+        return Err(invalid(format!(
+            "`{name}` is not a valid project name (no slashes, spaces, or empty names)"
+        ))
+        .into());
+    }
+    let Value::Object(obj) = entry else {
+        return Err(ManifestError::WrongType {
+            project: name.to_string(),
+            key: "(entry)".into(),
+            expected: "an object",
+            found: type_name(entry),
+        }
+        .into());
+    };
+    for key in obj.keys() {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            return Err(ManifestError::UnknownKey {
+                project: name.to_string(),
+                key: key.clone(),
+                suggestion: closest(key, KNOWN_KEYS.iter().copied()),
+            }
+            .into());
+        }
+    }
+    let string = |key: &str| -> Result<Option<String>, ManifestError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(wrong(key, "a string", v)),
+        }
+    };
+    let build_dir = string("buildDir")?
+        .ok_or_else(|| invalid("`buildDir` is required".into()))?;
+    let build_dir = normalize_dir(&build_dir).map_err(|m| invalid(format!("`buildDir` {m}")))?;
+    let project_dir = match string("projectDir")? {
+        Some(d) => normalize_dir(&d).map_err(|m| invalid(format!("`projectDir` {m}")))?,
+        None => build_dir.clone(),
+    };
+    let dockerfile = string("dockerfile")?.unwrap_or_else(|| "Dockerfile".to_string());
+    let submodule_path = string("submodulePath")?;
+    let names = |key: &str| -> Result<Vec<String>, ManifestError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(wrong(key, "an array of project names", other)),
+                })
+                .collect(),
+            Some(v) => Err(wrong(key, "an array of project names or null", v)),
+        }
+    };
+    let dependencies = names("dependencies")?;
+    let run_dependencies = names("runDependencies")?;
+    let cpus = match obj.get("cpus") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(positive_u32(v).ok_or_else(|| wrong("cpus", "a positive integer", v))?),
+    };
+    let build_args = match obj.get("buildArgs") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => Ok((k.clone(), s.clone())),
+                other => Err(wrong("buildArgs", "an object of strings", other)),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => Err(wrong("buildArgs", "an object of strings", v))?,
+    };
+    let tests = match obj.get("tests") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => parse_tests(name, m)?,
+        Some(v) => Err(wrong("tests", "an object of named test jobs", v))?,
+    };
+
+    let (patterns, pattern_source) = match obj.get("rebuildPatterns") {
+        None | Some(Value::Null) => {
+            // A project at the repository root owns every path.
+            let text = if project_dir.is_empty() {
+                "^".to_string()
+            } else {
+                format!("^{}/", regex_syntax::escape(&project_dir))
+            };
+            let p = Pattern::new(&text).map_err(|error| ManifestError::InvalidPattern {
+                project: name.to_string(),
+                pattern: text.clone(),
+                origin: None,
+                error,
+            })?;
+            (vec![p], PatternSource::Default)
+        }
+        Some(Value::Array(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for v in items {
+                let Value::String(text) = v else {
+                    return Err(wrong("rebuildPatterns", "an array of regex strings", v).into());
+                };
+                out.push(Pattern::new(text).map_err(|error| {
+                    ManifestError::InvalidPattern {
+                        project: name.to_string(),
+                        pattern: text.clone(),
+                        origin: None,
+                        error,
+                    }
+                })?);
+            }
+            (out, PatternSource::Inline)
+        }
+        Some(Value::String(file)) => {
+            let path = join_path(&project_dir, file);
+            let bytes = read_file(&path)
+                .map_err(ParseError::Read)?
+                .ok_or_else(|| ManifestError::MissingPatternsFile {
+                    project: name.to_string(),
+                    path: path.clone(),
+                })?;
+            let text = String::from_utf8_lossy(&bytes);
+            let mut out = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                out.push(
+                    Pattern::new(line).map_err(|error| ManifestError::InvalidPattern {
+                        project: name.to_string(),
+                        pattern: line.to_string(),
+                        origin: Some(format!("{path}:{}", i + 1)),
+                        error,
+                    })?,
+                );
+            }
+            (out, PatternSource::File(path))
+        }
+        Some(v) => {
+            return Err(wrong(
+                "rebuildPatterns",
+                "an array of regexes, a patterns file name, or null",
+                v,
+            )
+            .into())
+        }
+    };
+
+    Ok(Project {
+        name: name.to_string(),
+        build_dir,
+        project_dir,
+        dockerfile,
+        patterns,
+        pattern_source,
+        dependencies,
+        run_dependencies,
+        multiarch: obj.get("multiarch").cloned().filter(|v| !v.is_null()),
+        submodule_path,
+        tests,
+        cpus,
+        build_args,
+    })
+}
+
+fn parse_tests(project: &str, jobs: &Map<String, Value>) -> Result<BTreeMap<String, TestJob>, ManifestError> {
+    let mut out = BTreeMap::new();
+    for (job, spec) in jobs {
+        let key = format!("tests.{job}");
+        let wrong = |key: &str, expected: &'static str, v: &Value| ManifestError::WrongType {
+            project: project.to_string(),
+            key: key.to_string(),
+            expected,
+            found: type_name(v),
+        };
+        if !valid_job_name(job) {
+            return Err(ManifestError::Invalid {
+                project: project.to_string(),
+                message: format!(
+                    "test job name `{job}` must be 1-40 characters of a-z, 0-9, `_`, `.` or `-` \
+                     (it becomes part of an image tag)"
+                ),
+            });
+        }
+        let Value::Object(spec) = spec else {
+            return Err(wrong(&key, "an object with a `command`", spec));
+        };
+        for k in spec.keys() {
+            if !KNOWN_JOB_KEYS.contains(&k.as_str()) {
+                return Err(ManifestError::UnknownKey {
+                    project: project.to_string(),
+                    key: format!("{key}.{k}"),
+                    suggestion: closest(k, KNOWN_JOB_KEYS.iter().copied())
+                        .map(|s| format!("{key}.{s}")),
+                });
+            }
+        }
+        let command = match spec.get("command") {
+            Some(Value::Array(items)) if !items.is_empty() => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    other => Err(wrong(&format!("{key}.command"), "an array of strings", other)),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(v) => return Err(wrong(&format!("{key}.command"), "a non-empty array of strings", v)),
+            None => {
+                return Err(ManifestError::Invalid {
+                    project: project.to_string(),
+                    message: format!("`{key}` needs a `command` (an array of strings)"),
+                })
+            }
+        };
+        let cpus = match spec.get("cpus") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                positive_u32(v).ok_or_else(|| wrong(&format!("{key}.cpus"), "a positive integer", v))?,
+            ),
+        };
+        let host = match spec.get("host") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(wrong(&format!("{key}.host"), "a boolean", v)),
+        };
+        out.insert(job.clone(), TestJob { command, cpus, host });
+    }
+    Ok(out)
+}
+
+fn positive_u32(v: &Value) -> Option<u32> {
+    v.as_u64().filter(|&n| n > 0).and_then(|n| u32::try_from(n).ok())
+}
+
+/// Test job names become the suffix of an image tag (`cache-<hash>-<job>`), whose grammar
+/// is `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`; the length cap leaves room for the hash.
+fn valid_job_name(job: &str) -> bool {
+    !job.is_empty()
+        && job.len() <= 40
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+}
+
+/// Repo-relative directory without leading `./` or trailing `/`. `.` and `` mean the root.
+fn normalize_dir(dir: &str) -> Result<String, String> {
+    let d = dir.trim_start_matches("./").trim_end_matches('/');
+    if d.starts_with('/') {
+        return Err(format!("`{dir}` must be relative to the repository root"));
+    }
+    if d.split('/').any(|c| c == "..") {
+        return Err(format!("`{dir}` must stay inside the repository"));
+    }
+    Ok(if d == "." { String::new() } else { d.to_string() })
+}
+
+/// `dir/file` with `.` and `..` resolved, so `buildDir: "a", dockerfile: "../d/Dockerfile"`
+/// names `d/Dockerfile`. A path that climbs out of the repository keeps its `..` and is then
+/// simply not found at the commit.
+fn join_path(dir: &str, file: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in dir.split('/').chain(file.split('/')) {
+        match c {
+            "" | "." => {}
+            ".." if parts.last().is_some_and(|p| *p != "..") => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
+}
+
+/// The candidate nearest to `word`, if it is near enough to be a plausible typo.
+pub fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<String> {
+    candidates
+        .map(|c| (strsim::jaro_winkler(&word.to_lowercase(), &c.to_lowercase()), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c.to_string())
+}
+
+/// Orders projects so that each comes after its dependencies (depth-first, in name order, so
+/// the order is stable). Reports the first cycle found as `a -> b -> a`.
+fn dependency_order(projects: &BTreeMap<&str, &Project>) -> Result<Vec<String>, ManifestError> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    let mut marks: HashMap<&str, Mark> = projects.keys().map(|&n| (n, Mark::New)).collect();
+    let mut order = Vec::with_capacity(projects.len());
+    // An explicit stack instead of recursion: a long dependency chain must not overflow.
+    for &root in projects.keys() {
+        if marks[root] != Mark::New {
+            continue;
+        }
+        let mut stack: Vec<(&str, usize)> = vec![(root, 0)];
+        marks.insert(root, Mark::Active);
+        while let Some(&mut (name, ref mut next)) = stack.last_mut() {
+            let deps = &projects[name].dependencies;
+            if *next < deps.len() {
+                let dep = deps[*next].as_str();
+                *next += 1;
+                match marks[dep] {
+                    Mark::Done => {}
+                    Mark::New => {
+                        marks.insert(dep, Mark::Active);
+                        stack.push((dep, 0));
+                    }
+                    Mark::Active => {
+                        let start = stack.iter().position(|(n, _)| *n == dep).unwrap_or(0);
+                        let mut cycle: Vec<String> =
+                            stack[start..].iter().map(|(n, _)| n.to_string()).collect();
+                        cycle.push(dep.to_string());
+                        return Err(ManifestError::Cycle { cycle });
+                    }
+                }
+            } else {
+                marks.insert(name, Mark::Done);
+                order.push(name.to_string());
+                stack.pop();
+            }
+        }
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Manifest, ManifestError> {
+        Manifest::parse::<std::convert::Infallible>(text.as_bytes(), MANIFEST_PATH, |_| Ok(None))
+            .map_err(|e| match e {
+                ParseError::Manifest(m) => m,
+                ParseError::Read(never) => match never {},
+            })
+    }
+
+    #[test]
+    fn defaults_follow_the_aztec_build_system() {
+        let m = parse(r#"{"a": {"buildDir": "a/", "rebuildPatterns": null, "dependencies": null}}"#)
+            .unwrap();
+        let a = m.get("a").unwrap();
+        assert_eq!(a.project_dir, "a");
+        assert_eq!(a.dockerfile_path(), "a/Dockerfile");
+        assert_eq!(a.patterns[0].as_str(), "^a/");
+        assert!(a.dependencies.is_empty());
+    }
+
+    #[test]
+    fn joined_paths_are_normalised() {
+        assert_eq!(join_path("a", "../d/Dockerfile"), "d/Dockerfile");
+        assert_eq!(join_path("a/b", "../d"), "a/d");
+        assert_eq!(join_path("", "./Dockerfile"), "Dockerfile");
+        assert_eq!(join_path("a", "../../x"), "../x");
+    }
+
+    #[test]
+    fn projects_come_after_their_dependencies() {
+        let m = parse(
+            r#"{"c": {"buildDir": "c", "dependencies": ["b"]},
+                "b": {"buildDir": "b", "dependencies": ["a"]},
+                "a": {"buildDir": "a"}, "d": {"buildDir": "d"}}"#,
+        )
+        .unwrap();
+        let names: Vec<_> = m.projects.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn cycles_are_printed_in_full() {
+        let e = parse(
+            r#"{"a": {"buildDir": "a", "dependencies": ["b"]},
+                "b": {"buildDir": "b", "dependencies": ["c"]},
+                "c": {"buildDir": "c", "dependencies": ["a"]}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "dependency cycle: a -> b -> c -> a");
+        let e = parse(r#"{"a": {"buildDir": "a", "dependencies": ["a"]}}"#).unwrap_err();
+        assert_eq!(e.to_string(), "dependency cycle: a -> a");
+    }
+
+    #[test]
+    fn unknown_keys_and_dependencies_suggest_the_closest_name() {
+        let e = parse(r#"{"a": {"buildDir": "a", "rebuildPattern": []}}"#).unwrap_err();
+        assert_eq!(e.hint().as_deref(), Some("did you mean `rebuildPatterns`?"));
+        let e = parse(r#"{"alpha": {"buildDir": "a"}, "b": {"buildDir": "b", "dependencies": ["alpah"]}}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown project `alpah`"), "{e}");
+        assert_eq!(e.hint().as_deref(), Some("did you mean `alpha`?"));
+    }
+
+    #[test]
+    fn malformed_json_reports_line_and_column() {
+        let e = parse("{\n  \"a\": {\"buildDir\": \"a\",}\n}").unwrap_err();
+        let ManifestError::Json { line, column, .. } = e else { panic!("{e:?}") };
+        assert_eq!((line, column), (2, 25));
+    }
+
+    #[test]
+    fn canonical_form_ignores_order_but_not_meaning() {
+        let a = parse(r#"{"x": {"buildDir": "x", "rebuildPatterns": ["^x/", "^y/"], "dependencies": ["p", "q"]}, "p": {"buildDir": "p"}, "q": {"buildDir": "q"}}"#).unwrap();
+        let b = parse(r#"{"q": {"buildDir": "q"}, "p": {"buildDir": "p"}, "x": {"dependencies": ["q", "p"], "rebuildPatterns": ["^y/", "^x/"], "buildDir": "x/"}}"#).unwrap();
+        assert_eq!(a.get("x").unwrap().canonical(), b.get("x").unwrap().canonical());
+        let c = parse(r#"{"x": {"buildDir": "x", "rebuildPatterns": ["^x/"]}}"#).unwrap();
+        assert_ne!(a.get("x").unwrap().canonical(), c.get("x").unwrap().canonical());
+    }
+
+    #[test]
+    fn test_jobs_are_validated() {
+        let m = parse(r#"{"a": {"buildDir": "a", "tests": {"unit": {"command": ["make", "test"], "cpus": 4}}}}"#).unwrap();
+        assert_eq!(m.get("a").unwrap().tests["unit"].command, ["make", "test"]);
+        assert!(parse(r#"{"a": {"buildDir": "a", "tests": {"Unit Tests": {"command": ["x"]}}}}"#).is_err());
+        assert!(parse(r#"{"a": {"buildDir": "a", "tests": {"unit": {}}}}"#).is_err());
+        let e = parse(r#"{"a": {"buildDir": "a", "tests": {"unit": {"comand": ["x"]}}}}"#).unwrap_err();
+        assert_eq!(e.hint().as_deref(), Some("did you mean `tests.unit.command`?"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_key_and_what_was_found() {
+        let e = parse(r#"{"a": {"buildDir": "a", "dependencies": "b"}}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "project `a`: `dependencies` must be an array of project names or null, found a string"
+        );
+        assert!(parse(r#"{"a": {"buildDir": "../a"}}"#).is_err());
+        assert!(parse(r#"{"a": {}}"#).is_err());
+        assert!(parse("[]").is_err());
+    }
+}
