@@ -1,0 +1,91 @@
+//! The command line: argument parsing, logging set-up, and mapping results to exit codes.
+//! Commands live in their own files and return [`error::Error`] for expected failures.
+
+pub mod error;
+mod plan;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use error::{Error, Exit, EXIT_CODES_HELP};
+
+const ABOUT: &str = "Build farm controller for monorepos on EC2 spot instances";
+
+const LONG_ABOUT: &str = "\
+Build farm controller for monorepos on EC2 spot instances.
+
+spotbuild decides what needs building before renting anything: each project of
+build_manifest.json gets a content hash of its inputs at a commit, and the image
+registry says which hashes were already built (tag cache-<hash>) or tested
+(tag cache-<hash>-<job>).";
+
+#[derive(Debug, Parser)]
+#[command(name = "spotbuild", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// Run as if started in DIR (any directory inside the repository).
+    #[arg(short = 'C', long = "repo", value_name = "DIR", global = true)]
+    pub repo: Option<PathBuf>,
+
+    /// Settings file [default: spotbuild.toml at the repository root, if present].
+    #[arg(long, value_name = "FILE", env = "SPOTBUILD_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Plan(plan::PlanArgs),
+}
+
+/// Entry point for the binary.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprint!("{}", Error::new(Exit::Failed, format!("failed to start the async runtime: {e}")).render());
+            return std::process::ExitCode::from(Exit::Failed as u8);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(exit) => std::process::ExitCode::from(exit as u8),
+        Err(e) => {
+            eprint!("{}", e.render());
+            std::process::ExitCode::from(e.exit as u8)
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<Exit, Error> {
+    match cli.command {
+        Command::Plan(args) => plan::run(cli.repo, cli.config, args).await,
+    }
+}
+
+/// `SPOTBUILD_LOG` takes `tracing` filter directives (e.g. `debug`, `spotbuild=trace`).
+/// The AWS SDK stays at warn unless asked for by name.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPOTBUILD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = ["aws_config", "aws_smithy_runtime", "aws_sdk_ecr", "hyper", "reqwest"]
+        .iter()
+        .fold(filter, |f, target| match format!("{target}=warn").parse() {
+            Ok(d) if !std::env::var("SPOTBUILD_LOG").unwrap_or_default().contains(target) => f.add_directive(d),
+            _ => f,
+        });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}

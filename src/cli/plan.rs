@@ -1,0 +1,260 @@
+//! `spotbuild plan`: what needs building or testing at a commit, and why.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+
+use super::error::{Error, Exit};
+use crate::git::Repo;
+use crate::manifest::config::{AuthMode, Config};
+use crate::plan::{self, explain, Forced, Plan};
+use crate::registry::auth::Authenticator;
+use crate::registry::{Client, ImageStore, RegistryRef};
+
+const PLAN_AFTER_HELP: &str = "\
+Examples:
+  spotbuild plan                          every project at HEAD
+  spotbuild plan app --json               app and its dependencies, for machines
+  spotbuild plan --offline                hashes only; the registry is not asked
+  spotbuild plan app --explain            which changed paths put app in the build set
+  spotbuild plan --explain --since main   ... compared with main
+
+A project needs building when its image repository has no tag cache-<hash>;
+a test job needs running when there is no tag cache-<hash>-<job>. Put
+[ci rebuild] or [ci rebuild <project>] in a commit message to force a build.
+If the registry cannot be asked, projects are reported as needing work.";
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Decide which projects need building or testing at a commit, and why",
+    after_help = PLAN_AFTER_HELP
+)]
+pub struct PlanArgs {
+    /// Projects to plan, with their dependencies [default: all].
+    #[arg(value_name = "PROJECT")]
+    pub projects: Vec<String>,
+
+    /// The commit to plan (any revision: sha, branch, tag, HEAD~2).
+    #[arg(long, value_name = "REV", default_value = "HEAD")]
+    pub commit: String,
+
+    /// Compute hashes without asking the registry; `needs_build` is then null.
+    #[arg(long)]
+    pub offline: bool,
+
+    /// Print JSON (see the README for the contract) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Show which changed paths put each project in the build set.
+    #[arg(long)]
+    pub explain: bool,
+
+    /// With --explain: compare with REV instead of the last commit whose hash was built.
+    #[arg(long, value_name = "REV", requires = "explain")]
+    pub since: Option<String>,
+
+    /// Registry as HOST[:PORT][/PREFIX]; each project's images live in PREFIX/<project>.
+    #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
+    pub registry: Option<String>,
+
+    /// How to authenticate to the registry [default: from spotbuild.toml, else auto].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub registry_auth: Option<AuthMode>,
+}
+
+pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanArgs) -> Result<Exit, Error> {
+    let started = Instant::now();
+    let cwd = match repo_dir {
+        Some(d) => d,
+        None => std::env::current_dir().map_err(|e| Error::new(Exit::Usage, format!("failed to read the current directory: {e}")))?,
+    };
+    let repo = Repo::discover(&cwd)?;
+    let config = Config::load(config.as_deref(), repo.workdir())?;
+    let commit = repo.resolve_commit(&args.commit)?;
+
+    let hashes = plan::hash_commit(&repo, commit)?;
+    tracing::debug!(elapsed = ?started.elapsed(), projects = hashes.manifest.projects.len(), "hashed");
+    let selection = plan::select(&hashes, &args.projects)?;
+
+    let forced = Forced::from_message(&repo.commit_message(commit)?);
+    for name in &forced.projects {
+        if hashes.manifest.get(name).is_none() {
+            eprintln!("warning: the commit message forces a rebuild of `{name}`, which is not in the manifest");
+        }
+    }
+
+    let store = if args.offline {
+        None
+    } else {
+        Some(open_registry(&config, args.registry.as_deref(), args.registry_auth)?)
+    };
+    let store_ref = store.as_ref().map(|c| c as &dyn ImageStore);
+    let mut plan = plan::decide(&hashes, &selection, &forced, store_ref).await;
+
+    let unasked = plan
+        .projects
+        .iter()
+        .filter(|p| p.reason.starts_with("registry could not be asked"))
+        .count();
+    if unasked > 0 {
+        eprintln!(
+            "warning: the registry could not be asked about {unasked} project{}; they are treated as needing a build",
+            if unasked == 1 { "" } else { "s" }
+        );
+    }
+
+    if args.explain {
+        let since = args.since.as_deref().map(|s| repo.resolve_commit(s)).transpose()?;
+        let which: Vec<usize> = plan
+            .projects
+            .iter()
+            .filter(|p| p.needs_build != Some(false))
+            .filter_map(|p| hashes.manifest.position(&p.name))
+            .collect();
+        let mut explained = explain::explain(&repo, &hashes, &which, since, store_ref).await?;
+        for p in &mut plan.projects {
+            if let Some(i) = hashes.manifest.position(&p.name) {
+                p.explain = explained.remove(&i);
+            }
+        }
+    }
+    tracing::debug!(elapsed = ?started.elapsed(), "planned");
+
+    let out = if args.json {
+        let mut s = serde_json::to_string_pretty(&plan).expect("a plan always serialises");
+        s.push('\n');
+        s
+    } else {
+        render_table(&plan)
+    };
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`spotbuild plan | head`) is not an error worth a message.
+    let _ = stdout.write_all(out.as_bytes()).and_then(|_| stdout.flush());
+    Ok(Exit::Success)
+}
+
+fn open_registry(config: &Config, flag: Option<&str>, auth: Option<AuthMode>) -> Result<Client, Error> {
+    let url = flag.or(config.registry.url.as_deref()).ok_or_else(|| {
+        Error::new(Exit::Usage, "no registry is configured")
+            .hint("pass --registry HOST[:PORT][/PREFIX], set SPOTBUILD_REGISTRY, or set `[registry] url` in spotbuild.toml")
+            .hint("or plan with --offline to compute hashes only")
+    })?;
+    let reference = RegistryRef::parse(url)?;
+    let mode = auth.unwrap_or(config.registry.auth);
+    let region = reference.ecr_region().or_else(|| config.registry.region.clone());
+    let auth = Authenticator::new(mode, region)?;
+    Ok(Client::new(reference, &config.registry, auth)?)
+}
+
+fn state_word(needs: Option<bool>, yes: &'static str, no: &'static str) -> &'static str {
+    match needs {
+        Some(true) => yes,
+        Some(false) => no,
+        None => "?",
+    }
+}
+
+/// The readable table: one row per project, one indented row per test job, then a summary.
+fn render_table(plan: &Plan) -> String {
+    let mut rows: Vec<[String; 4]> = vec![["PROJECT".into(), "HASH".into(), "STATE".into(), "REASON".into()]];
+    for p in &plan.projects {
+        rows.push([
+            p.name.clone(),
+            p.hash[..12].to_string(),
+            state_word(p.needs_build, "build", "built").into(),
+            p.reason.clone(),
+        ]);
+        for t in &p.tests {
+            rows.push([
+                format!("  {}:{}", p.name, t.job),
+                String::new(),
+                state_word(t.needs_run, "test", "passed").into(),
+                t.reason.clone(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> = (0..3)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = format!("commit {}\n", plan.commit);
+    for (n, r) in rows.iter().enumerate() {
+        let line = format!(
+            "{:w0$}  {:w1$}  {:w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+        if n == 0 {
+            continue;
+        }
+        if let Some(p) = plan.projects.iter().find(|p| p.name == r[0]) {
+            if let Some(e) = &p.explain {
+                out.push_str(&render_explanation(e));
+            }
+        }
+    }
+    let builds = plan.projects.iter().filter(|p| p.needs_build == Some(true)).count();
+    let jobs: usize = plan.projects.iter().map(|p| p.tests.len()).sum();
+    let runs: usize = plan
+        .projects
+        .iter()
+        .flat_map(|p| &p.tests)
+        .filter(|t| t.needs_run == Some(true))
+        .count();
+    let offline = plan.projects.iter().any(|p| p.needs_build.is_none());
+    let n = plan.projects.len();
+    if offline {
+        out.push_str(&format!(
+            "{n} project{}, {jobs} test job{} (offline: nothing decided)\n",
+            plural(n),
+            plural(jobs)
+        ));
+    } else {
+        out.push_str(&format!(
+            "{builds} of {n} project{} to build, {runs} of {jobs} test job{} to run\n",
+            plural(n),
+            plural(jobs)
+        ));
+    }
+    out
+}
+
+/// How many changed paths the table shows per project; `--json` has them all.
+const EXPLAIN_PATHS_SHOWN: usize = 20;
+
+fn render_explanation(e: &explain::Explanation) -> String {
+    let mut out = format!("    why: {}\n", e.base_reason);
+    for m in &e.manifest_changes {
+        out.push_str(&format!("      {m}\n"));
+    }
+    for c in e.changes.iter().take(EXPLAIN_PATHS_SHOWN) {
+        out.push_str(&format!("      {} {}\n", c.status, c.path));
+    }
+    if e.changes.len() > EXPLAIN_PATHS_SHOWN {
+        out.push_str(&format!(
+            "      … and {} more (see --json)\n",
+            e.changes.len() - EXPLAIN_PATHS_SHOWN
+        ));
+    }
+    if e.base.is_some() && e.changes.is_empty() && e.manifest_changes.is_empty() {
+        out.push_str("      no input changed since then (a Dockerfile or the hash format may have)\n");
+    }
+    out
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
