@@ -1,0 +1,9 @@
+//! spotbuild's integration tests: one binary, a module per area, each running the real
+//! `spotbuild` binary against real git repositories and local services.
+
+mod auth;
+mod cli;
+mod hashing;
+mod manifest_errors;
+mod registry;
+mod support;
