@@ -1,0 +1,47 @@
+# spotbuild's entry points. Each target installs what it needs (idempotently) first.
+#   make test   install the local farm's tools, then run every test
+#   make bench  planner figures on a generated 100k-file monorepo
+#   make demo   plan examples/monorepo against a local registry
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+VENV := .venv
+SHARED ?= ../shared
+BENCH_REPO := target/bench/monorepo
+APT_PACKAGES := docker-registry openssh-server busybox-static git curl python3 python3-venv
+
+.PHONY: test bench demo farm-deps apt-deps venv build
+
+test: farm-deps
+	cargo test --locked --all-targets
+
+build:
+	cargo build --locked
+
+# The local farm: a registry v2 server, sshd and a static busybox from Debian, and the
+# AWS emulator (moto) in a project-local venv. Tests start their own instances of these.
+farm-deps: apt-deps venv
+
+apt-deps:
+	@missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check 'moto[server]'
+	touch $@
+
+bench: apt-deps
+	cargo build --locked --release
+	scripts/bench-plan --shared $(SHARED) --repo $(BENCH_REPO) --binary target/release/spotbuild
+
+demo: farm-deps build
+	scripts/demo
