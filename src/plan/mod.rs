@@ -325,9 +325,13 @@ pub async fn decide(
                     let ttag = test_tag(&hash, job);
                     let (needs_run, reason) = match (store, needs_build) {
                         (None, _) => (None, "offline: registry not asked".to_string()),
-                        (Some(_), Some(true)) => {
-                            (Some(true), "the image is not built at this hash yet".to_string())
-                        }
+                        (Some(_), Some(true)) => (
+                            Some(true),
+                            match &forced_reason {
+                                Some(why) => format!("the image is rebuilt ({why})"),
+                                None => "the image is not built at this hash yet".to_string(),
+                            },
+                        ),
                         _ => match &found[&(p.name.clone(), ttag.clone())] {
                             Ok(true) => (Some(false), format!("passed: {} exists", image(&ttag))),
                             Ok(false) => (Some(true), format!("no {} in the registry", image(&ttag))),
