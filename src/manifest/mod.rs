@@ -157,7 +157,8 @@ impl Project {
 
     /// The canonical, order-independent serialisation of this entry, with defaults filled in
     /// and pattern files replaced by their patterns. Two manifests that mean the same thing
-    /// give the same bytes.
+    /// give the same bytes. CPU counts are left out: they size the machine, not the result,
+    /// and raising them must not rebuild the project and everything that depends on it.
     pub fn canonical(&self) -> String {
         #[derive(Serialize)]
         struct Canonical<'a> {
@@ -170,8 +171,7 @@ impl Project {
             run_dependencies: Vec<&'a str>,
             multiarch: &'a Option<Value>,
             submodule_path: &'a Option<String>,
-            tests: &'a BTreeMap<String, TestJob>,
-            cpus: Option<u32>,
+            tests: BTreeMap<&'a str, (&'a [String], bool)>,
             build_args: &'a BTreeMap<String, String>,
         }
         let mut patterns: Vec<&str> = self.patterns.iter().map(|p| p.as_str()).collect();
@@ -192,8 +192,11 @@ impl Project {
             run_dependencies,
             multiarch: &self.multiarch,
             submodule_path: &self.submodule_path,
-            tests: &self.tests,
-            cpus: self.cpus,
+            tests: self
+                .tests
+                .iter()
+                .map(|(job, t)| (job.as_str(), (t.command.as_slice(), t.host)))
+                .collect(),
             build_args: &self.build_args,
         })
         .expect("a canonical manifest entry always serialises")
@@ -240,7 +243,7 @@ impl Manifest {
         let by_name: BTreeMap<&str, &Project> =
             projects.iter().map(|p| (p.name.as_str(), p)).collect();
         for p in &projects {
-            for dep in &p.dependencies {
+            for dep in p.dependencies.iter().chain(&p.run_dependencies) {
                 if !by_name.contains_key(dep.as_str()) {
                     return Err(ManifestError::UnknownDependency {
                         project: p.name.clone(),
@@ -729,6 +732,22 @@ mod tests {
         assert_eq!(a.get("x").unwrap().canonical(), b.get("x").unwrap().canonical());
         let c = parse(r#"{"x": {"buildDir": "x", "rebuildPatterns": ["^x/"]}}"#).unwrap();
         assert_ne!(a.get("x").unwrap().canonical(), c.get("x").unwrap().canonical());
+    }
+
+    #[test]
+    fn cpu_counts_size_the_machine_and_do_not_change_the_entry() {
+        let a = parse(r#"{"x": {"buildDir": "x", "cpus": 16, "tests": {"t": {"command": ["a"], "cpus": 2}}}}"#).unwrap();
+        let b = parse(r#"{"x": {"buildDir": "x", "cpus": 64, "tests": {"t": {"command": ["a"], "cpus": 8}}}}"#).unwrap();
+        assert_eq!(a.get("x").unwrap().canonical(), b.get("x").unwrap().canonical());
+        let c = parse(r#"{"x": {"buildDir": "x", "tests": {"t": {"command": ["b"]}}}}"#).unwrap();
+        assert_ne!(a.get("x").unwrap().canonical(), c.get("x").unwrap().canonical());
+    }
+
+    #[test]
+    fn run_dependencies_must_name_projects() {
+        let e = parse(r#"{"alpha": {"buildDir": "a"}, "b": {"buildDir": "b", "runDependencies": ["alpah"]}}"#)
+            .unwrap_err();
+        assert_eq!(e.hint().as_deref(), Some("did you mean `alpha`?"));
     }
 
     #[test]

@@ -28,6 +28,9 @@ pub struct Client {
     concurrency: usize,
     /// First backoff delay; tests shorten it.
     backoff_base: Duration,
+    /// Set once a request has exhausted its retries without reaching the registry, so the
+    /// remaining lookups of a plan fail at once instead of each waiting out its own retries.
+    down: std::sync::Mutex<Option<String>>,
 }
 
 /// One request's failure, split by whether trying again could help.
@@ -58,6 +61,7 @@ impl Client {
             retries: settings.retries,
             concurrency: settings.concurrency.max(1),
             backoff_base: Duration::from_millis(200),
+            down: std::sync::Mutex::new(None),
         })
     }
 
@@ -190,6 +194,12 @@ impl Client {
         what: &str,
         build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, RegistryError> {
+        if let Some(detail) = self.down.lock().expect("not poisoned").clone() {
+            return Err(RegistryError::Unreachable {
+                host: self.reference.host.clone(),
+                detail: format!("{detail} (an earlier request failed this way; not retried)"),
+            });
+        }
         let url = format!("{}{}", self.reference.base_url(), path);
         let attempt = || async {
             match self.attempt(&method, &url, scope, what, &build).await {
@@ -210,7 +220,12 @@ impl Client {
                 tracing::debug!(error = %e, retry_in = ?after, "registry request failed; retrying")
             })
             .await
-            .map_err(|(_, e)| e)
+            .map_err(|(_, e)| {
+                if let RegistryError::Unreachable { detail, .. } = &e {
+                    *self.down.lock().expect("not poisoned") = Some(detail.clone());
+                }
+                e
+            })
     }
 
     async fn attempt(

@@ -17,30 +17,48 @@ const MIN_REUSE: Duration = Duration::from_secs(60);
 
 pub struct EcrTokens {
     region: Option<String>,
-    cached: Mutex<Option<(Basic, SystemTime)>>,
+    cached: Mutex<Cached>,
+}
+
+enum Cached {
+    Empty,
+    Token(Basic, SystemTime),
+    /// The first failure, kept for the rest of the process so that many concurrent lookups
+    /// do not each ask AWS again (and each wait out the SDK's retries).
+    Failed(String),
 }
 
 impl EcrTokens {
     pub fn new(region: Option<String>) -> EcrTokens {
         EcrTokens {
             region,
-            cached: Mutex::new(None),
+            cached: Mutex::new(Cached::Empty),
         }
     }
 
     pub async fn credentials(&self) -> Result<Basic, RegistryError> {
         let mut cached = self.cached.lock().await;
-        if let Some((basic, until)) = cached.as_ref() {
-            if SystemTime::now() < *until {
-                return Ok(basic.clone());
+        match &*cached {
+            Cached::Token(basic, until) if SystemTime::now() < *until => return Ok(basic.clone()),
+            Cached::Failed(first) => {
+                return Err(RegistryError::EcrAnswer(format!(
+                    "an earlier request for a token failed: {first}"
+                )))
             }
+            _ => {}
         }
-        let (basic, expires) = self.fetch().await?;
+        let (basic, expires) = match self.fetch().await {
+            Ok(answer) => answer,
+            Err(e) => {
+                *cached = Cached::Failed(crate::plan::error_chain(&e));
+                return Err(e);
+            }
+        };
         // Never refetch more often than MIN_REUSE, even for a token that claims to be
         // expired already (emulators do that); a really stale token fails with a 401.
         let floor = SystemTime::now() + MIN_REUSE;
         let until = expires.checked_sub(REFRESH_MARGIN).map_or(floor, |t| t.max(floor));
-        *cached = Some((basic.clone(), until));
+        *cached = Cached::Token(basic.clone(), until);
         Ok(basic)
     }
 

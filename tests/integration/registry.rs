@@ -190,3 +190,26 @@ fn the_client_lists_and_copies_tags() {
         assert!(client.copy_tag("team/app", "missing", "x").await.is_err());
     });
 }
+
+#[test]
+fn an_unreachable_registry_is_given_up_on_once() {
+    // Nothing listens on this port: the first lookup retries, the rest fail at once.
+    let port = crate::support::services::free_port();
+    let reference = spotbuild::registry::RegistryRef::parse(&format!("127.0.0.1:{port}")).unwrap();
+    let client = spotbuild::registry::Client::new(
+        reference,
+        &Default::default(),
+        spotbuild::registry::auth::Authenticator::with_basic(None),
+    )
+    .unwrap()
+    .with_backoff_base(std::time::Duration::from_millis(1));
+    runtime().block_on(async {
+        let first = client.has_tag("a", "t").await.unwrap_err().to_string();
+        assert!(first.contains("failed to reach registry"), "{first}");
+        assert!(!first.contains("not retried"), "{first}");
+        for _ in 0..3 {
+            let next = client.has_tag("b", "t").await.unwrap_err().to_string();
+            assert!(next.contains("an earlier request failed this way; not retried"), "{next}");
+        }
+    });
+}
