@@ -12,6 +12,13 @@ fn plan_json(repo: &TestRepo, registry: &str, args: &[&str]) -> Value {
     repo.plan(&all).json()
 }
 
+/// Stores every project's build tag from `plan`, as builds would (repository = project name).
+fn push_built(registry: &Registry, plan: &Value) {
+    for p in plan["projects"].as_array().unwrap() {
+        registry.push(p["name"].as_str().unwrap(), p["tag"].as_str().unwrap());
+    }
+}
+
 fn project<'a>(plan: &'a Value, name: &str) -> &'a Value {
     plan["projects"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()
 }
@@ -103,9 +110,7 @@ fn commit_message_overrides_force_builds() {
     let registry = Registry::start();
     let repo = standard();
     let plan = plan_json(&repo, &registry.host(), &[]);
-    for p in plan["projects"].as_array().unwrap() {
-        registry.push(p["name"].as_str().unwrap(), p["tag"].as_str().unwrap());
-    }
+    push_built(&registry, &plan);
     repo.commit("rebuild please [ci rebuild lib]");
     let plan = plan_json(&repo, &registry.host(), &[]);
     assert_eq!(project(&plan, "lib")["needs_build"], true);
@@ -123,9 +128,7 @@ fn explain_finds_the_last_built_ancestor() {
     let repo = standard();
     let first = repo.head();
     let plan = plan_json(&repo, &registry.host(), &[]);
-    for p in plan["projects"].as_array().unwrap() {
-        registry.push(p["name"].as_str().unwrap(), p["tag"].as_str().unwrap());
-    }
+    push_built(&registry, &plan);
     repo.write("lib/src/main.txt", "lib v2\n");
     repo.commit("lib v2");
     repo.write("README.md", "unrelated\n");
@@ -156,9 +159,7 @@ fn explain_reports_manifest_changes_and_never_built_projects() {
     let plan = plan_json(&repo, &registry.host(), &["--explain"]);
     assert!(project(&plan, "base")["explain"]["base_reason"].as_str().unwrap().starts_with("never built"));
 
-    for p in plan["projects"].as_array().unwrap() {
-        registry.push(p["name"].as_str().unwrap(), p["tag"].as_str().unwrap());
-    }
+    push_built(&registry, &plan);
     let mut m = crate::support::repo::standard_manifest();
     m["base"]["rebuildPatterns"] = serde_json::json!(["^base/", "^README\\.md$"]);
     repo.manifest(m);
