@@ -2,10 +2,13 @@
 //!
 //! It decides what needs building before renting anything ([`plan`]), using the image
 //! registry as its state ([`registry`]) and the repository's trees ([`git`]) as described
-//! by the build manifest ([`manifest`]). [`cli`] is the command-line surface.
+//! by the build manifest ([`manifest`]). The [`agent`] turns a job ([`protocol`]) into
+//! pushed images and passed test tags. [`cli`] is the command-line surface.
 
+pub mod agent;
 pub mod cli;
 pub mod git;
 pub mod manifest;
 pub mod plan;
+pub mod protocol;
 pub mod registry;

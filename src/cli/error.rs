@@ -26,6 +26,8 @@ pub enum Exit {
     Git = 4,
     /// The registry was needed and could not be used.
     Registry = 5,
+    /// The work was interrupted (a spot reclaim) and may be retried.
+    Interrupted = 6,
 }
 
 pub const EXIT_CODES_HELP: &str = "\
@@ -36,6 +38,7 @@ Exit codes:
   3    invalid build_manifest.json, patterns file or spotbuild.toml
   4    git error (not a repository, unknown revision, object missing from the clone)
   5    registry error where no safe fallback exists
+  6    interrupted (spot interruption notice); retrying is safe
   101  internal error (a bug: please report it)";
 
 #[derive(Debug)]

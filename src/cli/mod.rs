@@ -1,8 +1,12 @@
 //! The command line: argument parsing, logging set-up, and mapping results to exit codes.
 //! Commands live in their own files and return [`error::Error`] for expected failures.
 
+mod agent;
+mod build;
 pub mod error;
 mod plan;
+mod reporter;
+mod signals;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -39,6 +43,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Plan(plan::PlanArgs),
+    Build(build::BuildArgs),
+    Agent(agent::AgentArgs),
 }
 
 /// Entry point for the binary.
@@ -69,6 +75,8 @@ pub fn main() -> std::process::ExitCode {
 pub async fn run(cli: Cli) -> Result<Exit, Error> {
     match cli.command {
         Command::Plan(args) => plan::run(cli.repo, cli.config, args).await,
+        Command::Build(args) => build::run(cli.repo, cli.config, args).await,
+        Command::Agent(args) => agent::run(args).await,
     }
 }
 

@@ -65,19 +65,42 @@ pub struct PlanArgs {
     pub registry_auth: Option<AuthMode>,
 }
 
-pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanArgs) -> Result<Exit, Error> {
+/// The inputs every command that plans shares.
+pub struct PlanInputs<'a> {
+    pub repo_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub projects: &'a [String],
+    pub commit: &'a str,
+    pub offline: bool,
+    pub registry: Option<&'a str>,
+    pub registry_auth: Option<AuthMode>,
+}
+
+/// A computed plan and what it was computed from.
+pub struct Planned {
+    pub repo: Repo,
+    pub config: Config,
+    pub hashes: plan::Hashes,
+    pub plan: Plan,
+    pub client: Option<Client>,
+}
+
+/// Opens the repository, hashes the commit and asks the registry: the first half of
+/// `plan`, `build` and `test`. Warnings go to stderr.
+pub async fn compute(input: PlanInputs<'_>) -> Result<Planned, Error> {
     let started = Instant::now();
-    let cwd = match repo_dir {
+    let cwd = match input.repo_dir {
         Some(d) => d,
-        None => std::env::current_dir().map_err(|e| Error::new(Exit::Usage, format!("failed to read the current directory: {e}")))?,
+        None => std::env::current_dir()
+            .map_err(|e| Error::new(Exit::Usage, format!("failed to read the current directory: {e}")))?,
     };
     let repo = Repo::discover(&cwd)?;
-    let config = Config::load(config.as_deref(), repo.workdir())?;
-    let commit = repo.resolve_commit(&args.commit)?;
+    let config = Config::load(input.config.as_deref(), repo.workdir())?;
+    let commit = repo.resolve_commit(input.commit)?;
 
     let hashes = plan::hash_commit(&repo, commit)?;
     tracing::debug!(elapsed = ?started.elapsed(), projects = hashes.manifest.projects.len(), "hashed");
-    let selection = plan::select(&hashes, &args.projects)?;
+    let selection = plan::select(&hashes, input.projects)?;
 
     let forced = Forced::from_message(&repo.commit_message(commit)?);
     for name in &forced.projects {
@@ -86,14 +109,12 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
         }
     }
 
-    let store = if args.offline {
+    let client = if input.offline {
         None
     } else {
-        Some(open_registry(&config, args.registry.as_deref(), args.registry_auth)?)
+        Some(open_registry(&config, input.registry, input.registry_auth)?)
     };
-    let store_ref = store.as_ref().map(|c| c as &dyn ImageStore);
-    let mut plan = plan::decide(&hashes, &selection, &forced, store_ref).await;
-
+    let plan = plan::decide(&hashes, &selection, &forced, client.as_ref().map(|c| c as &dyn ImageStore)).await;
     let unasked = plan
         .projects
         .iter()
@@ -105,6 +126,33 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
             if unasked == 1 { "" } else { "s" }
         );
     }
+    tracing::debug!(elapsed = ?started.elapsed(), "planned");
+    Ok(Planned {
+        repo,
+        config,
+        hashes,
+        plan,
+        client,
+    })
+}
+
+pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanArgs) -> Result<Exit, Error> {
+    let Planned {
+        repo,
+        hashes,
+        mut plan,
+        client,
+        ..
+    } = compute(PlanInputs {
+        repo_dir,
+        config,
+        projects: &args.projects,
+        commit: &args.commit,
+        offline: args.offline,
+        registry: args.registry.as_deref(),
+        registry_auth: args.registry_auth,
+    })
+    .await?;
 
     if args.explain {
         let since = args.since.as_deref().map(|s| repo.resolve_commit(s)).transpose()?;
@@ -114,14 +162,14 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
             .filter(|p| p.needs_build != Some(false))
             .filter_map(|p| hashes.manifest.position(&p.name))
             .collect();
-        let mut explained = explain::explain(&repo, &hashes, &which, since, store_ref).await?;
+        let store = client.as_ref().map(|c| c as &dyn ImageStore);
+        let mut explained = explain::explain(&repo, &hashes, &which, since, store).await?;
         for p in &mut plan.projects {
             if let Some(i) = hashes.manifest.position(&p.name) {
                 p.explain = explained.remove(&i);
             }
         }
     }
-    tracing::debug!(elapsed = ?started.elapsed(), "planned");
 
     let out = if args.json {
         let mut s = serde_json::to_string_pretty(&plan).expect("a plan always serialises");
@@ -136,7 +184,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
     Ok(Exit::Success)
 }
 
-fn open_registry(config: &Config, flag: Option<&str>, auth: Option<AuthMode>) -> Result<Client, Error> {
+pub fn open_registry(config: &Config, flag: Option<&str>, auth: Option<AuthMode>) -> Result<Client, Error> {
     let url = flag.or(config.registry.url.as_deref()).ok_or_else(|| {
         Error::new(Exit::Usage, "no registry is configured")
             .hint("pass --registry HOST[:PORT][/PREFIX], set SPOTBUILD_REGISTRY, or set `[registry] url` in spotbuild.toml")

@@ -91,6 +91,11 @@ impl Repo {
         Ok(Repo { inner })
     }
 
+    /// The `.git` directory (or the repository itself, when bare).
+    pub fn git_dir(&self) -> &Path {
+        self.inner.path()
+    }
+
     /// The working tree root, if the repository has one.
     pub fn workdir(&self) -> Option<&Path> {
         self.inner.workdir()

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const CONFIG_FILE: &str = "spotbuild.toml";
 
@@ -29,7 +29,7 @@ pub struct Config {
 }
 
 /// How registry credentials are obtained.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMode {
     /// ECR for `*.dkr.ecr.*.amazonaws.com` hosts; basic auth when

@@ -1,6 +1,7 @@
 //! spotbuild's integration tests: one binary, a module per area, each running the real
 //! `spotbuild` binary against real git repositories and local services.
 
+mod agent;
 mod auth;
 mod cli;
 mod hashing;

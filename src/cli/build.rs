@@ -1,0 +1,312 @@
+//! `spotbuild build`: plan, then build what is needed. `--local` runs the agent on this
+//! machine, through the same job spec and event stream as an instance would.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+
+use clap::Args;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+use super::error::{Error, Exit};
+use super::plan::{compute, PlanInputs, Planned};
+use super::reporter::Reporter;
+use crate::manifest::config::AuthMode;
+use crate::plan::Plan;
+use crate::protocol::{
+    BuilderChoice, CacheSettings, Envelope, ImdsSettings, Job, JobProject, JobRegistry, JobTest, Outcome, Source,
+    VERSION,
+};
+use crate::registry::auth::Basic;
+
+const BUILD_AFTER_HELP: &str = "\
+Examples:
+  spotbuild build --local                 build and test what the plan says, here
+  spotbuild build --local api             api and what it depends on
+  spotbuild build --local --json          the agent's NDJSON events, for machines
+
+Projects build in dependency order; `FROM <project>` in a Dockerfile is pinned to that
+project's cache-<hash> image. Each build uses the project's branch and main-branch images
+as cache sources. A passed test job tags the image cache-<hash>-<job>.
+Exit code: 0 success, 1 a build or test failed, 6 interrupted.";
+
+#[derive(Debug, Args)]
+#[command(about = "Build (and test) what the plan says needs it", after_help = BUILD_AFTER_HELP)]
+pub struct BuildArgs {
+    /// Projects to build, with their dependencies [default: all].
+    #[arg(value_name = "PROJECT", conflicts_with = "all")]
+    pub projects: Vec<String>,
+
+    /// Every project (the default when none is named).
+    #[arg(long)]
+    pub all: bool,
+
+    /// Run on this machine, with no instance.
+    #[arg(long)]
+    pub local: bool,
+
+    /// The commit to build.
+    #[arg(long, value_name = "REV", default_value = "HEAD")]
+    pub commit: String,
+
+    /// Print the agent's events as NDJSON instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Registry as HOST[:PORT][/PREFIX].
+    #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
+    pub registry: Option<String>,
+
+    /// How to authenticate to the registry.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub registry_auth: Option<AuthMode>,
+
+    /// The branch whose cache tag is used and updated [default: CI's branch variable, else
+    /// the checked-out branch].
+    #[arg(long, value_name = "NAME")]
+    pub branch: Option<String>,
+
+    /// Which Docker builder to use.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub builder: BuilderChoice,
+
+    /// Stop all work after this long.
+    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Scratch directory [default: a new one under the system's temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+
+    /// Keep the checkout in the scratch directory afterwards.
+    #[arg(long)]
+    pub keep_workdir: bool,
+}
+
+pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs) -> Result<Exit, Error> {
+    if !args.local {
+        return Err(Error::new(Exit::Usage, "remote builds on rented instances are not available in this version")
+            .hint("pass --local to build on this machine"));
+    }
+    let planned = compute(PlanInputs {
+        repo_dir,
+        config,
+        projects: &args.projects,
+        commit: &args.commit,
+        offline: false,
+        registry: args.registry.as_deref(),
+        registry_auth: args.registry_auth,
+    })
+    .await?;
+    let work = planned
+        .plan
+        .projects
+        .iter()
+        .filter(|p| p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true)))
+        .count();
+    if work == 0 {
+        eprintln!("nothing to build: every image and test tag already exists");
+        return Ok(Exit::Success);
+    }
+    let build_id = build_id();
+    let workdir = args
+        .workdir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("spotbuild-{build_id}")));
+    let job = local_job(&planned, &args, &build_id, &workdir)?;
+    let events_file = job.events_file.clone().expect("set for local jobs");
+    let outcome = run_agent(&job, args.json).await?;
+    if !args.keep_workdir {
+        let _ = std::fs::remove_dir_all(workdir.join("src"));
+        let _ = std::fs::remove_dir_all(workdir.join("docker-config"));
+    }
+    if !args.json {
+        eprintln!("events: {}", events_file.display());
+    }
+    Ok(match outcome {
+        Some(Outcome::Success) => Exit::Success,
+        Some(Outcome::Interrupted) => Exit::Interrupted,
+        _ => Exit::Failed,
+    })
+}
+
+/// A short, sortable, unique-enough id: time in milliseconds and the process id, base 36.
+fn build_id() -> String {
+    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{}{}", radix36(ms as u64), radix36(std::process::id() as u64 % 1296))
+}
+
+fn radix36(mut n: u64) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("ascii")
+}
+
+/// The CI's branch, else the checked-out one.
+fn current_branch(repo_dir: &std::path::Path) -> Option<String> {
+    for var in ["CIRCLE_BRANCH", "GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME", "BRANCH_NAME"] {
+        if let Ok(v) = std::env::var(var) {
+            if !v.is_empty() {
+                return Some(v);
+            }
+        }
+    }
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo_dir)
+        .args(["symbolic-ref", "--short", "-q", "HEAD"])
+        .output()
+        .ok()?;
+    let b = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!b.is_empty()).then_some(b)
+}
+
+/// The job for this machine: every planned project (so `FROM` can be pinned), those that
+/// need it built, and the test jobs that need running.
+pub fn job_projects(plan: &Plan, hashes: &crate::plan::Hashes) -> Vec<JobProject> {
+    plan.projects
+        .iter()
+        .map(|p| {
+            let m = hashes.manifest.get(&p.name).expect("planned projects are in the manifest");
+            JobProject {
+                name: p.name.clone(),
+                hash: p.hash.clone(),
+                tag: p.tag.clone(),
+                build: p.needs_build == Some(true),
+                build_dir: m.build_dir.clone(),
+                dockerfile: m.dockerfile_path(),
+                project_dir: m.project_dir.clone(),
+                dependencies: m.dependencies.clone(),
+                build_args: m.build_args.clone(),
+                tests: p
+                    .tests
+                    .iter()
+                    .filter(|t| t.needs_run == Some(true))
+                    .map(|t| {
+                        let spec = &m.tests[&t.job];
+                        JobTest {
+                            job: t.job.clone(),
+                            tag: t.tag.clone(),
+                            command: spec.command.clone(),
+                            host: spec.host,
+                            cpus: spec.cpus,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn local_job(planned: &Planned, args: &BuildArgs, build_id: &str, workdir: &std::path::Path) -> Result<Job, Error> {
+    let repo_dir = planned.repo.workdir().unwrap_or_else(|| std::path::Path::new("."));
+    let git_dir = planned.repo.git_dir().to_path_buf();
+    let registry = planned
+        .client
+        .as_ref()
+        .map(|c| c.reference().to_string())
+        .expect("build plans with a registry");
+    let basic = Basic::from_env();
+    let deadline = SystemTime::now() + args.timeout;
+    let imds_endpoint = std::env::var(crate::agent::imds::ENDPOINT_ENV).ok().filter(|s| !s.is_empty());
+    Ok(Job {
+        v: VERSION,
+        build_id: build_id.to_string(),
+        commit: planned.plan.commit.clone(),
+        source: Source::Repository(git_dir),
+        workdir: workdir.to_path_buf(),
+        events_file: Some(workdir.join("events.ndjson")),
+        registry: JobRegistry {
+            url: registry,
+            auth: args.registry_auth.unwrap_or(planned.config.registry.auth),
+            username: basic.as_ref().map(|b| b.username.clone()),
+            password: basic.map(|b| b.password),
+            region: planned.config.registry.region.clone(),
+        },
+        branch: args.branch.clone().or_else(|| current_branch(repo_dir)),
+        main_branch: "main".into(),
+        projects: job_projects(&planned.plan, &planned.hashes),
+        run: Vec::new(),
+        cache: CacheSettings {
+            builder: args.builder,
+            docker: None,
+        },
+        deadline: Some(humantime::format_rfc3339_seconds(deadline).to_string()),
+        // This machine is nobody's disposable instance: never shut it down.
+        shutdown_command: Some(Vec::new()),
+        // Only a metadata endpoint someone set up explicitly is watched here.
+        imds: ImdsSettings {
+            enabled: imds_endpoint.is_some(),
+            endpoint: imds_endpoint,
+            ..ImdsSettings::default()
+        },
+        heartbeat_secs: 5,
+    })
+}
+
+/// Runs this binary as the agent with `job` on stdin, showing or passing through its
+/// events. A SIGINT/SIGTERM is passed on to the agent, which winds down and reports.
+pub async fn run_agent(job: &Job, json: bool) -> Result<Option<Outcome>, Error> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to find this program's path: {e}")))?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["agent", "run", "--job", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to start the agent: {e}")))?;
+    let spec = serde_json::to_vec(job).expect("a job always serialises");
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin
+        .write_all(&spec)
+        .await
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to hand the job to the agent: {e}")))?;
+    drop(stdin);
+
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut reporter = Reporter::default();
+    let stop = super::signals::stop();
+    tokio::pin!(stop);
+    let mut stopping = false;
+    loop {
+        let line = tokio::select! {
+            l = lines.next_line() => l,
+            _ = &mut stop, if !stopping => {
+                stopping = true;
+                if let Some(pid) = child.id() {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+                continue;
+            }
+        };
+        let Ok(Some(line)) = line else { break };
+        let mut stdout = std::io::stdout().lock();
+        if json {
+            let _ = writeln!(stdout, "{line}");
+        }
+        if let Ok(env) = serde_json::from_str::<Envelope>(&line) {
+            // With --json the reporter only keeps track; the events themselves are the output.
+            let _ = if json { reporter.show(&env, &mut std::io::sink()) } else { reporter.show(&env, &mut stdout) };
+        }
+    }
+    let status = child.wait().await;
+    if !json {
+        let _ = reporter.summary(&mut std::io::stdout().lock());
+    }
+    if reporter.outcome().is_none() {
+        let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        return Err(Error::new(Exit::Failed, format!("the agent ended without a result ({status})")));
+    }
+    Ok(reporter.outcome())
+}

@@ -1,0 +1,457 @@
+//! Agent mode on the real Docker engine and a real registry: builds with the registry cache,
+//! failures, interruption notices, the event stream under load, replay, secrets, deadlines.
+//! Base images cannot be pulled here, so test images are `FROM scratch` with a static busybox.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::support::imds::FakeImds;
+use crate::support::repo::TestRepo;
+use crate::support::services::Registry;
+use crate::support::{spotbuild, Run};
+
+const BUSYBOX: &str = "/bin/busybox";
+
+/// Removes every local image of one test's registry when dropped, also on failure.
+struct Images(String);
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        let out = Command::new("docker").args(["images", "--format", "{{.Repository}}:{{.Tag}}"]).output();
+        if let Ok(out) = out {
+            let mine: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with(&self.0))
+                .map(String::from)
+                .collect();
+            if !mine.is_empty() {
+                let _ = Command::new("docker").arg("rmi").arg("-f").args(&mine).output();
+            }
+        }
+    }
+}
+
+fn docker_required() {
+    let ok = Command::new("docker").arg("info").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    assert!(
+        ok.map(|s| s.success()).unwrap_or(false),
+        "the Docker engine is required for agent tests (`docker info` failed)"
+    );
+    assert!(Path::new(BUSYBOX).exists(), "{BUSYBOX} is required: `make test` installs busybox-static");
+}
+
+/// Text no earlier build on this machine has seen: BuildKit's cache is machine-wide and
+/// content-addressed, so a "cold" build must have content of its own.
+fn unique() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{t}-{}", std::process::id())
+}
+
+/// `a` (busybox + a file) and `b` built FROM `a`, with a named stage of its own and a test.
+fn chain_repo() -> TestRepo {
+    let repo = TestRepo::new();
+    let nonce = unique();
+    std::fs::create_dir_all(repo.path().join("a")).unwrap();
+    std::fs::copy(BUSYBOX, repo.path().join("a/busybox")).unwrap();
+    repo.write("a/Dockerfile", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY motd /motd\n");
+    repo.write("a/motd", &format!("a v1 {nonce}\n"));
+    repo.write(
+        "b/Dockerfile",
+        "FROM scratch AS assets\nCOPY asset.txt /asset.txt\n\
+         FROM a\nCOPY --from=assets /asset.txt /asset.txt\nCOPY b.txt /b.txt\n\
+         RUN [\"/bin/busybox\", \"sh\", \"-c\", \"cat /motd /b.txt > /out\"]\n",
+    );
+    repo.write("b/asset.txt", &format!("asset {nonce}\n"));
+    repo.write("b/b.txt", "b v1\n");
+    repo.manifest(json!({
+        "a": {"buildDir": "a"},
+        "b": {"buildDir": "b", "dependencies": ["a"],
+              "tests": {"unit": {"command": ["/bin/busybox", "grep", "-q", "b v", "/out"]}}}
+    }));
+    repo.commit("chain");
+    repo
+}
+
+/// Runs `build --local --json` and returns the run and its parsed events.
+fn build(repo: &TestRepo, registry: &Registry, extra: &[&str]) -> (Run, Vec<Value>) {
+    let url = format!("{}/t", registry.host());
+    let run = Run::of(
+        spotbuild(repo.path())
+            .args(["build", "--local", "--json", "--registry", &url])
+            .args(extra),
+    );
+    let events = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not an event ({e}): {l}")))
+        .collect();
+    (run, events)
+}
+
+fn step_end<'a>(events: &'a [Value], step: &str) -> Option<&'a Value> {
+    events.iter().find(|e| e["type"] == "step_end" && e["step"] == step)
+}
+
+fn layers(events: &[Value], step: &str) -> (u64, u64) {
+    let e = step_end(events, step).unwrap_or_else(|| panic!("no step_end for {step}"));
+    (e["cached_layers"].as_u64().unwrap(), e["total_layers"].as_u64().unwrap())
+}
+
+/// Asserts the build succeeded, showing its events if not.
+fn assert_ok(run: &Run) {
+    assert_eq!(run.code, 0, "build failed:\n{}\n{}", run.stdout, run.stderr);
+}
+
+fn result(events: &[Value]) -> &Value {
+    let r = events.last().expect("events");
+    assert_eq!(r["type"], "result", "the last event is the result: {r}");
+    r
+}
+
+fn tags(registry: &Registry, repository: &str) -> Vec<String> {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{}/v2/{repository}/tags/list", registry.host())])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut t: Vec<String> = v["tags"].as_array().map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect()).unwrap_or_default();
+    t.sort();
+    t
+}
+
+#[test]
+fn a_chain_builds_cold_then_reuses_its_cache() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images(registry.host());
+    let repo = chain_repo();
+
+    // Cold: both built and pushed, the test passes and is tagged.
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_ok(&run);
+    assert_eq!(events[0]["type"], "hello");
+    assert_eq!(result(&events)["outcome"], "success");
+    let plan = repo.plan(&["--offline", "--json"]).json();
+    let (ta, tb) = (plan["projects"][0]["tag"].as_str().unwrap(), plan["projects"][1]["tag"].as_str().unwrap());
+    assert!(tags(&registry, "t/a").contains(&ta.to_string()));
+    assert!(tags(&registry, "t/b").contains(&format!("{tb}-unit")));
+    assert!(tags(&registry, "t/b").contains(&"branch-main".to_string()));
+    let (_, total_b) = layers(&events, "b:build");
+    assert_eq!(total_b, 4, "assets stage + 3 layers of b");
+    // B's FROM a was pinned to a's exact image.
+    assert!(events.iter().any(|e| e["type"] == "log" && e["line"].as_str().unwrap().contains(&format!("pinned to {}/t/a:{ta}", registry.host()))));
+
+    // Unchanged, forced rerun: every layer comes from cache.
+    repo.commit("again [ci rebuild]");
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_ok(&run);
+    assert_eq!(layers(&events, "a:build"), (2, 2));
+    assert_eq!(layers(&events, "b:build"), (4, 4));
+
+    // A change to B rebuilds B only, its unchanged layers cached.
+    repo.write("b/b.txt", &format!("b v2 {}\n", unique()));
+    repo.commit("b v2");
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_ok(&run);
+    assert!(step_end(&events, "a:build").is_none(), "a is not rebuilt");
+    assert_eq!(layers(&events, "b:build"), (2, 4), "the assets stage and its copy are cached");
+
+    // A change to A rebuilds both; B's own stage stays cached.
+    repo.write("a/motd", &format!("a v2 {}\n", unique()));
+    repo.commit("a v2");
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_ok(&run);
+    assert_eq!(layers(&events, "a:build"), (1, 2));
+    assert_eq!(layers(&events, "b:build"), (1, 4), "only the assets stage is reused");
+    assert_eq!(result(&events)["outcome"], "success");
+
+    // And now nothing is left to do.
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_eq!(run.code, 0);
+    assert!(events.is_empty());
+    assert!(run.stderr.contains("nothing to build"), "{}", run.stderr);
+}
+
+#[test]
+fn a_failing_build_fails_its_step_and_skips_its_dependents() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images(registry.host());
+    let repo = chain_repo();
+    repo.write("b/Dockerfile", "FROM a\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo broken >&2; exit 3\"]\n");
+    repo.write("c/Dockerfile", "FROM b\n");
+    repo.manifest(json!({
+        "a": {"buildDir": "a"},
+        "b": {"buildDir": "b", "dependencies": ["a"]},
+        "c": {"buildDir": "c", "dependencies": ["b"]}
+    }));
+    repo.commit("broken b");
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let r = result(&events);
+    assert_eq!(r["outcome"], "failed");
+    assert_eq!(r["failed_steps"], json!(["b:build"]));
+    assert_ne!(step_end(&events, "b:build").unwrap()["exit_code"], 0);
+    assert!(events.iter().any(|e| e["type"] == "log" && e["line"].as_str().unwrap().contains("broken")));
+    assert!(step_end(&events, "c:build").is_none(), "c depends on the broken b");
+    assert!(step_end(&events, "a:push").is_some(), "a was still built and pushed");
+
+    // The table for people says the same.
+    let url = format!("{}/t", registry.host());
+    let run = Run::of(spotbuild(repo.path()).args(["build", "--local", "--registry", &url]));
+    assert_eq!(run.code, 1);
+    assert!(run.stdout.contains("b:build ✘ failed with exit code"), "{}", run.stdout);
+    assert!(run.stdout.contains("result: failed (1 step failed: b:build)"), "{}", run.stdout);
+}
+
+#[test]
+fn a_failing_test_job_fails_and_is_not_tagged() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images(registry.host());
+    let repo = chain_repo();
+    repo.manifest(json!({
+        "a": {"buildDir": "a", "tests": {"unit": {"command": ["/bin/busybox", "sh", "-c", "echo 2 tests failed; exit 5"]}}}
+    }));
+    repo.commit("failing test");
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(result(&events)["failed_steps"], json!(["a:test:unit"]));
+    assert_eq!(step_end(&events, "a:test:unit").unwrap()["exit_code"], 5);
+    assert!(events.iter().any(|e| e["line"] == "2 tests failed"));
+    assert!(!tags(&registry, "t/a").iter().any(|t| t.ends_with("-unit")));
+}
+
+#[test]
+fn an_interruption_notice_stops_new_steps_and_keeps_finished_work() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images(registry.host());
+    let imds = FakeImds::start();
+    let repo = chain_repo();
+    // b takes a few seconds, so the notice arrives while it builds; c would come after.
+    repo.write("b/Dockerfile", "FROM a\nCOPY b.txt /b.txt\nRUN [\"/bin/busybox\", \"sleep\", \"4\"]\n");
+    repo.write("c/Dockerfile", "FROM a\nCOPY c.txt /c.txt\n");
+    repo.write("c/c.txt", "c\n");
+    repo.manifest(json!({
+        "a": {"buildDir": "a"},
+        "b": {"buildDir": "b", "dependencies": ["a"]},
+        "c": {"buildDir": "c", "dependencies": ["a"]}
+    }));
+    repo.commit("slow b");
+
+    let url = format!("{}/t", registry.host());
+    let mut child = spotbuild(repo.path())
+        .args(["build", "--local", "--json", "--registry", &url])
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut events: Vec<Value> = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let e: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if e["type"] == "step_start" && e["step"] == "b:build" {
+            imds.interrupt();
+        }
+        events.push(e);
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(6), "interrupted");
+    assert_eq!(events[0]["instance_id"], "i-0123456789abcdef0");
+    let notice = events.iter().position(|e| e["type"] == "notice").expect("a notice event");
+    assert_eq!(events[notice]["kind"], "interruption");
+    assert_eq!(events[notice]["action"], "terminate");
+    let r = result(&events);
+    assert_eq!(r["outcome"], "interrupted");
+    assert!(r["message"].as_str().unwrap().contains("spot interruption"), "{r}");
+    // No step started after the notice but b's push, which keeps its finished build.
+    let started_after: Vec<&str> = events[notice..]
+        .iter()
+        .filter(|e| e["type"] == "step_start")
+        .map(|e| e["step"].as_str().unwrap())
+        .collect();
+    assert!(started_after.iter().all(|s| *s == "b:push"), "{started_after:?}");
+    assert!(step_end(&events, "c:build").is_none());
+    // What was built before and during the notice is in the registry.
+    assert_eq!(tags(&registry, "t/a").iter().filter(|t| t.starts_with("cache-")).count(), 1);
+    assert_eq!(tags(&registry, "t/b").iter().filter(|t| t.starts_with("cache-")).count(), 1);
+    assert!(tags(&registry, "t/c").is_empty());
+}
+
+/// A repository with one commit, for jobs that need only a checkout.
+fn tiny_repo() -> TestRepo {
+    let repo = TestRepo::new();
+    repo.write("README", "x\n");
+    repo.commit("x");
+    repo
+}
+
+fn job(repo: &TestRepo, workdir: &Path, run: Value) -> Value {
+    json!({
+        "v": 1,
+        "build_id": "t1",
+        "commit": repo.head(),
+        "source": {"repository": repo.path().join(".git")},
+        "workdir": workdir,
+        "registry": {"url": "127.0.0.1:1"},
+        "projects": [],
+        "run": run,
+        "imds": {"enabled": false},
+        "shutdown_command": []
+    })
+}
+
+/// Runs `agent run` with `job` on stdin; returns the run.
+fn agent(job: &Value) -> Run {
+    let mut child = spotbuild(Path::new("/"))
+        .args(["agent", "run", "--job", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    serde_json::to_writer(child.stdin.take().unwrap(), job).unwrap();
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn fifty_megabytes_of_output_arrive_intact_and_replay_from_any_seq() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    // 51,200 lines of 1 KiB (1023 bytes and a newline): 50 MiB.
+    let big = dir.path().join("big.txt");
+    let mut content = Vec::with_capacity(50 << 20);
+    for i in 0..51_200u32 {
+        let head = format!("line {i:06} ");
+        content.extend_from_slice(head.as_bytes());
+        content.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, 1023 - head.len()));
+        content.push(b'\n');
+    }
+    std::fs::write(&big, &content).unwrap();
+    let workdir = dir.path().join("work");
+    let run = agent(&job(&repo, &workdir, json!([{"name": "cat", "command": ["cat", big]}])));
+    assert_ok(&run);
+
+    let mut hasher = Sha256::new();
+    let mut count = 0;
+    let mut last_seq = 0;
+    for line in run.stdout.lines() {
+        let e: Value = serde_json::from_str(line).unwrap();
+        let seq = e["seq"].as_u64().unwrap();
+        assert_eq!(seq, last_seq + 1, "no gaps");
+        last_seq = seq;
+        if e["type"] == "log" && e["step"] == "run:cat" {
+            hasher.update(e["line"].as_str().unwrap().as_bytes());
+            hasher.update(b"\n");
+            count += 1;
+        }
+    }
+    assert_eq!(count, 51_200);
+    assert_eq!(hasher.finalize()[..], Sha256::digest(&content)[..], "every byte, in order");
+
+    // The file holds exactly what was streamed; a replay from the middle yields the rest.
+    let file = workdir.join("events.ndjson");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), run.stdout);
+    let middle = last_seq / 2;
+    let replay = Run::of(spotbuild(Path::new("/")).args(["agent", "replay", "--events"]).arg(&file).args(["--after", &middle.to_string()]));
+    assert_eq!(replay.code, 0);
+    let expected: String = run.stdout.lines().skip(middle as usize).map(|l| format!("{l}\n")).collect();
+    assert!(replay.stdout == expected, "replay after {middle} differs");
+}
+
+#[test]
+fn secrets_appear_in_no_event_and_no_file() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images(registry.host());
+    let repo = chain_repo();
+    let secret = "hunter2-Sup3rSecret";
+    let dir = tempfile::tempdir().unwrap();
+    let workdir = dir.path().join("work");
+    let plan = repo.plan(&["--offline", "--json", "a"]).json();
+    let a = &plan["projects"][0];
+    let job = json!({
+        "v": 1,
+        "build_id": "s1",
+        "commit": repo.head(),
+        "source": {"repository": repo.path().join(".git")},
+        "workdir": workdir,
+        "registry": {"url": format!("{}/t", registry.host()), "username": "ci", "password": secret},
+        "projects": [{"name": "a", "hash": a["hash"], "tag": a["tag"], "build": true,
+                      "build_dir": "a", "dockerfile": "a/Dockerfile", "project_dir": "a"}],
+        "run": [{"name": "leak", "command": ["sh", "-c", format!("echo the password is {secret}")]}],
+        "imds": {"enabled": false},
+        "shutdown_command": []
+    });
+    let run = agent(&job);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("the password is ******"));
+    assert!(!run.stdout.contains(secret) && !run.stderr.contains(secret));
+    // Docker was given the credentials (through the helper), but nothing on disk has them,
+    // not even in the base64 form docker itself would store.
+    let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("ci:{secret}"));
+    for entry in walk(&workdir) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(secret), "{} holds the password", entry.display());
+        assert!(!text.contains(&encoded), "{} holds it in base64", entry.display());
+    }
+    assert!(tags(&registry, "t/a").contains(&a["tag"].as_str().unwrap().to_string()));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn past_the_deadline_work_stops_and_the_shutdown_command_runs() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("shut-down");
+    let mut j = job(&repo, &dir.path().join("work"), json!([{"name": "forever", "command": ["sleep", "60"]}]));
+    let deadline = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    j["deadline"] = json!(humantime::format_rfc3339_seconds(deadline).to_string());
+    j["shutdown_command"] = json!(["touch", marker]);
+    let started = std::time::Instant::now();
+    let run = agent(&j);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "the deadline stopped the sleep");
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let r: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(r["outcome"], "failed");
+    assert_eq!(r["message"], "the job's deadline passed");
+    assert!(marker.exists(), "the shutdown command ran");
+}
+
+#[test]
+fn a_job_of_another_version_is_refused() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = job(&repo, dir.path(), json!([]));
+    j["v"] = json!(2);
+    let run = agent(&j);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains("unsupported version 2"), "{}", run.stderr);
+}

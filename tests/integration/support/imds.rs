@@ -1,0 +1,90 @@
+//! A stand-in for the EC2 instance metadata service (IMDSv2): a session token is required,
+//! and the test decides when a spot interruption notice appears.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
+
+pub struct FakeImds {
+    pub port: u16,
+    notice: Arc<AtomicBool>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeImds {
+    pub fn start() -> FakeImds {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let notice = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let state = notice.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new().fallback(handle).with_state(state);
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        FakeImds {
+            port,
+            notice,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, `spot/instance-action` reports a termination two minutes ahead.
+    pub fn interrupt(&self) {
+        self.notice.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FakeImds {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn handle(State(notice): State<Arc<AtomicBool>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    let path = uri.path();
+    if path == "/latest/api/token" {
+        return if method == Method::PUT && headers.contains_key("x-aws-ec2-metadata-token-ttl-seconds") {
+            "test-token".into_response()
+        } else {
+            StatusCode::BAD_REQUEST.into_response()
+        };
+    }
+    if headers.get("x-aws-ec2-metadata-token").and_then(|v| v.to_str().ok()) != Some("test-token") {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match path {
+        "/latest/meta-data/instance-id" => "i-0123456789abcdef0".into_response(),
+        "/latest/meta-data/spot/instance-action" if notice.load(Ordering::SeqCst) => {
+            let at = std::time::SystemTime::now() + std::time::Duration::from_secs(120);
+            let body = format!(r#"{{"action":"terminate","time":"{}"}}"#, humantime::format_rfc3339_seconds(at));
+            body.into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
