@@ -1,7 +1,7 @@
 # spotbuild's entry points. Each target installs what it needs (idempotently) first.
 #   make test   install the local farm's tools, then run every test
-#   make bench  planner figures on a generated 100k-file monorepo
-#   make demo   plan examples/monorepo against a local registry
+#   make bench  planner figures on a generated 100k-file monorepo; event stream throughput
+#   make demo   plan and build examples/monorepo with a local registry and Docker
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -10,7 +10,7 @@ SHARED ?= ../shared
 BENCH_REPO := target/bench/monorepo
 APT_PACKAGES := docker-registry openssh-server busybox-static git curl python3 python3-venv
 
-.PHONY: test bench demo farm-deps apt-deps venv build
+.PHONY: test bench demo farm-deps apt-deps venv build docker-check
 
 test: farm-deps
 	cargo test --locked --all-targets
@@ -20,7 +20,11 @@ build:
 
 # The local farm: a registry v2 server, sshd and a static busybox from Debian, and the
 # AWS emulator (moto) in a project-local venv. Tests start their own instances of these.
-farm-deps: apt-deps venv
+# The Docker engine cannot be installed from here; it must be running.
+farm-deps: apt-deps venv docker-check
+
+docker-check:
+	@docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable (docker info failed); builds and agent tests need it" >&2; exit 1; }
 
 apt-deps:
 	@missing=""; \
@@ -42,6 +46,7 @@ $(VENV)/.installed:
 bench: apt-deps
 	cargo build --locked --release
 	scripts/bench-plan --shared $(SHARED) --repo $(BENCH_REPO) --binary target/release/spotbuild
+	scripts/bench-events --binary target/release/spotbuild
 
 demo: farm-deps build
 	scripts/demo

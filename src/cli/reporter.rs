@@ -21,6 +21,19 @@ pub struct Reporter {
     result: Option<(Outcome, Option<String>)>,
 }
 
+/// BuildKit's progress carries blank separator lines and bare vertex digests; they stay in
+/// the events (and `--json`) but add nothing for a person reading along.
+fn is_noise(line: &str) -> bool {
+    if line.is_empty() {
+        return true;
+    }
+    let Some((vertex, rest)) = line.strip_prefix('#').and_then(|l| l.split_once(' ')) else {
+        return false;
+    };
+    vertex.bytes().all(|b| b.is_ascii_digit())
+        && rest.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn clock(ts: &str) -> &str {
     // 2026-11-22T03:15:50.123Z -> 03:15:50
     ts.get(11..19).unwrap_or(ts)
@@ -59,6 +72,7 @@ impl Reporter {
                 });
                 writeln!(out, "{t} {step} ▶ started")
             }
+            Event::Log { line, .. } if is_noise(line) => Ok(()),
             Event::Log { step, line, .. } => writeln!(out, "{t} {step} │ {line}"),
             Event::StepEnd {
                 step,
@@ -140,5 +154,19 @@ impl Reporter {
             ),
             None => writeln!(out, "result: none (the agent ended without one)"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_noise;
+
+    #[test]
+    fn hides_only_buildkit_noise() {
+        assert!(is_noise(""));
+        assert!(is_noise(&format!("#12 sha256:{}", "a".repeat(64))));
+        assert!(!is_noise("#12 [2/3] COPY a /a"));
+        assert!(!is_noise("sha256:abc"));
+        assert!(!is_noise("#12 CACHED"));
     }
 }

@@ -21,13 +21,17 @@ struct Images(String);
 
 impl Drop for Images {
     fn drop(&mut self) {
-        let out = Command::new("docker").args(["images", "--format", "{{.Repository}}:{{.Tag}}"]).output();
+        // By id: images a rebuild untagged (`<none>`) keep their repository but have no tag.
+        let out = Command::new("docker").args(["images", "--format", "{{.Repository}} {{.ID}}"]).output();
         if let Ok(out) = out {
-            let mine: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            let mut mine: Vec<String> = String::from_utf8_lossy(&out.stdout)
                 .lines()
-                .filter(|l| l.starts_with(&self.0))
-                .map(String::from)
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(repo, _)| repo.starts_with(&format!("{}/", self.0)))
+                .map(|(_, id)| id.to_string())
                 .collect();
+            mine.sort();
+            mine.dedup();
             if !mine.is_empty() {
                 let _ = Command::new("docker").arg("rmi").arg("-f").args(&mine).output();
             }
@@ -79,9 +83,12 @@ fn chain_repo() -> TestRepo {
 /// Runs `build --local --json` and returns the run and its parsed events.
 fn build(repo: &TestRepo, registry: &Registry, extra: &[&str]) -> (Run, Vec<Value>) {
     let url = format!("{}/t", registry.host());
+    let workdir = tempfile::tempdir().unwrap();
     let run = Run::of(
         spotbuild(repo.path())
             .args(["build", "--local", "--json", "--registry", &url])
+            .arg("--workdir")
+            .arg(workdir.path())
             .args(extra),
     );
     let events = run
@@ -202,7 +209,8 @@ fn a_failing_build_fails_its_step_and_skips_its_dependents() {
 
     // The table for people says the same.
     let url = format!("{}/t", registry.host());
-    let run = Run::of(spotbuild(repo.path()).args(["build", "--local", "--registry", &url]));
+    let workdir = tempfile::tempdir().unwrap();
+    let run = Run::of(spotbuild(repo.path()).args(["build", "--local", "--registry", &url]).arg("--workdir").arg(workdir.path()));
     assert_eq!(run.code, 1);
     assert!(run.stdout.contains("b:build ✘ failed with exit code"), "{}", run.stdout);
     assert!(run.stdout.contains("result: failed (1 step failed: b:build)"), "{}", run.stdout);
@@ -245,8 +253,11 @@ fn an_interruption_notice_stops_new_steps_and_keeps_finished_work() {
     repo.commit("slow b");
 
     let url = format!("{}/t", registry.host());
+    let workdir = tempfile::tempdir().unwrap();
     let mut child = spotbuild(repo.path())
         .args(["build", "--local", "--json", "--registry", &url])
+        .arg("--workdir")
+        .arg(workdir.path())
         .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
