@@ -153,6 +153,7 @@ where
     });
 
     let (kill_tx, kill_rx) = watch::channel(false);
+    let kill_tx = Arc::new(kill_tx);
     let (halt_tx, halt_rx) = watch::channel(None::<Halt>);
     let mut worker = Worker {
         events: events.clone(),
@@ -161,6 +162,7 @@ where
         client: None,
         src: job.workdir.join("src"),
         kill: kill_rx,
+        rearm: kill_tx.clone(),
         halt: halt_rx,
         failed: Vec::new(),
         job,
@@ -337,6 +339,8 @@ struct Worker {
     client: Option<Client>,
     src: PathBuf,
     kill: watch::Receiver<bool>,
+    /// Lowers the kill flag again, for the salvage push after a notice's grace ran out.
+    rearm: Arc<watch::Sender<bool>>,
     halt: watch::Receiver<Option<Halt>>,
     failed: Vec<String>,
 }
@@ -480,6 +484,23 @@ impl Worker {
                 self.end(&step, t, &r).await;
                 if !r.ok() {
                     broken.insert(p.name.clone());
+                    // A build stopped by an interruption keeps the stages it finished, so
+                    // the next attempt on another instance starts from them. The running
+                    // build was killed; the push gets a short window of its own.
+                    let noticed = matches!(*self.halt.borrow(), Some(Halt::Notice(_)));
+                    if noticed && !stage_images.is_empty() {
+                        self.rearm.send_replace(false);
+                        let step = format!("{}:push", p.name);
+                        let t = self.start(&step, Some(&p.name), StepKind::Push).await;
+                        let r = match tokio::time::timeout(NOTICE_MARGIN, self.push_images(&step, &stage_images)).await {
+                            Ok(r) => r,
+                            Err(_) => {
+                                self.events.say(&step, "error: no time left to push the finished stages").await;
+                                StepResult { code: 124, layers: None }
+                            }
+                        };
+                        self.end(&step, t, &r).await;
+                    }
                     continue;
                 }
                 // Pushed even after a notice: the next attempt starts from it.
@@ -673,7 +694,8 @@ impl Worker {
                 let s = self.build_once(&docker, &spec, step, &observer).await;
                 counter.lock().expect("not poisoned").next_invocation();
                 if !s.ok() {
-                    return fail(s.code());
+                    // The stages finished so far are still worth keeping (see `run`).
+                    return (StepResult { code: s.code(), layers: None }, stage_images);
                 }
                 stage_images.push(image);
                 stage_caches.extend(caches);
@@ -712,12 +734,11 @@ impl Worker {
     /// Pushes `cache-<hash>` (and the stage images), then points the branch tag at it by a
     /// manifest copy.
     async fn push(&self, step: &str, p: &JobProject, stage_images: &[String]) -> StepResult {
-        let docker = self.docker.clone().expect("docker is detected when a build is needed");
-        for image in std::iter::once(self.image(&p.name, &p.tag)).chain(stage_images.iter().cloned()) {
-            let s = self.exec(docker.push(&image), step, None).await;
-            if !s.ok() {
-                return StepResult::of(&s);
-            }
+        let mut images = vec![self.image(&p.name, &p.tag)];
+        images.extend(stage_images.iter().cloned());
+        let pushed = self.push_images(step, &images).await;
+        if !pushed.ok() {
+            return pushed;
         }
         let branch = branch_tag(self.job.branch.as_deref().unwrap_or(&self.job.main_branch));
         let repository = self.registry.repository(&p.name);
@@ -737,6 +758,17 @@ impl Worker {
                 Ok(()) => self.events.say(step, format!("{to} now points at {from}")).await,
                 // The build itself is safely stored; a stale branch tag only costs cache hits.
                 Err(e) => self.events.say(step, format!("warning: failed to move {to}: {}", error_chain(&e))).await,
+            }
+        }
+        StepResult { code: 0, layers: None }
+    }
+
+    async fn push_images(&self, step: &str, images: &[String]) -> StepResult {
+        let docker = self.docker.clone().expect("docker is detected when a build is needed");
+        for image in images {
+            let s = self.exec(docker.push(image), step, None).await;
+            if !s.ok() {
+                return StepResult::of(&s);
             }
         }
         StepResult { code: 0, layers: None }

@@ -16,25 +16,76 @@ use crate::support::{spotbuild, Run};
 
 const BUSYBOX: &str = "/bin/busybox";
 
-/// Removes every local image of one test's registry when dropped, also on failure.
-struct Images(String);
+/// Removes every local image of one test's registry when dropped, also on failure, with
+/// their descendants and the dangling images that appeared meanwhile (the classic builder
+/// keeps intermediate images as its cache).
+struct Images(String, Vec<String>);
+
+fn docker_out(args: &[&str]) -> String {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn dangling() -> Vec<String> {
+    docker_out(&["images", "-a", "-q", "--no-trunc", "--filter", "dangling=true"])
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+impl Images {
+    fn of(registry: &Registry) -> Images {
+        Images(registry.host(), dangling())
+    }
+}
 
 impl Drop for Images {
     fn drop(&mut self) {
-        // By id: images a rebuild untagged (`<none>`) keep their repository but have no tag.
-        let out = Command::new("docker").args(["images", "--format", "{{.Repository}} {{.ID}}"]).output();
-        if let Ok(out) = out {
-            let mut mine: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.split_once(' '))
-                .filter(|(repo, _)| repo.starts_with(&format!("{}/", self.0)))
-                .map(|(_, id)| id.to_string())
-                .collect();
-            mine.sort();
-            mine.dedup();
-            if !mine.is_empty() {
-                let _ = Command::new("docker").arg("rmi").arg("-f").args(&mine).output();
+        let prefix = format!("{}/", self.0);
+        let mut mine: Vec<String> = docker_out(&["images", "--no-trunc", "--format", "{{.Repository}} {{.ID}}"])
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(repo, _)| repo.starts_with(&prefix))
+            .map(|(_, id)| id.to_string())
+            .collect();
+        mine.extend(dangling().into_iter().filter(|id| !self.1.contains(id)));
+        if mine.is_empty() {
+            return;
+        }
+        let all: Vec<String> = docker_out(&["images", "-a", "-q", "--no-trunc"]).lines().map(String::from).collect();
+        let mut args = vec!["inspect", "--format", "{{.Id}} {{.Parent}}"];
+        args.extend(all.iter().map(String::as_str));
+        let parents: Vec<(String, String)> = docker_out(&args)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let mut grew = true;
+        while grew {
+            grew = false;
+            for (id, parent) in &parents {
+                if !parent.is_empty() && mine.contains(parent) && !mine.contains(id) {
+                    mine.push(id.clone());
+                    grew = true;
+                }
             }
+        }
+        mine.sort();
+        mine.dedup();
+        // A parent cannot go before its children: retry what is left until nothing moves.
+        for _ in 0..5 {
+            let left: Vec<String> = mine
+                .iter()
+                .filter(|id| Command::new("docker").args(["rmi", "-f", id]).output().map(|o| !o.status.success()).unwrap_or(true))
+                .cloned()
+                .collect();
+            if left.is_empty() || left.len() == mine.len() {
+                break;
+            }
+            mine = left;
         }
     }
 }
@@ -134,7 +185,7 @@ fn tags(registry: &Registry, repository: &str) -> Vec<String> {
 fn a_chain_builds_cold_then_reuses_its_cache() {
     docker_required();
     let registry = Registry::start();
-    let _images = Images(registry.host());
+    let _images = Images::of(&registry);
     let repo = chain_repo();
 
     // Cold: both built and pushed, the test passes and is tagged.
@@ -187,7 +238,7 @@ fn a_chain_builds_cold_then_reuses_its_cache() {
 fn a_failing_build_fails_its_step_and_skips_its_dependents() {
     docker_required();
     let registry = Registry::start();
-    let _images = Images(registry.host());
+    let _images = Images::of(&registry);
     let repo = chain_repo();
     repo.write("b/Dockerfile", "FROM a\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo broken >&2; exit 3\"]\n");
     repo.write("c/Dockerfile", "FROM b\n");
@@ -220,7 +271,7 @@ fn a_failing_build_fails_its_step_and_skips_its_dependents() {
 fn a_failing_test_job_fails_and_is_not_tagged() {
     docker_required();
     let registry = Registry::start();
-    let _images = Images(registry.host());
+    let _images = Images::of(&registry);
     let repo = chain_repo();
     repo.manifest(json!({
         "a": {"buildDir": "a", "tests": {"unit": {"command": ["/bin/busybox", "sh", "-c", "echo 2 tests failed; exit 5"]}}}
@@ -238,7 +289,7 @@ fn a_failing_test_job_fails_and_is_not_tagged() {
 fn an_interruption_notice_stops_new_steps_and_keeps_finished_work() {
     docker_required();
     let registry = Registry::start();
-    let _images = Images(registry.host());
+    let _images = Images::of(&registry);
     let imds = FakeImds::start();
     let repo = chain_repo();
     // b takes a few seconds, so the notice arrives while it builds; c would come after.
@@ -252,27 +303,8 @@ fn an_interruption_notice_stops_new_steps_and_keeps_finished_work() {
     }));
     repo.commit("slow b");
 
-    let url = format!("{}/t", registry.host());
-    let workdir = tempfile::tempdir().unwrap();
-    let mut child = spotbuild(repo.path())
-        .args(["build", "--local", "--json", "--registry", &url])
-        .arg("--workdir")
-        .arg(workdir.path())
-        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut events: Vec<Value> = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let e: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if e["type"] == "step_start" && e["step"] == "b:build" {
-            imds.interrupt();
-        }
-        events.push(e);
-    }
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(6), "interrupted");
+    let (code, events) = build_until_notice(&repo, &registry, &imds, "b:build", 120);
+    assert_eq!(code, Some(6), "interrupted");
     assert_eq!(events[0]["instance_id"], "i-0123456789abcdef0");
     let notice = events.iter().position(|e| e["type"] == "notice").expect("a notice event");
     assert_eq!(events[notice]["kind"], "interruption");
@@ -292,6 +324,110 @@ fn an_interruption_notice_stops_new_steps_and_keeps_finished_work() {
     assert_eq!(tags(&registry, "t/a").iter().filter(|t| t.starts_with("cache-")).count(), 1);
     assert_eq!(tags(&registry, "t/b").iter().filter(|t| t.starts_with("cache-")).count(), 1);
     assert!(tags(&registry, "t/c").is_empty());
+}
+
+/// Runs `build --local --json` with `imds` as the metadata service, which announces a
+/// termination `lead` seconds ahead as soon as `step` starts. Returns the exit code and
+/// the events.
+fn build_until_notice(repo: &TestRepo, registry: &Registry, imds: &FakeImds, step: &str, lead: u64) -> (Option<i32>, Vec<Value>) {
+    let url = format!("{}/t", registry.host());
+    let workdir = tempfile::tempdir().unwrap();
+    let mut child = spotbuild(repo.path())
+        .args(["build", "--local", "--json", "--registry", &url])
+        .arg("--workdir")
+        .arg(workdir.path())
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut events: Vec<Value> = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let e: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if e["type"] == "step_start" && e["step"] == step {
+            imds.interrupt_in(lead);
+        }
+        events.push(e);
+    }
+    (child.wait().unwrap().code(), events)
+}
+
+#[test]
+fn a_build_cut_short_by_a_notice_keeps_its_finished_stages() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images::of(&registry);
+    let imds = FakeImds::start();
+    let repo = chain_repo();
+    // The notice leaves 25 s, so the running build gets about 5 s before it is stopped: its
+    // finished stage must still reach the registry; its unfinished image cannot.
+    repo.write(
+        "b/Dockerfile",
+        &format!(
+            "FROM a AS deps\nRUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo {} > /deps\"]\n\
+             FROM deps\nRUN [\"/bin/busybox\", \"sleep\", \"60\"]\n",
+            unique()
+        ),
+    );
+    repo.commit("slow final stage");
+    let started = std::time::Instant::now();
+    let (code, events) = build_until_notice(&repo, &registry, &imds, "b:build", 25);
+    assert_eq!(code, Some(6));
+    assert!(started.elapsed() < std::time::Duration::from_secs(50), "the build was stopped, not waited for");
+    assert_eq!(result(&events)["outcome"], "interrupted");
+    assert_ne!(step_end(&events, "b:build").unwrap()["exit_code"], 0);
+    assert_eq!(step_end(&events, "b:push").unwrap()["exit_code"], 0, "the finished stage was pushed");
+    let b_tags = tags(&registry, "t/b");
+    assert!(b_tags.iter().any(|t| t.starts_with("stage-deps-cache-")), "{b_tags:?}");
+    assert!(!b_tags.iter().any(|t| t.starts_with("cache-")), "{b_tags:?}");
+}
+
+#[test]
+fn the_classic_builder_builds_and_caches_too() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images::of(&registry);
+    let repo = chain_repo();
+    let (run, events) = build(&repo, &registry, &["--builder", "classic"]);
+    assert_ok(&run);
+    assert_eq!(events[0]["builder"], "classic");
+    assert_eq!(layers(&events, "b:build").1, 4);
+    assert!(tags(&registry, "t/b").iter().any(|t| t.ends_with("-unit")));
+    repo.commit("again [ci rebuild]");
+    let (run, events) = build(&repo, &registry, &["--builder", "classic"]);
+    assert_ok(&run);
+    assert_eq!(layers(&events, "a:build"), (2, 2));
+    assert_eq!(layers(&events, "b:build"), (4, 4));
+}
+
+#[test]
+fn checkouts_come_from_bundles_on_top_of_a_mirror() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    // The "baked" mirror has the first commit; the bundle carries only what it lacks.
+    let mirror = dir.path().join("mirror.git");
+    crate::support::repo::git_in(dir.path(), &["clone", "-q", "--bare", repo.path().to_str().unwrap(), mirror.to_str().unwrap()]);
+    let base = repo.head();
+    repo.write("README", "second\n");
+    let head = repo.commit("second");
+    let bundle = dir.path().join("delta.bundle");
+    repo.git(&["bundle", "create", "-q", bundle.to_str().unwrap(), &format!("{base}..main")]);
+
+    let mut j = job(&repo, &dir.path().join("w1"), json!([{"name": "show", "command": ["cat", "README"]}]));
+    j["commit"] = json!(head);
+    j["source"] = json!({"bundle": {"path": bundle, "mirror": mirror}});
+    let run = agent(&j);
+    assert_eq!(run.code, 0, "{}", run.stdout);
+    assert!(run.stdout.contains(r#""line":"second""#), "{}", run.stdout);
+
+    // Without the mirror the delta bundle cannot apply: the checkout fails and says why.
+    let mut j = job(&repo, &dir.path().join("w2"), json!([]));
+    j["commit"] = json!(head);
+    j["source"] = json!({"bundle": {"path": bundle}});
+    let run = agent(&j);
+    assert_eq!(run.code, 1);
+    assert!(run.stdout.contains("the bundle does not apply"), "{}", run.stdout);
+    assert!(run.stdout.contains(r#""failed_steps":["checkout"]"#), "{}", run.stdout);
 }
 
 /// A repository with one commit, for jobs that need only a checkout.
@@ -384,7 +520,7 @@ fn fifty_megabytes_of_output_arrive_intact_and_replay_from_any_seq() {
 fn secrets_appear_in_no_event_and_no_file() {
     docker_required();
     let registry = Registry::start();
-    let _images = Images(registry.host());
+    let _images = Images::of(&registry);
     let repo = chain_repo();
     let secret = "hunter2-Sup3rSecret";
     let dir = tempfile::tempdir().unwrap();

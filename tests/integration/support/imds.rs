@@ -1,7 +1,7 @@
 //! A stand-in for the EC2 instance metadata service (IMDSv2): a session token is required,
 //! and the test decides when a spot interruption notice appears.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -11,7 +11,8 @@ use tokio::sync::oneshot;
 
 pub struct FakeImds {
     pub port: u16,
-    notice: Arc<AtomicBool>,
+    /// Seconds ahead of now that the termination is announced for; 0: no notice yet.
+    notice: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -21,7 +22,7 @@ impl FakeImds {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let notice = Arc::new(AtomicBool::new(false));
+        let notice = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = oneshot::channel::<()>();
         let state = notice.clone();
         let thread = std::thread::spawn(move || {
@@ -49,9 +50,9 @@ impl FakeImds {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// From now on, `spot/instance-action` reports a termination two minutes ahead.
-    pub fn interrupt(&self) {
-        self.notice.store(true, Ordering::SeqCst);
+    /// From now on, `spot/instance-action` reports a termination `secs` ahead.
+    pub fn interrupt_in(&self, secs: u64) {
+        self.notice.store(secs, Ordering::SeqCst);
     }
 }
 
@@ -66,7 +67,7 @@ impl Drop for FakeImds {
     }
 }
 
-async fn handle(State(notice): State<Arc<AtomicBool>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+async fn handle(State(notice): State<Arc<AtomicU64>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     let path = uri.path();
     if path == "/latest/api/token" {
         return if method == Method::PUT && headers.contains_key("x-aws-ec2-metadata-token-ttl-seconds") {
@@ -80,8 +81,8 @@ async fn handle(State(notice): State<Arc<AtomicBool>>, method: Method, uri: Uri,
     }
     match path {
         "/latest/meta-data/instance-id" => "i-0123456789abcdef0".into_response(),
-        "/latest/meta-data/spot/instance-action" if notice.load(Ordering::SeqCst) => {
-            let at = std::time::SystemTime::now() + std::time::Duration::from_secs(120);
+        "/latest/meta-data/spot/instance-action" if notice.load(Ordering::SeqCst) > 0 => {
+            let at = std::time::SystemTime::now() + std::time::Duration::from_secs(notice.load(Ordering::SeqCst));
             let body = format!(r#"{{"action":"terminate","time":"{}"}}"#, humantime::format_rfc3339_seconds(at));
             body.into_response()
         }
