@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod cloud;
 pub mod git;
 pub mod manifest;
 pub mod plan;

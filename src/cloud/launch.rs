@@ -1,0 +1,286 @@
+//! The launch policy: which markets to try, in which order, and what each failure means.
+//!
+//! - Spot first (unless the policy or an open breaker says on-demand), then on-demand.
+//! - Capacity, price and spot-quota failures move on to the next market at once.
+//! - Permission, image and configuration failures end the launch at once, with no fallback:
+//!   another market would fail the same way.
+//! - Throttling retries the same market with jittered exponential backoff, a bounded
+//!   number of times; the SDK itself must not retry launches (a capacity error must move
+//!   on quickly), so this is the only retry.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+
+use super::breaker::Breaker;
+use super::{Cloud, CloudFailure, FailureKind, LaunchSpec, Launched, Market, MarketPolicy};
+
+/// How often a throttled launch is retried, and the first delay.
+#[derive(Debug, Clone, Copy)]
+pub struct ThrottleRetry {
+    pub times: usize,
+    pub first_delay: Duration,
+}
+
+impl Default for ThrottleRetry {
+    fn default() -> Self {
+        ThrottleRetry {
+            times: 5,
+            first_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One market that was tried and failed, with every reason given.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tried {
+    pub market: Market,
+    pub failures: Vec<CloudFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub launched: Launched,
+    /// Markets that failed before this one.
+    pub tried: Vec<Tried>,
+    /// Why the market used was chosen, when it was not the first choice.
+    pub why: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LaunchError {
+    #[error("failed to launch: {failure}")]
+    Fatal { failure: CloudFailure, tried: Vec<Tried> },
+    #[error("failed to launch in any market: {}", summary(tried))]
+    Exhausted { tried: Vec<Tried> },
+}
+
+impl LaunchError {
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            LaunchError::Fatal { failure, .. } => match failure.kind {
+                FailureKind::Permission => Some("the controller's IAM policy lacks a permission; see terraform/ for the policy spotbuild needs"),
+                FailureKind::Image => Some("check the AMI id or SSM parameter, and that the image is shared with this account and region"),
+                FailureKind::Config => Some("check the subnets, security groups and instance profile in spotbuild.toml"),
+                _ => None,
+            },
+            LaunchError::Exhausted { .. } => Some("add instance types or subnets to the pools, or raise the spot price cap"),
+        }
+    }
+}
+
+fn summary(tried: &[Tried]) -> String {
+    tried
+        .iter()
+        .map(|t| {
+            let reasons: Vec<String> = t.failures.iter().map(|f| f.to_string()).collect();
+            format!("{}: {}", t.market, reasons.join("; "))
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// The markets to try, in order.
+pub fn markets(policy: MarketPolicy, breaker: Breaker) -> Vec<Market> {
+    match (policy, breaker) {
+        (MarketPolicy::Spot, _) => vec![Market::Spot],
+        (MarketPolicy::OnDemand, _) => vec![Market::OnDemand],
+        (MarketPolicy::SpotThenOnDemand, Breaker::Open { .. }) => vec![Market::OnDemand],
+        (MarketPolicy::SpotThenOnDemand, Breaker::Closed) => vec![Market::Spot, Market::OnDemand],
+    }
+}
+
+/// Launches one instance according to `policy`.
+pub async fn launch(
+    cloud: &dyn Cloud,
+    spec: &LaunchSpec,
+    policy: MarketPolicy,
+    breaker: Breaker,
+    retry: ThrottleRetry,
+) -> Result<Report, LaunchError> {
+    let mut tried: Vec<Tried> = Vec::new();
+    let mut why = match (policy, breaker) {
+        (MarketPolicy::SpotThenOnDemand, Breaker::Open { until, .. }) => Some(format!(
+            "recent spot interruptions opened the breaker until {}",
+            humantime::format_rfc3339_seconds(until)
+        )),
+        _ => None,
+    };
+    for market in markets(policy, breaker) {
+        let attempt = || async { cloud.launch(spec, market).await };
+        let result = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(retry.first_delay)
+                    .with_max_times(retry.times)
+                    .with_jitter(),
+            )
+            .when(|failures: &Vec<CloudFailure>| {
+                !failures.is_empty() && failures.iter().all(|f| f.kind == FailureKind::Throttled)
+            })
+            .notify(|_, after| tracing::debug!(%market, retry_in = ?after, "launch throttled"))
+            .await;
+        match result {
+            Ok(launched) => return Ok(Report { launched, tried, why }),
+            Err(failures) => {
+                if let Some(fatal) = failures
+                    .iter()
+                    .find(|f| matches!(f.kind, FailureKind::Permission | FailureKind::Image | FailureKind::Config))
+                {
+                    return Err(LaunchError::Fatal {
+                        failure: fatal.clone(),
+                        tried,
+                    });
+                }
+                why = Some(format!("{market} failed: {}", summary(&[Tried { market, failures: failures.clone() }])));
+                tried.push(Tried { market, failures });
+            }
+        }
+    }
+    Err(LaunchError::Exhausted { tried })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, VecDeque};
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    use futures::future::BoxFuture;
+
+    use super::*;
+    use crate::cloud::{Image, Observed, Pool};
+
+    /// Answers launches from a script, per market, and records every call.
+    #[derive(Default)]
+    struct Scripted {
+        script: Mutex<BTreeMap<Market, VecDeque<Result<Launched, Vec<CloudFailure>>>>>,
+        calls: Mutex<Vec<Market>>,
+    }
+
+    impl Scripted {
+        fn then(self, market: Market, r: Result<Launched, Vec<CloudFailure>>) -> Self {
+            self.script.lock().unwrap().entry(market).or_default().push_back(r);
+            self
+        }
+        fn calls(&self) -> Vec<Market> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    impl Cloud for Scripted {
+        fn launch<'a>(&'a self, _: &'a LaunchSpec, market: Market) -> BoxFuture<'a, Result<Launched, Vec<CloudFailure>>> {
+            self.calls.lock().unwrap().push(market);
+            let next = self.script.lock().unwrap().get_mut(&market).and_then(|q| q.pop_front());
+            Box::pin(async move { next.expect("the script covers every call") })
+        }
+        fn describe<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<Vec<Observed>, CloudFailure>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn terminate<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<(), CloudFailure>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            build_id: "b1".into(),
+            project: "api".into(),
+            commit: "abc".into(),
+            owner: None,
+            expires_at: SystemTime::UNIX_EPOCH,
+            image: Image::Id("ami-1".into()),
+            instance_profile: None,
+            security_groups: vec![],
+            root_volume_gb: 100,
+            pools: vec![],
+            max_spot_price_per_vcpu_hour: None,
+            user_data: String::new(),
+            extra_tags: BTreeMap::new(),
+        }
+    }
+
+    fn launched(market: Market) -> Launched {
+        Launched {
+            instance_id: "i-1".into(),
+            pool: Pool {
+                instance_type: "m7a.16xlarge".into(),
+                subnet: "subnet-1".into(),
+            },
+            availability_zone: None,
+            market,
+            private_ip: None,
+            spot_request_id: None,
+        }
+    }
+
+    fn fail(code: &str) -> Vec<CloudFailure> {
+        vec![CloudFailure::new(code, "scripted", None)]
+    }
+
+    const FAST: ThrottleRetry = ThrottleRetry {
+        times: 3,
+        first_delay: Duration::from_millis(100),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_failures_fall_back_to_on_demand_and_say_why() {
+        let cloud = Scripted::default()
+            .then(Market::Spot, Err(fail("InsufficientInstanceCapacity")))
+            .then(Market::OnDemand, Ok(launched(Market::OnDemand)));
+        let r = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
+        assert_eq!(r.launched.market, Market::OnDemand);
+        assert_eq!(r.tried.len(), 1);
+        assert!(r.why.unwrap().contains("InsufficientInstanceCapacity"));
+        assert_eq!(cloud.calls(), [Market::Spot, Market::OnDemand]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permission_and_image_errors_fail_at_once_without_fallback() {
+        for code in ["UnauthorizedOperation", "InvalidAMIID.NotFound", "InvalidSubnetID.NotFound"] {
+            let cloud = Scripted::default().then(Market::Spot, Err(fail(code)));
+            let e = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap_err();
+            assert!(matches!(e, LaunchError::Fatal { .. }), "{code}: {e:?}");
+            assert!(e.hint().is_some());
+            assert_eq!(cloud.calls(), [Market::Spot], "{code}: no fallback");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_is_retried_then_succeeds() {
+        let cloud = Scripted::default()
+            .then(Market::Spot, Err(fail("RequestLimitExceeded")))
+            .then(Market::Spot, Err(fail("RequestLimitExceeded")))
+            .then(Market::Spot, Ok(launched(Market::Spot)));
+        let r = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
+        assert_eq!(r.launched.market, Market::Spot);
+        assert!(r.tried.is_empty());
+        assert_eq!(cloud.calls(), [Market::Spot, Market::Spot, Market::Spot]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_breaker_goes_straight_to_on_demand() {
+        let cloud = Scripted::default().then(Market::OnDemand, Ok(launched(Market::OnDemand)));
+        let open = Breaker::Open {
+            until: SystemTime::UNIX_EPOCH + Duration::from_secs(3600),
+            tripped_at: SystemTime::UNIX_EPOCH,
+        };
+        let r = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, open, FAST).await.unwrap();
+        assert_eq!(cloud.calls(), [Market::OnDemand]);
+        assert!(r.why.unwrap().contains("breaker"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spot_only_reports_every_reason_when_exhausted() {
+        let cloud = Scripted::default().then(
+            Market::Spot,
+            Err(vec![
+                CloudFailure::new("InsufficientInstanceCapacity", "no capacity", None),
+                CloudFailure::new("SpotMaxPriceTooLow", "too cheap", None),
+            ]),
+        );
+        let e = launch(&cloud, &spec(), MarketPolicy::Spot, Breaker::Closed, FAST).await.unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("InsufficientInstanceCapacity") && text.contains("SpotMaxPriceTooLow"), "{text}");
+    }
+}
