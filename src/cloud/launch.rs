@@ -151,15 +151,17 @@ mod tests {
     use super::*;
     use crate::cloud::{Image, Observed, Pool};
 
+    type Answer = Result<Launched, Vec<CloudFailure>>;
+
     /// Answers launches from a script, per market, and records every call.
     #[derive(Default)]
     struct Scripted {
-        script: Mutex<BTreeMap<Market, VecDeque<Result<Launched, Vec<CloudFailure>>>>>,
+        script: Mutex<BTreeMap<Market, VecDeque<Answer>>>,
         calls: Mutex<Vec<Market>>,
     }
 
     impl Scripted {
-        fn then(self, market: Market, r: Result<Launched, Vec<CloudFailure>>) -> Self {
+        fn then(self, market: Market, r: Answer) -> Self {
             self.script.lock().unwrap().entry(market).or_default().push_back(r);
             self
         }
