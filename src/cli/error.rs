@@ -28,6 +28,8 @@ pub enum Exit {
     Registry = 5,
     /// The work was interrupted (a spot reclaim) and may be retried.
     Interrupted = 6,
+    /// The cloud API refused or failed a request that has no safe fallback.
+    Cloud = 7,
 }
 
 pub const EXIT_CODES_HELP: &str = "\
@@ -39,6 +41,7 @@ Exit codes:
   4    git error (not a repository, unknown revision, object missing from the clone)
   5    registry error where no safe fallback exists
   6    interrupted (spot interruption notice); retrying is safe
+  7    cloud API error (permissions, configuration, unreachable)
   101  internal error (a bug: please report it)";
 
 #[derive(Debug)]

@@ -5,6 +5,7 @@ mod agent;
 mod build;
 pub mod error;
 mod plan;
+mod reap;
 mod reporter;
 mod signals;
 
@@ -44,6 +45,7 @@ pub struct Cli {
 pub enum Command {
     Plan(plan::PlanArgs),
     Build(build::BuildArgs),
+    Reap(reap::ReapArgs),
     Agent(agent::AgentArgs),
 }
 
@@ -76,6 +78,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
     match cli.command {
         Command::Plan(args) => plan::run(cli.repo, cli.config, args).await,
         Command::Build(args) => build::run(cli.repo, cli.config, args).await,
+        Command::Reap(args) => reap::run(args).await,
         Command::Agent(args) => agent::run(args).await,
     }
 }
@@ -85,7 +88,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPOTBUILD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let filter = ["aws_config", "aws_smithy_runtime", "aws_sdk_ecr", "hyper", "reqwest"]
+    let filter = ["aws_config", "aws_smithy_runtime", "aws_sdk_ecr", "aws_sdk_ec2", "hyper", "reqwest"]
         .iter()
         .fold(filter, |f, target| match format!("{target}=warn").parse() {
             Ok(d) if !std::env::var("SPOTBUILD_LOG").unwrap_or_default().contains(target) => f.add_directive(d),

@@ -5,9 +5,11 @@
 //! is thin and keeps AWS error codes, classified by [`FailureKind`], so that capacity
 //! errors can be told from configuration errors without string matching in the core.
 
+pub mod aws;
 pub mod breaker;
 pub mod launch;
 pub mod prices;
+pub mod reap;
 pub mod userdata;
 
 use std::collections::BTreeMap;
@@ -212,6 +214,7 @@ pub struct Observed {
     /// e.g. `Server.SpotInstanceTermination`.
     pub state_reason: Option<String>,
     pub private_ip: Option<String>,
+    pub launched_at: Option<SystemTime>,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -284,6 +287,7 @@ mod tests {
             state: InstanceState::ShuttingDown,
             state_reason: Some("Server.SpotInstanceTermination".into()),
             private_ip: None,
+            launched_at: None,
             tags: BTreeMap::new(),
         };
         assert!(o.interrupted() && o.ending());

@@ -4,6 +4,7 @@
 mod agent;
 mod auth;
 mod cli;
+mod cloud;
 mod hashing;
 mod manifest_errors;
 mod registry;

@@ -3,6 +3,7 @@
 //! for itself and that stop when dropped, also when the test fails.
 
 pub mod fake_registry;
+pub mod fault_proxy;
 pub mod imds;
 pub mod repo;
 pub mod services;

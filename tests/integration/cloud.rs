@@ -1,0 +1,328 @@
+//! The EC2 layer against the AWS emulator, with the fault proxy in front for what the
+//! emulator cannot do. Only the EC2 API is exercised: nothing connects to an instance.
+//! Every test ends by asserting that no instance it launched is still running.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_ec2::types::{Filter, Tag, TagSpecification, ResourceType, InstanceType};
+use serde_json::Value;
+use spotbuild::cloud::aws::AwsCloud;
+use spotbuild::cloud::breaker::Breaker;
+use spotbuild::cloud::launch::{launch, LaunchError, ThrottleRetry};
+use spotbuild::cloud::{tags, Cloud, Image, LaunchSpec, Market, MarketPolicy, Pool};
+
+use crate::support::fault_proxy::{Fault, FaultProxy};
+use crate::support::services::{runtime, Moto};
+use crate::support::{spotbuild, Run};
+
+const FAST: ThrottleRetry = ThrottleRetry {
+    times: 3,
+    first_delay: Duration::from_millis(50),
+};
+
+/// The emulator, the proxy in front of it, a client through the proxy, and a default
+/// subnet and image to launch with.
+struct Farm {
+    _moto: Moto,
+    proxy: FaultProxy,
+    ec2: aws_sdk_ec2::Client,
+    cloud: AwsCloud,
+    subnet: String,
+    image: String,
+}
+
+async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
+        .load()
+        .await
+}
+
+/// Starts the services (synchronously: their fixtures block), then connects on `rt`.
+fn farm(rt: &tokio::runtime::Runtime) -> Farm {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.endpoint());
+    let (config, ec2, subnet, image) = rt.block_on(async {
+        let config = sdk_config(&proxy.endpoint()).await;
+        let ec2 = aws_sdk_ec2::Client::new(&config);
+        let subnet = ec2.describe_subnets().send().await.unwrap().subnets()[0].subnet_id().unwrap().to_string();
+        let image = ec2.describe_images().send().await.unwrap().images()[0].image_id().unwrap().to_string();
+        (config, ec2, subnet, image)
+    });
+    Farm {
+        cloud: AwsCloud::new(&config),
+        _moto: moto,
+        proxy,
+        ec2,
+        subnet,
+        image,
+    }
+}
+
+impl Farm {
+    fn spec(&self, build_id: &str, expires_in: i64) -> LaunchSpec {
+        let now = SystemTime::now();
+        let expires_at = if expires_in >= 0 {
+            now + Duration::from_secs(expires_in as u64)
+        } else {
+            now - Duration::from_secs((-expires_in) as u64)
+        };
+        LaunchSpec {
+            build_id: build_id.into(),
+            project: "api".into(),
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            owner: Some("https://ci.example/job/1".into()),
+            expires_at,
+            image: Image::Id(self.image.clone()),
+            instance_profile: None,
+            security_groups: vec![],
+            root_volume_gb: 200,
+            pools: ["m7a.16xlarge", "c7a.16xlarge"]
+                .map(|t| Pool {
+                    instance_type: t.into(),
+                    subnet: self.subnet.clone(),
+                })
+                .to_vec(),
+            max_spot_price_per_vcpu_hour: Some(0.05),
+            user_data: "#!/bin/sh\necho hi\n".into(),
+            extra_tags: BTreeMap::from([("team".to_string(), "platform".to_string())]),
+        }
+    }
+
+    /// Instances with this build id that are pending or running.
+    async fn alive(&self, build_id: &str) -> Vec<String> {
+        let out = self
+            .ec2
+            .describe_instances()
+            .filters(Filter::builder().name(format!("tag:{}", tags::BUILD_ID)).values(build_id).build())
+            .filters(Filter::builder().name("instance-state-name").values("pending").values("running").build())
+            .send()
+            .await
+            .unwrap();
+        out.reservations().iter().flat_map(|r| r.instances()).filter_map(|i| i.instance_id().map(String::from)).collect()
+    }
+}
+
+#[test]
+fn spot_launches_are_tagged_and_terminate_idempotently() {
+    let rt = runtime();
+    let f = farm(&rt);
+    rt.block_on(async {
+        let spec = f.spec("b-launch", 3600);
+        let r = launch(&f.cloud, &spec, MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
+        assert_eq!(r.launched.market, Market::Spot);
+        assert!(r.tried.is_empty());
+        let seen = f.cloud.describe(std::slice::from_ref(&r.launched.instance_id)).await.unwrap();
+        let t = &seen[0].tags;
+        assert_eq!(t[tags::BUILD_ID], "b-launch");
+        assert_eq!(t[tags::PROJECT], "api");
+        assert_eq!(t[tags::COMMIT], spec.commit);
+        assert_eq!(t[tags::OWNER], "https://ci.example/job/1");
+        assert_eq!(t["team"], "platform");
+        assert!(humantime::parse_rfc3339(&t[tags::EXPIRES_AT]).is_ok(), "{}", t[tags::EXPIRES_AT]);
+        // The per-launch template is gone after the launch.
+        let templates = f.ec2.describe_launch_templates().send().await.unwrap();
+        assert!(templates.launch_templates().is_empty(), "{templates:?}");
+
+        let ids = vec![r.launched.instance_id.clone()];
+        f.cloud.terminate(&ids).await.unwrap();
+        f.cloud.terminate(&ids).await.unwrap();
+        f.cloud.terminate(&["i-00000000000000000".to_string()]).await.unwrap();
+        assert!(f.alive("b-launch").await.is_empty());
+    });
+}
+
+#[test]
+fn when_every_spot_pool_fails_on_demand_is_used() {
+    let rt = runtime();
+    let f = farm(&rt);
+    rt.block_on(async {
+        f.proxy.inject(
+            "CreateFleet",
+            Some("DefaultTargetCapacityType=spot"),
+            1,
+            Fault::FleetErrors {
+                code: "InsufficientInstanceCapacity",
+            },
+        );
+        let r = launch(&f.cloud, &f.spec("b-fallback", 3600), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST)
+            .await
+            .unwrap();
+        assert_eq!(r.launched.market, Market::OnDemand);
+        assert_eq!(r.tried.len(), 1);
+        assert_eq!(r.tried[0].failures.len(), 2, "one error per pool: {:?}", r.tried);
+        let pools: Vec<&str> = r.tried[0].failures.iter().map(|x| x.pool.as_ref().unwrap().instance_type.as_str()).collect();
+        assert_eq!(pools, ["m7a.16xlarge", "c7a.16xlarge"]);
+        assert!(r.why.as_deref().unwrap().contains("InsufficientInstanceCapacity"));
+        f.cloud.terminate(&[r.launched.instance_id]).await.unwrap();
+        assert!(f.alive("b-fallback").await.is_empty());
+    });
+}
+
+#[test]
+fn a_permission_error_fails_fast_with_nothing_running() {
+    let rt = runtime();
+    let f = farm(&rt);
+    rt.block_on(async {
+        f.proxy.inject("CreateFleet", None, 10, Fault::Error { status: 403, code: "UnauthorizedOperation" });
+        let started = std::time::Instant::now();
+        let e = launch(&f.cloud, &f.spec("b-denied", 3600), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST)
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let LaunchError::Fatal { failure, .. } = &e else { panic!("{e:?}") };
+        assert_eq!(failure.code.as_deref(), Some("UnauthorizedOperation"));
+        assert!(e.hint().unwrap().contains("IAM"));
+        let fleets = f.proxy.actions().iter().filter(|a| *a == "CreateFleet").count();
+        assert_eq!(fleets, 1, "no retry, no on-demand fallback");
+        // The launch template was cleaned up too.
+        assert!(f.ec2.describe_launch_templates().send().await.unwrap().launch_templates().is_empty());
+        assert!(f.alive("b-denied").await.is_empty());
+    });
+}
+
+#[test]
+fn throttling_twice_then_success() {
+    let rt = runtime();
+    let f = farm(&rt);
+    rt.block_on(async {
+        f.proxy.inject("CreateFleet", None, 2, Fault::Error { status: 503, code: "RequestLimitExceeded" });
+        let r = launch(&f.cloud, &f.spec("b-throttled", 3600), MarketPolicy::Spot, Breaker::Closed, FAST).await.unwrap();
+        assert_eq!(r.launched.market, Market::Spot);
+        let fleets = f.proxy.actions().iter().filter(|a| *a == "CreateFleet").count();
+        assert_eq!(fleets, 3);
+        f.cloud.terminate(&[r.launched.instance_id]).await.unwrap();
+        assert!(f.alive("b-throttled").await.is_empty());
+    });
+}
+
+#[test]
+fn reap_terminates_expired_spotbuild_instances_only() {
+    let rt = runtime();
+    let f = farm(&rt);
+    let (expired, fresh, foreign) = rt.block_on(async {
+        let expired = launch(&f.cloud, &f.spec("b-old", -60), MarketPolicy::OnDemand, Breaker::Closed, FAST).await.unwrap();
+        let fresh = launch(&f.cloud, &f.spec("b-new", 3600), MarketPolicy::OnDemand, Breaker::Closed, FAST).await.unwrap();
+        // An instance spotbuild did not launch, expired-looking name and all.
+        let foreign = f
+            .ec2
+            .run_instances()
+            .image_id(&f.image)
+            .instance_type(InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .tags(Tag::builder().key("Name").value("database").build())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let foreign = foreign.instances()[0].instance_id().unwrap().to_string();
+        (expired.launched.instance_id, fresh.launched.instance_id, foreign)
+    });
+
+    let reap = |args: &[&str]| {
+        Run::of(
+            spotbuild(std::path::Path::new("/"))
+                .arg("reap")
+                .args(args)
+                .env("AWS_ENDPOINT_URL", f.proxy.endpoint())
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_EC2_METADATA_DISABLED", "true"),
+        )
+    };
+    let dry = reap(&["--dry-run", "--json"]);
+    assert_eq!(dry.code, 0, "{dry:?}");
+    let v: Value = serde_json::from_str(&dry.stdout).unwrap();
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["terminate"][0]["instance_id"], expired.as_str());
+    assert_eq!(v["keep"][0]["instance_id"], fresh.as_str());
+    assert!(!dry.stdout.contains(&foreign), "never even listed");
+    rt.block_on(async { assert_eq!(f.alive("b-old").await, std::slice::from_ref(&expired), "dry run changes nothing") });
+
+    let run = reap(&[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(&format!("terminated {expired}")), "{}", run.stdout);
+    assert!(run.stdout.contains("1 instance terminated, 1 kept"), "{}", run.stdout);
+    rt.block_on(async {
+        assert!(f.alive("b-old").await.is_empty());
+        assert_eq!(f.alive("b-new").await, std::slice::from_ref(&fresh));
+        let seen = f.cloud.describe(std::slice::from_ref(&foreign)).await.unwrap();
+        assert!(!seen[0].ending(), "the foreign instance is untouched");
+        // Clean up what this test launched.
+        f.cloud.terminate(&[fresh, foreign]).await.unwrap();
+        assert!(f.alive("b-new").await.is_empty());
+    });
+}
+
+#[test]
+fn reap_without_permission_says_what_it_needs() {
+    let rt = runtime();
+    let f = farm(&rt);
+    f.proxy.inject("DescribeInstances", None, 100, Fault::Error { status: 403, code: "UnauthorizedOperation" });
+    let run = Run::of(
+        spotbuild(std::path::Path::new("/"))
+            .arg("reap")
+            .env("AWS_ENDPOINT_URL", f.proxy.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_MAX_ATTEMPTS", "1"),
+    );
+    assert_eq!(run.code, 7, "{run:?}");
+    assert!(run.stderr.contains("UnauthorizedOperation"), "{}", run.stderr);
+    assert!(run.stderr.contains("(hint: reap needs ec2:DescribeInstances"), "{}", run.stderr);
+}
+
+#[test]
+fn launches_ask_for_imdsv2_terminate_on_shutdown_tags_and_price_caps() {
+    let rt = runtime();
+    let f = farm(&rt);
+    rt.block_on(async {
+        let spec = f.spec("b-shape", 3600);
+        let r = launch(&f.cloud, &spec, MarketPolicy::Spot, Breaker::Closed, FAST).await.unwrap();
+        let t = f.proxy.params("CreateLaunchTemplate");
+        let d = |k: &str| t.get(&format!("LaunchTemplateData.{k}")).map(String::as_str);
+        assert_eq!(d("MetadataOptions.HttpTokens"), Some("required"));
+        assert_eq!(d("MetadataOptions.HttpPutResponseHopLimit"), Some("1"));
+        assert_eq!(d("InstanceInitiatedShutdownBehavior"), Some("terminate"));
+        assert_eq!(d("ImageId"), Some(f.image.as_str()));
+        let user_data = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, d("UserData").unwrap()).unwrap();
+        assert_eq!(user_data, spec.user_data.as_bytes());
+        assert_eq!(d("BlockDeviceMapping.1.Ebs.VolumeType"), Some("gp3"));
+        assert_eq!(d("BlockDeviceMapping.1.Ebs.VolumeSize"), Some("200"));
+        assert_eq!(d("BlockDeviceMapping.1.Ebs.Encrypted"), Some("true"));
+        assert_eq!(d("BlockDeviceMapping.1.Ebs.DeleteOnTermination"), Some("true"));
+        // Tags on the instance and on its volume, at launch.
+        let resource_types: Vec<&str> = (1..=2).filter_map(|i| d(&format!("TagSpecification.{i}.ResourceType"))).collect();
+        assert_eq!(resource_types, ["instance", "volume"]);
+        for i in 1..=2 {
+            let keys: Vec<&str> = (1..=8).filter_map(|j| d(&format!("TagSpecification.{i}.Tag.{j}.Key"))).collect();
+            for k in [tags::BUILD_ID, tags::PROJECT, tags::COMMIT, tags::EXPIRES_AT, tags::OWNER, "team"] {
+                assert!(keys.contains(&k), "{k} missing from {keys:?}");
+            }
+        }
+
+        let fl = f.proxy.params("CreateFleet");
+        assert_eq!(fl["Type"], "instant");
+        assert_eq!(fl["SpotOptions.AllocationStrategy"], "price-capacity-optimized");
+        assert_eq!(fl["TargetCapacitySpecification.TotalTargetCapacity"], "1");
+        assert_eq!(fl["TargetCapacitySpecification.DefaultTargetCapacityType"], "spot");
+        assert_eq!(fl["LaunchTemplateConfigs.1.Overrides.1.InstanceType"], "m7a.16xlarge");
+        assert_eq!(fl["LaunchTemplateConfigs.1.Overrides.2.InstanceType"], "c7a.16xlarge");
+        // 0.05 per vCPU-hour on 64 vCPUs.
+        assert_eq!(fl["LaunchTemplateConfigs.1.Overrides.1.MaxPrice"], "3.20000");
+
+        f.cloud.terminate(&[r.launched.instance_id]).await.unwrap();
+        assert!(f.alive("b-shape").await.is_empty());
+    });
+}

@@ -1,0 +1,220 @@
+//! A fault-injection proxy in front of the AWS emulator, for what moto cannot do: answer
+//! an action with an error (throttling, permissions), or answer an EC2 Fleet request with
+//! per-pool capacity errors. Everything else is forwarded unchanged. Every action seen is
+//! recorded, so tests can assert what was (not) called.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
+
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// An EC2 error response with this HTTP status and code.
+    Error { status: u16, code: &'static str },
+    /// A CreateFleet answer that launched nothing, with this error for every pool asked for.
+    FleetErrors { code: &'static str },
+}
+
+struct Rule {
+    action: &'static str,
+    /// Only when the request body contains this text (e.g. `DefaultTargetCapacityType=spot`).
+    when: Option<&'static str>,
+    times: usize,
+    fault: Fault,
+}
+
+#[derive(Default)]
+struct Shared {
+    upstream: String,
+    rules: Mutex<Vec<Rule>>,
+    actions: Mutex<Vec<String>>,
+    /// (action, form body) of every request.
+    bodies: Mutex<Vec<(String, String)>>,
+}
+
+pub struct FaultProxy {
+    pub port: u16,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str) -> FaultProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            ..Default::default()
+        });
+        let (stop, stopped) = oneshot::channel::<()>();
+        let state = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let app = axum::Router::new().fallback(handle).with_state(state);
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        FaultProxy {
+            port,
+            shared,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The next `times` requests for `action` (whose body contains `when`, if given) get `fault`.
+    pub fn inject(&self, action: &'static str, when: Option<&'static str>, times: usize, fault: Fault) {
+        self.shared.rules.lock().unwrap().push(Rule { action, when, times, fault });
+    }
+
+    /// Every action seen, in order.
+    pub fn actions(&self) -> Vec<String> {
+        self.shared.actions.lock().unwrap().clone()
+    }
+
+    /// The decoded form parameters of the first request for `action`.
+    pub fn params(&self, action: &str) -> std::collections::BTreeMap<String, String> {
+        let bodies = self.shared.bodies.lock().unwrap();
+        let body = bodies.iter().find(|(a, _)| a == action).map(|(_, b)| b.clone()).unwrap_or_default();
+        body.split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (decode(k), decode(v)))
+            .collect()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn form_value<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    body.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Percent-decoding of a form value (`+` is a space).
+fn decode(v: &str) -> String {
+    let bytes = v.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn error_xml(code: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+         <Message>injected by the test's fault proxy</Message></Error></Errors>\
+         <RequestID>00000000-0000-0000-0000-000000000000</RequestID></Response>"
+    )
+}
+
+/// A CreateFleet response with no instances and `code` for every override in the request.
+fn fleet_errors_xml(body: &str, code: &str) -> String {
+    let decoded = decode;
+    let lifecycle = if body.contains("DefaultTargetCapacityType=spot") { "spot" } else { "on-demand" };
+    let mut items = String::new();
+    for i in 1.. {
+        let Some(t) = form_value(body, &format!("LaunchTemplateConfigs.1.Overrides.{i}.InstanceType")) else { break };
+        let subnet = form_value(body, &format!("LaunchTemplateConfigs.1.Overrides.{i}.SubnetId")).unwrap_or("");
+        items.push_str(&format!(
+            "<item><launchTemplateAndOverrides><overrides><instanceType>{}</instanceType><subnetId>{}</subnetId>\
+             </overrides></launchTemplateAndOverrides><lifecycle>{lifecycle}</lifecycle><errorCode>{code}</errorCode>\
+             <errorMessage>injected: no capacity in this pool</errorMessage></item>",
+            decoded(t),
+            decoded(subnet)
+        ));
+    }
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<CreateFleetResponse xmlns=\"http://ec2.amazonaws.com/doc/2016-11-15/\">\
+         <requestId>00000000-0000-0000-0000-000000000000</requestId><fleetId>fleet-injected</fleetId>\
+         <errorSet>{items}</errorSet><fleetInstanceSet/></CreateFleetResponse>"
+    )
+}
+
+async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let action = form_value(&text, "Action").unwrap_or("").to_string();
+    s.actions.lock().unwrap().push(action.clone());
+    s.bodies.lock().unwrap().push((action.clone(), text.clone()));
+    let fault = {
+        let mut rules = s.rules.lock().unwrap();
+        rules
+            .iter_mut()
+            .find(|r| r.times > 0 && r.action == action && r.when.is_none_or(|w| text.contains(w)))
+            .map(|r| {
+                r.times -= 1;
+                r.fault.clone()
+            })
+    };
+    match fault {
+        Some(Fault::Error { status, code }) => {
+            return (StatusCode::from_u16(status).unwrap(), [("content-type", "text/xml")], error_xml(code)).into_response()
+        }
+        Some(Fault::FleetErrors { code }) => {
+            return (StatusCode::OK, [("content-type", "text/xml")], fleet_errors_xml(&text, code)).into_response()
+        }
+        None => {}
+    }
+    let url = format!("{}{}", s.upstream, uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    let client = reqwest::Client::new();
+    let mut req = client.request(method, url).body(body);
+    for (k, v) in headers.iter() {
+        if k != "host" && k != "content-length" {
+            req = req.header(k, v);
+        }
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            let ctype = resp.headers().get("content-type").cloned();
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let mut r = (status, bytes).into_response();
+            if let Some(c) = ctype {
+                r.headers_mut().insert("content-type", c);
+            }
+            r
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
