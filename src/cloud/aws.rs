@@ -286,6 +286,17 @@ impl AwsCloud {
                 subnet: ov.subnet_id().unwrap_or_default().to_string(),
             })
         };
+        let failures: Vec<CloudFailure> = out
+            .errors()
+            .iter()
+            .map(|e| {
+                CloudFailure::new(
+                    e.error_code().unwrap_or("Unknown"),
+                    e.error_message().unwrap_or_default(),
+                    pool_of(e.launch_template_and_overrides()),
+                )
+            })
+            .collect();
         if let Some(instance) = out.instances().iter().find(|i| !i.instance_ids().is_empty()) {
             let id = instance.instance_ids()[0].clone();
             let pool = pool_of(instance.launch_template_and_overrides()).unwrap_or_else(|| Pool {
@@ -310,19 +321,9 @@ impl AwsCloud {
                 market,
                 private_ip: inst.and_then(|i| i.private_ip_address()).map(String::from),
                 spot_request_id: inst.and_then(|i| i.spot_instance_request_id()).map(String::from),
+                pool_failures: failures,
             });
         }
-        let failures: Vec<CloudFailure> = out
-            .errors()
-            .iter()
-            .map(|e| {
-                CloudFailure::new(
-                    e.error_code().unwrap_or("Unknown"),
-                    e.error_message().unwrap_or_default(),
-                    pool_of(e.launch_template_and_overrides()),
-                )
-            })
-            .collect();
         Err(if failures.is_empty() {
             vec![CloudFailure::new("UnfulfillableCapacity", "the fleet launched nothing and gave no reason", None)]
         } else {

@@ -213,6 +213,7 @@ mod tests {
             market,
             private_ip: None,
             spot_request_id: None,
+            pool_failures: Vec::new(),
         }
     }
 

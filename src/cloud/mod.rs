@@ -126,6 +126,8 @@ pub struct Launched {
     pub private_ip: Option<String>,
     /// The spot request, if any (cancelled on terminate).
     pub spot_request_id: Option<String>,
+    /// Pools the cloud reported failing on the way (e.g. no capacity in one of them).
+    pub pool_failures: Vec<CloudFailure>,
 }
 
 /// Why a launch (or one pool of it) failed, as far as the policy cares.

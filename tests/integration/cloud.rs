@@ -136,6 +136,38 @@ fn spot_launches_are_tagged_and_terminate_idempotently() {
 }
 
 #[test]
+fn when_the_first_pool_has_no_capacity_the_next_is_used() {
+    let rt = runtime();
+    let f = farm(&rt);
+    rt.block_on(async {
+        f.proxy.inject(
+            "CreateFleet",
+            None,
+            1,
+            Fault::FleetPoolFails {
+                instance_type: "m7a.16xlarge",
+                code: "InsufficientInstanceCapacity",
+            },
+        );
+        let r = launch(&f.cloud, &f.spec("b-pools", 3600), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST)
+            .await
+            .unwrap();
+        assert_eq!(r.launched.market, Market::Spot, "still spot, from another pool");
+        assert_eq!(r.launched.pool.instance_type, "c7a.16xlarge");
+        assert!(r.tried.is_empty());
+        let skipped: Vec<(String, Option<String>)> = r
+            .launched
+            .pool_failures
+            .iter()
+            .map(|x| (x.pool.as_ref().unwrap().instance_type.clone(), x.code.clone()))
+            .collect();
+        assert_eq!(skipped, [("m7a.16xlarge".to_string(), Some("InsufficientInstanceCapacity".to_string()))]);
+        f.cloud.terminate(&[r.launched.instance_id]).await.unwrap();
+        assert!(f.alive("b-pools").await.is_empty());
+    });
+}
+
+#[test]
 fn when_every_spot_pool_fails_on_demand_is_used() {
     let rt = runtime();
     let f = farm(&rt);

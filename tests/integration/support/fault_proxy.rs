@@ -17,6 +17,9 @@ pub enum Fault {
     Error { status: u16, code: &'static str },
     /// A CreateFleet answer that launched nothing, with this error for every pool asked for.
     FleetErrors { code: &'static str },
+    /// CreateFleet without this instance type's pools (forwarded), and this error for them
+    /// added to the answer: EC2's behaviour when one pool has no capacity.
+    FleetPoolFails { instance_type: &'static str, code: &'static str },
 }
 
 struct Rule {
@@ -194,8 +197,29 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
         Some(Fault::FleetErrors { code }) => {
             return (StatusCode::OK, [("content-type", "text/xml")], fleet_errors_xml(&text, code)).into_response()
         }
+        Some(Fault::FleetPoolFails { instance_type, code }) => {
+            let (body, failed) = without_pool(&text, instance_type);
+            let answer = forward(&s, method, &uri, &headers, Bytes::from(body)).await;
+            let (status, xml) = answer;
+            let items = fleet_errors_xml(&failed, code);
+            let items = items
+                .split_once("<errorSet>")
+                .and_then(|(_, rest)| rest.split_once("</errorSet>"))
+                .map(|(i, _)| i.to_string())
+                .unwrap_or_default();
+            let xml = match xml.rfind("</") {
+                Some(end) => format!("{}<errorSet>{items}</errorSet>{}", &xml[..end], &xml[end..]),
+                None => xml,
+            };
+            return (status, [("content-type", "text/xml")], xml).into_response();
+        }
         None => {}
     }
+    let (status, text) = forward(&s, method, &uri, &headers, body).await;
+    (status, [("content-type", "text/xml")], text).into_response()
+}
+
+async fn forward(s: &Shared, method: Method, uri: &Uri, headers: &HeaderMap, body: Bytes) -> (StatusCode, String) {
     let url = format!("{}{}", s.upstream, uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let client = reqwest::Client::new();
     let mut req = client.request(method, url).body(body);
@@ -205,16 +229,42 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
         }
     }
     match req.send().await {
-        Ok(resp) => {
-            let status = resp.status();
-            let ctype = resp.headers().get("content-type").cloned();
-            let bytes = resp.bytes().await.unwrap_or_default();
-            let mut r = (status, bytes).into_response();
-            if let Some(c) = ctype {
-                r.headers_mut().insert("content-type", c);
-            }
-            r
-        }
-        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+        Ok(resp) => (resp.status(), resp.text().await.unwrap_or_default()),
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()),
     }
+}
+
+/// The CreateFleet form body without the overrides for `instance_type` (the rest
+/// renumbered), and a body holding just the removed ones (for the error items).
+fn without_pool(body: &str, instance_type: &str) -> (String, String) {
+    const PREFIX: &str = "LaunchTemplateConfigs.1.Overrides.";
+    let mut kept = Vec::new();
+    let mut removed = Vec::new();
+    let mut overrides: std::collections::BTreeMap<u32, Vec<(String, String)>> = Default::default();
+    for kv in body.split('&') {
+        let Some((k, v)) = kv.split_once('=') else { continue };
+        match k.strip_prefix(PREFIX).and_then(|r| r.split_once('.')) {
+            Some((n, field)) if n.parse::<u32>().is_ok() => {
+                overrides.entry(n.parse().unwrap()).or_default().push((field.to_string(), v.to_string()));
+            }
+            _ => kept.push(kv.to_string()),
+        }
+    }
+    let mut next = 1;
+    for fields in overrides.values() {
+        let fails = fields.iter().any(|(f, v)| f == "InstanceType" && decode(v) == instance_type);
+        if fails {
+            for (f, v) in fields {
+                removed.push(format!("{PREFIX}{}.{f}={v}", removed.len() / fields.len() + 1));
+            }
+        } else {
+            for (f, v) in fields {
+                kept.push(format!("{PREFIX}{next}.{f}={v}"));
+            }
+            next += 1;
+        }
+    }
+    let capacity: Vec<String> = kept.iter().filter(|kv| kv.starts_with("TargetCapacitySpecification.DefaultTargetCapacityType")).cloned().collect();
+    removed.extend(capacity);
+    (kept.join("&"), removed.join("&"))
 }
