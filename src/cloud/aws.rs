@@ -430,6 +430,29 @@ impl Cloud for AwsCloud {
     fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> BoxFuture<'a, Result<(), CloudFailure>> {
         Box::pin(self.terminate_all(instance_ids))
     }
+
+    fn spot_price<'a>(&'a self, instance_type: &'a str, zone: &'a str) -> BoxFuture<'a, Result<Option<f64>, CloudFailure>> {
+        Box::pin(async move {
+            let out = self
+                .ec2
+                .describe_spot_price_history()
+                .instance_types(InstanceType::from(instance_type))
+                .availability_zone(zone)
+                .product_descriptions("Linux/UNIX")
+                .start_time(aws_sdk_ec2::primitives::DateTime::from(std::time::SystemTime::now()))
+                .send()
+                .await
+                .map_err(|e| failure(&e, None))?;
+            // The newest record for this pool.
+            Ok(out
+                .spot_price_history()
+                .iter()
+                .filter(|p| p.availability_zone().is_none_or(|z| z == zone))
+                .max_by_key(|p| p.timestamp().map(|t| t.secs()))
+                .and_then(|p| p.spot_price())
+                .and_then(|p| p.parse::<f64>().ok()))
+        })
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ pub struct Tried {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub launched: Launched,
+    /// From the first request to the instance being fulfilled (all markets tried).
+    pub fulfilled_after: Duration,
     /// Markets that failed before this one.
     pub tried: Vec<Tried>,
     /// Why the market used was chosen, when it was not the first choice.
@@ -80,6 +82,62 @@ fn summary(tried: &[Tried]) -> String {
         .join(" | ")
 }
 
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WaitError {
+    #[error("instance {instance_id} was not running after {}", humantime::format_duration(*waited))]
+    Timeout { instance_id: String, waited: Duration },
+    #[error("instance {instance_id} ended while starting ({})", reason.as_deref().unwrap_or("no reason given"))]
+    Ended { instance_id: String, reason: Option<String> },
+    #[error("failed to observe instance {instance_id}: {failure}")]
+    Observe { instance_id: String, failure: CloudFailure },
+}
+
+/// Polls until the instance runs, within `limit`. Returns its description and how long it
+/// took. An instance that ends while starting (a spot reclaim already) is an error that
+/// names EC2's reason.
+pub async fn wait_running(
+    cloud: &dyn Cloud,
+    instance_id: &str,
+    limit: Duration,
+    every: Duration,
+) -> Result<(super::Observed, Duration), WaitError> {
+    let started = tokio::time::Instant::now();
+    let ids = [instance_id.to_string()];
+    loop {
+        match cloud.describe(&ids).await {
+            Ok(seen) => {
+                if let Some(o) = seen.into_iter().find(|o| o.instance_id == instance_id) {
+                    match o.state {
+                        super::InstanceState::Running => return Ok((o, started.elapsed())),
+                        super::InstanceState::Pending => {}
+                        _ => {
+                            return Err(WaitError::Ended {
+                                instance_id: instance_id.to_string(),
+                                reason: o.state_reason,
+                            })
+                        }
+                    }
+                }
+            }
+            // A fresh instance id may not be visible yet (eventual consistency): keep polling.
+            Err(f) if f.code.as_deref() == Some("InvalidInstanceID.NotFound") => {}
+            Err(failure) => {
+                return Err(WaitError::Observe {
+                    instance_id: instance_id.to_string(),
+                    failure,
+                })
+            }
+        }
+        if started.elapsed() + every > limit {
+            return Err(WaitError::Timeout {
+                instance_id: instance_id.to_string(),
+                waited: started.elapsed(),
+            });
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// The markets to try, in order.
 pub fn markets(policy: MarketPolicy, breaker: Breaker) -> Vec<Market> {
     match (policy, breaker) {
@@ -106,6 +164,7 @@ pub async fn launch(
         )),
         _ => None,
     };
+    let started = tokio::time::Instant::now();
     for market in markets(policy, breaker) {
         let attempt = || async { cloud.launch(spec, market).await };
         let result = attempt
@@ -121,7 +180,14 @@ pub async fn launch(
             .notify(|_, after| tracing::debug!(%market, retry_in = ?after, "launch throttled"))
             .await;
         match result {
-            Ok(launched) => return Ok(Report { launched, tried, why }),
+            Ok(launched) => {
+                return Ok(Report {
+                    launched,
+                    fulfilled_after: started.elapsed(),
+                    tried,
+                    why,
+                })
+            }
             Err(failures) => {
                 if let Some(fatal) = failures
                     .iter()
@@ -149,7 +215,7 @@ mod tests {
     use futures::future::BoxFuture;
 
     use super::*;
-    use crate::cloud::{Image, Observed, Pool};
+    use crate::cloud::{Image, InstanceState, Observed, Pool};
 
     type Answer = Result<Launched, Vec<CloudFailure>>;
 
@@ -158,6 +224,7 @@ mod tests {
     struct Scripted {
         script: Mutex<BTreeMap<Market, VecDeque<Answer>>>,
         calls: Mutex<Vec<Market>>,
+        states: Mutex<VecDeque<(InstanceState, Option<&'static str>)>>,
     }
 
     impl Scripted {
@@ -176,8 +243,19 @@ mod tests {
             let next = self.script.lock().unwrap().get_mut(&market).and_then(|q| q.pop_front());
             Box::pin(async move { next.expect("the script covers every call") })
         }
-        fn describe<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<Vec<Observed>, CloudFailure>> {
-            Box::pin(async { Ok(Vec::new()) })
+        fn describe<'a>(&'a self, ids: &'a [String]) -> BoxFuture<'a, Result<Vec<Observed>, CloudFailure>> {
+            let next = self.states.lock().unwrap().pop_front();
+            Box::pin(async move {
+                let (state, reason) = next.expect("the script covers every describe");
+                Ok(vec![Observed {
+                    instance_id: ids[0].clone(),
+                    state,
+                    state_reason: reason.map(String::from),
+                    private_ip: None,
+                    launched_at: None,
+                    tags: BTreeMap::new(),
+                }])
+            })
         }
         fn terminate<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<(), CloudFailure>> {
             Box::pin(async { Ok(()) })
@@ -271,6 +349,29 @@ mod tests {
         let r = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, open, FAST).await.unwrap();
         assert_eq!(cloud.calls(), [Market::OnDemand]);
         assert!(r.why.unwrap().contains("breaker"));
+    }
+
+    fn scripted_states(states: &[(InstanceState, Option<&'static str>)]) -> Scripted {
+        let s = Scripted::default();
+        s.states.lock().unwrap().extend(states.iter().copied());
+        s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_running_is_bounded_and_timed() {
+        let every = Duration::from_secs(2);
+        let cloud = scripted_states(&[(InstanceState::Pending, None), (InstanceState::Pending, None), (InstanceState::Running, None)]);
+        let (o, took) = wait_running(&cloud, "i-1", Duration::from_secs(60), every).await.unwrap();
+        assert_eq!(o.state, InstanceState::Running);
+        assert_eq!(took, Duration::from_secs(4));
+
+        let cloud = scripted_states(&[(InstanceState::Pending, None); 10]);
+        let e = wait_running(&cloud, "i-1", Duration::from_secs(10), every).await.unwrap_err();
+        assert!(matches!(e, WaitError::Timeout { .. }), "{e}");
+
+        let cloud = scripted_states(&[(InstanceState::Pending, None), (InstanceState::ShuttingDown, Some("Server.SpotInstanceTermination"))]);
+        let e = wait_running(&cloud, "i-1", Duration::from_secs(60), every).await.unwrap_err();
+        assert!(e.to_string().contains("Server.SpotInstanceTermination"), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

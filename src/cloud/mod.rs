@@ -263,6 +263,16 @@ pub trait Cloud: Send + Sync {
     /// Terminates (idempotently: gone or terminating counts as done) and cancels the spot
     /// request, if any.
     fn terminate<'a>(&'a self, instance_ids: &'a [String]) -> BoxFuture<'a, Result<(), CloudFailure>>;
+
+    /// The current spot price (USD per hour) of a pool in an availability zone, if known.
+    fn spot_price<'a>(
+        &'a self,
+        instance_type: &'a str,
+        availability_zone: &'a str,
+    ) -> BoxFuture<'a, Result<Option<f64>, CloudFailure>> {
+        let _ = (instance_type, availability_zone);
+        Box::pin(async { Ok(None) })
+    }
 }
 
 #[cfg(test)]

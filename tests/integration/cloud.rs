@@ -127,6 +127,15 @@ fn spot_launches_are_tagged_and_terminate_idempotently() {
         let templates = f.ec2.describe_launch_templates().send().await.unwrap();
         assert!(templates.launch_templates().is_empty(), "{templates:?}");
 
+        // It runs within the bounded wait, and its pool has a spot price.
+        let (running, _) = spotbuild::cloud::launch::wait_running(&f.cloud, &r.launched.instance_id, Duration::from_secs(30), Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(running.private_ip.is_some());
+        let zone = r.launched.availability_zone.clone().expect("the zone is known");
+        let price = f.cloud.spot_price(&r.launched.pool.instance_type, &zone).await.unwrap();
+        assert!(price.is_none_or(|p| p > 0.0), "{price:?}");
+
         let ids = vec![r.launched.instance_id.clone()];
         f.cloud.terminate(&ids).await.unwrap();
         f.cloud.terminate(&ids).await.unwrap();
