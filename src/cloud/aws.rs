@@ -387,31 +387,14 @@ impl AwsCloud {
         let out = match self.ec2.describe_instances().set_instance_ids(Some(ids.to_vec())).send().await {
             Ok(o) => o,
             Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => {
-                return Ok(ids
-                    .iter()
-                    .map(|id| Observed {
-                        instance_id: id.clone(),
-                        state: InstanceState::Gone,
-                        state_reason: None,
-                        private_ip: None,
-                        launched_at: None,
-                        tags: Default::default(),
-                    })
-                    .collect())
+                return Ok(ids.iter().map(|id| Observed::gone(id)).collect())
             }
             Err(e) => return Err(failure(&e, None)),
         };
         let mut seen: Vec<Observed> = out.reservations().iter().flat_map(|r| r.instances()).map(observed).collect();
         for id in ids {
             if !seen.iter().any(|o| &o.instance_id == id) {
-                seen.push(Observed {
-                    instance_id: id.clone(),
-                    state: InstanceState::Gone,
-                    state_reason: None,
-                    private_ip: None,
-                    launched_at: None,
-                    tags: Default::default(),
-                });
+                seen.push(Observed::gone(id));
             }
         }
         Ok(seen)

@@ -233,6 +233,18 @@ pub enum InstanceState {
 }
 
 impl Observed {
+    /// An instance EC2 no longer knows.
+    pub fn gone(instance_id: &str) -> Observed {
+        Observed {
+            instance_id: instance_id.to_string(),
+            state: InstanceState::Gone,
+            state_reason: None,
+            private_ip: None,
+            launched_at: None,
+            tags: BTreeMap::new(),
+        }
+    }
+
     /// Spot reclaimed it: an interruption, not a failure of the build.
     pub fn interrupted(&self) -> bool {
         self.state_reason

@@ -26,6 +26,126 @@ pub enum ConfigError {
 pub struct Config {
     #[serde(default)]
     pub registry: RegistryConfig,
+    #[serde(default)]
+    pub cloud: CloudConfig,
+}
+
+/// The instance types tried for a 64-vCPU build, across several families so that one
+/// family's capacity shortage does not stop a build.
+pub const DEFAULT_INSTANCE_TYPES: &[&str] = &[
+    "m7a.16xlarge",
+    "m6a.16xlarge",
+    "c7a.16xlarge",
+    "c6a.16xlarge",
+    "r6a.16xlarge",
+    "m7i.16xlarge",
+    "c7i.16xlarge",
+];
+
+/// Where and how instances are rented. Every wait is bounded by a setting here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    pub region: Option<String>,
+    /// Instance types, in order of preference [default: DEFAULT_INSTANCE_TYPES].
+    #[serde(default = "default_instance_types")]
+    pub instance_types: Vec<String>,
+    /// Subnets; every instance type is tried in every subnet.
+    #[serde(default)]
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub market: crate::cloud::MarketPolicy,
+    /// A cap on the spot price per vCPU-hour (USD).
+    pub max_spot_price_per_vcpu_hour: Option<f64>,
+    /// An AMI id (`ami-…`) or an SSM parameter path (`/…`) resolved at launch.
+    pub ami: Option<String>,
+    pub instance_profile: Option<String>,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    #[serde(default = "default_root_volume_gb")]
+    pub root_volume_gb: u32,
+    /// How long an instance may live; armed on the instance and in its tags.
+    #[serde(default = "default_ttl", with = "humantime_serde_compat")]
+    pub ttl: Duration,
+    /// Bound on waiting for a launched instance to run.
+    #[serde(default = "default_running_timeout", with = "humantime_serde_compat")]
+    pub running_timeout: Duration,
+    /// Cost-allocation tags added to every instance and volume.
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+fn default_instance_types() -> Vec<String> {
+    DEFAULT_INSTANCE_TYPES.iter().map(|s| s.to_string()).collect()
+}
+fn default_root_volume_gb() -> u32 {
+    200
+}
+fn default_ttl() -> Duration {
+    Duration::from_secs(3 * 3600)
+}
+fn default_running_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            region: None,
+            instance_types: default_instance_types(),
+            subnets: Vec::new(),
+            market: Default::default(),
+            max_spot_price_per_vcpu_hour: None,
+            ami: None,
+            instance_profile: None,
+            security_groups: Vec::new(),
+            root_volume_gb: default_root_volume_gb(),
+            ttl: default_ttl(),
+            running_timeout: default_running_timeout(),
+            tags: Default::default(),
+        }
+    }
+}
+
+impl CloudConfig {
+    /// Every instance type in every subnet, types first (preference order).
+    pub fn pools(&self) -> Vec<crate::cloud::Pool> {
+        self.instance_types
+            .iter()
+            .flat_map(|t| {
+                self.subnets.iter().map(move |s| crate::cloud::Pool {
+                    instance_type: t.clone(),
+                    subnet: s.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The image setting as the cloud layer takes it.
+    pub fn image(&self) -> Option<crate::cloud::Image> {
+        self.ami.as_ref().map(|a| {
+            if a.starts_with('/') {
+                crate::cloud::Image::SsmParameter(a.clone())
+            } else {
+                crate::cloud::Image::Id(a.clone())
+            }
+        })
+    }
+
+    /// What is missing for a launch, as `[cloud]` keys.
+    pub fn missing_for_launch(&self) -> Vec<&'static str> {
+        let mut m = Vec::new();
+        if self.ami.is_none() {
+            m.push("ami");
+        }
+        if self.subnets.is_empty() {
+            m.push("subnets");
+        }
+        if self.instance_types.is_empty() {
+            m.push("instance_types");
+        }
+        m
+    }
 }
 
 /// How registry credentials are obtained.
@@ -138,6 +258,26 @@ mod tests {
         .unwrap();
         assert_eq!(c.registry.auth, AuthMode::Ecr);
         assert_eq!(c.registry.request_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_cloud_section_has_launchable_defaults_and_pools() {
+        let c = Config::parse("", Path::new("x")).unwrap();
+        assert_eq!(c.cloud.instance_types.len(), 7);
+        assert_eq!(c.cloud.missing_for_launch(), ["ami", "subnets"]);
+        let c = Config::parse(
+            "[cloud]\nami = \"/aws/service/spotbuild/ami\"\nsubnets = [\"subnet-a\", \"subnet-b\"]\n\
+             instance_types = [\"m7a.16xlarge\", \"c7a.16xlarge\"]\nmarket = \"on-demand\"\nttl = \"90m\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert!(c.cloud.missing_for_launch().is_empty());
+        assert_eq!(c.cloud.pools().len(), 4);
+        assert_eq!(c.cloud.pools()[1].subnet, "subnet-b");
+        assert_eq!(c.cloud.image(), Some(crate::cloud::Image::SsmParameter("/aws/service/spotbuild/ami".into())));
+        assert_eq!(c.cloud.market, crate::cloud::MarketPolicy::OnDemand);
+        assert_eq!(c.cloud.ttl, Duration::from_secs(5400));
+        assert!(Config::parse("[cloud]\nmarket = \"cheap\"\n", Path::new("x")).is_err());
     }
 
     #[test]

@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use tokio::sync::oneshot;
 
 #[derive(Clone)]
 pub enum Auth {
@@ -40,16 +39,14 @@ struct Shared {
 pub struct FakeRegistry {
     pub port: u16,
     shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: super::server::TestServer,
 }
 
 impl FakeRegistry {
     /// `tags` are `repository:tag` strings that exist.
     pub fn start(auth: Auth, tags: &[&str]) -> FakeRegistry {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        // The bearer realm names this server, so the port is reserved first.
+        let port = crate::support::services::free_port();
         let shared = Arc::new(Shared {
             auth,
             tags: tags.iter().map(|s| s.to_string()).collect(),
@@ -57,26 +54,12 @@ impl FakeRegistry {
             log: Mutex::new(Log::default()),
             port,
         });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let state = shared.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(handle).with_state(state);
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
+        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let server = super::server::TestServer::start_on(port, app);
         FakeRegistry {
             port,
             shared,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -91,17 +74,6 @@ impl FakeRegistry {
 
     pub fn log(&self) -> std::sync::MutexGuard<'_, Log> {
         self.shared.log.lock().unwrap()
-    }
-}
-
-impl Drop for FakeRegistry {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -7,42 +7,22 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use tokio::sync::oneshot;
 
 pub struct FakeImds {
     pub port: u16,
     /// Seconds ahead of now that the termination is announced for; 0: no notice yet.
     notice: Arc<AtomicU64>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _server: super::server::TestServer,
 }
 
 impl FakeImds {
     pub fn start() -> FakeImds {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let notice = Arc::new(AtomicU64::new(0));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let state = notice.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let app = axum::Router::new().fallback(handle).with_state(state);
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
+        let server = super::server::TestServer::start(axum::Router::new().fallback(handle).with_state(notice.clone()));
         FakeImds {
-            port,
+            port: server.port,
             notice,
-            stop: Some(stop),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -53,17 +33,6 @@ impl FakeImds {
     /// From now on, `spot/instance-action` reports a termination `secs` ahead.
     pub fn interrupt_in(&self, secs: u64) {
         self.notice.store(secs, Ordering::SeqCst);
-    }
-}
-
-impl Drop for FakeImds {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

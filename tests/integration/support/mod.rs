@@ -6,6 +6,7 @@ pub mod fake_registry;
 pub mod fault_proxy;
 pub mod imds;
 pub mod repo;
+pub mod server;
 pub mod services;
 
 use std::path::Path;
