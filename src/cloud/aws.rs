@@ -46,6 +46,11 @@ impl AwsCloud {
         AwsCloud::new(&config)
     }
 
+    /// From ready-made clients: `launch` should have SDK retries off.
+    pub fn from_clients(launch: aws_sdk_ec2::Client, ec2: aws_sdk_ec2::Client) -> AwsCloud {
+        AwsCloud { launch, ec2 }
+    }
+
     pub fn new(config: &aws_config::SdkConfig) -> AwsCloud {
         let launch = aws_sdk_ec2::Client::from_conf(
             aws_sdk_ec2::config::Builder::from(config)
@@ -440,7 +445,21 @@ impl Cloud for AwsCloud {
 
 #[cfg(test)]
 mod tests {
-    use super::vcpus;
+    use std::collections::BTreeMap;
+    use std::time::SystemTime;
+
+    use aws_sdk_ec2::operation::create_fleet::CreateFleetOutput;
+    use aws_sdk_ec2::operation::create_launch_template::CreateLaunchTemplateOutput;
+    use aws_sdk_ec2::operation::delete_launch_template::DeleteLaunchTemplateOutput;
+    use aws_sdk_ec2::operation::describe_instances::DescribeInstancesOutput;
+    use aws_sdk_ec2::types::{
+        CreateFleetError, CreateFleetInstance, FleetLaunchTemplateOverrides, Instance, LaunchTemplate,
+        LaunchTemplateAndOverridesResponse, Placement, Reservation,
+    };
+    use aws_sdk_ec2::Client;
+    use aws_smithy_mocks::{mock, mock_client, RuleMode};
+
+    use super::*;
 
     #[test]
     fn vcpus_follow_the_size_name() {
@@ -448,5 +467,162 @@ mod tests {
         assert_eq!(vcpus("c6a.xlarge"), Some(4));
         assert_eq!(vcpus("r6a.large"), Some(2));
         assert_eq!(vcpus("m7i.metal-48xl"), None);
+    }
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            build_id: "b1".into(),
+            project: "api".into(),
+            commit: "abc".into(),
+            owner: None,
+            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            image: Image::SsmParameter("/spotbuild/ami".into()),
+            instance_profile: Some("spotbuild-instance".into()),
+            security_groups: vec!["sg-1".into()],
+            root_volume_gb: 150,
+            pools: ["m7a.16xlarge", "c7a.16xlarge"]
+                .map(|t| Pool {
+                    instance_type: t.into(),
+                    subnet: "subnet-1".into(),
+                })
+                .to_vec(),
+            max_spot_price_per_vcpu_hour: Some(0.05),
+            user_data: "#!/bin/sh\n".into(),
+            extra_tags: BTreeMap::new(),
+        }
+    }
+
+    fn overrides(t: &str) -> LaunchTemplateAndOverridesResponse {
+        LaunchTemplateAndOverridesResponse::builder()
+            .overrides(
+                FleetLaunchTemplateOverrides::builder()
+                    .instance_type(InstanceType::from(t))
+                    .subnet_id("subnet-1")
+                    .build(),
+            )
+            .build()
+    }
+
+    /// One pool short of capacity, the other fulfilled, in a single EC2 Fleet answer (moto
+    /// cannot produce this); and the launch template asks for exactly what we require.
+    #[tokio::test]
+    async fn partial_fulfilment_keeps_the_failed_pool_and_the_request_is_exact() {
+        let template = mock!(Client::create_launch_template)
+            .match_requests(|r| {
+                let Some(d) = r.launch_template_data() else { return false };
+                let md = d.metadata_options();
+                let tag_types: Vec<_> = d.tag_specifications().iter().filter_map(|t| t.resource_type().cloned()).collect();
+                d.image_id() == Some("resolve:ssm:/spotbuild/ami")
+                    && md.and_then(|m| m.http_tokens()) == Some(&LaunchTemplateHttpTokensState::Required)
+                    && md.and_then(|m| m.http_put_response_hop_limit()) == Some(1)
+                    && d.instance_initiated_shutdown_behavior() == Some(&ShutdownBehavior::Terminate)
+                    && d.iam_instance_profile().and_then(|p| p.name()) == Some("spotbuild-instance")
+                    && tag_types == [ResourceType::Instance, ResourceType::Volume]
+                    && d.tag_specifications()[0].tags().iter().any(|t| {
+                        t.key() == Some(tags::EXPIRES_AT) && t.value() == Some("2027-01-15T08:00:00Z")
+                    })
+            })
+            .then_output(|| {
+                CreateLaunchTemplateOutput::builder()
+                    .launch_template(LaunchTemplate::builder().launch_template_id("lt-1").build())
+                    .build()
+            });
+        let fleet = mock!(Client::create_fleet)
+            .match_requests(|r| {
+                let config = &r.launch_template_configs()[0];
+                r.r#type() == Some(&FleetType::Instant)
+                    && config.launch_template_specification().and_then(|s| s.launch_template_id()) == Some("lt-1")
+                    && config.overrides().len() == 2
+                    && config.overrides().iter().all(|o| o.max_price() == Some("3.20000"))
+                    && r.spot_options().and_then(|o| o.allocation_strategy())
+                        == Some(&SpotAllocationStrategy::PriceCapacityOptimized)
+            })
+            .then_output(|| {
+                CreateFleetOutput::builder()
+                    .instances(
+                        CreateFleetInstance::builder()
+                            .instance_ids("i-2")
+                            .lifecycle(InstanceLifecycle::Spot)
+                            .launch_template_and_overrides(overrides("c7a.16xlarge"))
+                            .build(),
+                    )
+                    .errors(
+                        CreateFleetError::builder()
+                            .error_code("InsufficientInstanceCapacity")
+                            .error_message("no capacity")
+                            .launch_template_and_overrides(overrides("m7a.16xlarge"))
+                            .build(),
+                    )
+                    .build()
+            });
+        let describe = mock!(Client::describe_instances).then_output(|| {
+            DescribeInstancesOutput::builder()
+                .reservations(
+                    Reservation::builder()
+                        .instances(
+                            Instance::builder()
+                                .instance_id("i-2")
+                                .placement(Placement::builder().availability_zone("us-east-1b").build())
+                                .private_ip_address("10.0.0.7")
+                                .spot_instance_request_id("sir-1")
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build()
+        });
+        let delete = mock!(Client::delete_launch_template).then_output(|| DeleteLaunchTemplateOutput::builder().build());
+        let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&template, &fleet, &describe, &delete]);
+        let cloud = AwsCloud::from_clients(client.clone(), client);
+
+        let launched = cloud.launch(&spec(), Market::Spot).await.unwrap();
+        assert_eq!(launched.instance_id, "i-2");
+        assert_eq!(launched.pool.instance_type, "c7a.16xlarge");
+        assert_eq!(launched.market, Market::Spot);
+        assert_eq!(launched.availability_zone.as_deref(), Some("us-east-1b"));
+        assert_eq!(launched.spot_request_id.as_deref(), Some("sir-1"));
+        assert_eq!(launched.pool_failures.len(), 1);
+        assert_eq!(launched.pool_failures[0].kind, FailureKind::Capacity);
+        assert_eq!(launched.pool_failures[0].pool.as_ref().unwrap().instance_type, "m7a.16xlarge");
+        assert_eq!((template.num_calls(), fleet.num_calls(), delete.num_calls()), (1, 1, 1));
+    }
+
+    /// A fleet that launched nothing reports one classified failure per pool.
+    #[tokio::test]
+    async fn an_empty_fleet_reports_every_pool() {
+        let template = mock!(Client::create_launch_template).then_output(|| {
+            CreateLaunchTemplateOutput::builder()
+                .launch_template(LaunchTemplate::builder().launch_template_id("lt-1").build())
+                .build()
+        });
+        let fleet = mock!(Client::create_fleet).then_output(|| {
+            CreateFleetOutput::builder()
+                .errors(
+                    CreateFleetError::builder()
+                        .error_code("InsufficientInstanceCapacity")
+                        .launch_template_and_overrides(overrides("m7a.16xlarge"))
+                        .build(),
+                )
+                .errors(
+                    CreateFleetError::builder()
+                        .error_code("SpotMaxPriceTooLow")
+                        .launch_template_and_overrides(overrides("c7a.16xlarge"))
+                        .build(),
+                )
+                .build()
+        });
+        let delete = mock!(Client::delete_launch_template).then_output(|| DeleteLaunchTemplateOutput::builder().build());
+        let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&template, &fleet, &delete]);
+        let cloud = AwsCloud::from_clients(client.clone(), client);
+        let failures = cloud.launch(&spec(), Market::Spot).await.unwrap_err();
+        let kinds: Vec<_> = failures.iter().map(|f| (f.kind, f.pool.as_ref().unwrap().instance_type.clone())).collect();
+        assert_eq!(
+            kinds,
+            [
+                (FailureKind::Capacity, "m7a.16xlarge".to_string()),
+                (FailureKind::Price, "c7a.16xlarge".to_string())
+            ]
+        );
+        assert_eq!(delete.num_calls(), 1, "the template is removed on failure too");
     }
 }
