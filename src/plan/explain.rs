@@ -45,6 +45,9 @@ pub async fn explain(
     store: Option<&dyn ImageStore>,
 ) -> Result<BTreeMap<usize, Explanation>, PlanError> {
     let mut bases: BTreeMap<usize, (Option<CommitId>, String)> = BTreeMap::new();
+    // Each base's snapshot is hashed and diffed once, however many projects share it; the
+    // ancestor search hands over the hashes it already computed.
+    let mut at_base: HashMap<CommitId, Option<Hashes>> = HashMap::new();
     match (since, store) {
         (Some(since), _) => {
             for &i in which {
@@ -61,11 +64,13 @@ pub async fn explain(
                 bases.insert(i, (parent, reason.clone()));
             }
         }
-        (None, Some(store)) => bases = search_built_ancestors(repo, current, which, store).await?,
+        (None, Some(store)) => {
+            let (found, hashed) = search_built_ancestors(repo, current, which, store).await?;
+            bases = found;
+            at_base.extend(hashed.into_iter().map(|(c, h)| (c, Some(h))));
+        }
     }
 
-    // Each base's snapshot is hashed and diffed once, however many projects share it.
-    let mut at_base: HashMap<CommitId, Option<Hashes>> = HashMap::new();
     let mut diffs: HashMap<CommitId, Vec<Change>> = HashMap::new();
     let mut out = BTreeMap::new();
     for (i, (base, base_reason)) in bases {
@@ -124,15 +129,14 @@ pub async fn explain(
     Ok(out)
 }
 
+/// The base chosen for each project, and the hashes of the ancestors chosen as bases.
+type Search = (BTreeMap<usize, (Option<CommitId>, String)>, HashMap<CommitId, Hashes>);
+
 /// Walks back through history until each project's hash at some ancestor is found built.
-async fn search_built_ancestors(
-    repo: &Repo,
-    current: &Hashes,
-    which: &[usize],
-    store: &dyn ImageStore,
-) -> Result<BTreeMap<usize, (Option<CommitId>, String)>, PlanError> {
+async fn search_built_ancestors(repo: &Repo, current: &Hashes, which: &[usize], store: &dyn ImageStore) -> Result<Search, PlanError> {
     let mut pending: Vec<usize> = which.to_vec();
     let mut found = BTreeMap::new();
+    let mut bases = HashMap::new();
     let ancestors = repo.ancestors(current.commit, SEARCH_LIMIT)?;
     for (depth, &anc) in ancestors.iter().enumerate() {
         if pending.is_empty() {
@@ -166,6 +170,9 @@ async fn search_built_ancestors(
             );
             pending.retain(|&p| p != i);
         }
+        if found.values().any(|(b, _)| *b == Some(anc)) {
+            bases.insert(anc, old);
+        }
     }
     let searched = ancestors.len();
     for i in pending {
@@ -180,7 +187,7 @@ async fn search_built_ancestors(
             ),
         );
     }
-    Ok(found)
+    Ok((found, bases))
 }
 
 fn manifest_changes(now: &Manifest, closure: &[usize], then: &Manifest, name: &str) -> Vec<String> {
