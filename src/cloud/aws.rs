@@ -138,6 +138,7 @@ fn observed(i: &aws_sdk_ec2::types::Instance) -> Observed {
         state_reason: i.state_reason().and_then(|r| r.code()).map(String::from),
         private_ip: i.private_ip_address().map(String::from),
         launched_at: i.launch_time().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+        spot_request_id: i.spot_instance_request_id().map(String::from),
         tags: i
             .tags()
             .iter()
@@ -346,32 +347,24 @@ impl AwsCloud {
             Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => {}
             Err(e) => return Err(failure(&e, None)),
         }
-        let requests: Vec<String> = self
-            .ec2
-            .describe_instances()
-            .set_instance_ids(Some(ids.to_vec()))
-            .send()
-            .await
-            .map(|d| {
-                d.reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .filter_map(|i| i.spot_instance_request_id().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !requests.is_empty() {
-            let _ = self
-                .ec2
-                .cancel_spot_instance_requests()
-                .set_spot_instance_request_ids(Some(requests))
-                .send()
-                .await;
-        }
-        // Verify: every instance is seen ending or gone, within a bounded wait.
+        // One describe per round: the first also names the spot requests to cancel.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut first = true;
         loop {
             let seen = self.describe_all(ids).await?;
+            if std::mem::take(&mut first) {
+                let requests: Vec<String> = seen.iter().filter_map(|o| o.spot_request_id.clone()).collect();
+                if !requests.is_empty() {
+                    // Best effort: a request whose instance is gone no longer bills.
+                    let _ = self
+                        .ec2
+                        .cancel_spot_instance_requests()
+                        .set_spot_instance_request_ids(Some(requests))
+                        .send()
+                        .await;
+                }
+            }
+            // Verify: every instance is seen ending or gone, within a bounded wait.
             if seen.iter().all(|o| o.ending()) {
                 return Ok(());
             }

@@ -253,6 +253,7 @@ mod tests {
                     state_reason: reason.map(String::from),
                     private_ip: None,
                     launched_at: None,
+                    spot_request_id: None,
                     tags: BTreeMap::new(),
                 }])
             })

@@ -217,6 +217,8 @@ pub struct Observed {
     pub state_reason: Option<String>,
     pub private_ip: Option<String>,
     pub launched_at: Option<SystemTime>,
+    /// The spot request behind a spot instance (cancelled at teardown).
+    pub spot_request_id: Option<String>,
     pub tags: BTreeMap<String, String>,
 }
 
@@ -241,6 +243,7 @@ impl Observed {
             state_reason: None,
             private_ip: None,
             launched_at: None,
+            spot_request_id: None,
             tags: BTreeMap::new(),
         }
     }
@@ -312,6 +315,7 @@ mod tests {
             state_reason: Some("Server.SpotInstanceTermination".into()),
             private_ip: None,
             launched_at: None,
+            spot_request_id: None,
             tags: BTreeMap::new(),
         };
         assert!(o.interrupted() && o.ending());

@@ -85,6 +85,7 @@ mod tests {
             state_reason: None,
             private_ip: None,
             launched_at: Some(launched),
+            spot_request_id: None,
             tags: tags.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
         }
     }
