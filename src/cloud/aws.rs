@@ -438,9 +438,6 @@ impl Cloud for AwsCloud {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::time::SystemTime;
-
     use aws_sdk_ec2::operation::create_fleet::CreateFleetOutput;
     use aws_sdk_ec2::operation::create_launch_template::CreateLaunchTemplateOutput;
     use aws_sdk_ec2::operation::delete_launch_template::DeleteLaunchTemplateOutput;
@@ -460,29 +457,6 @@ mod tests {
         assert_eq!(vcpus("c6a.xlarge"), Some(4));
         assert_eq!(vcpus("r6a.large"), Some(2));
         assert_eq!(vcpus("m7i.metal-48xl"), None);
-    }
-
-    fn spec() -> LaunchSpec {
-        LaunchSpec {
-            build_id: "b1".into(),
-            project: "api".into(),
-            commit: "abc".into(),
-            owner: None,
-            expires_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-            image: Image::SsmParameter("/spotbuild/ami".into()),
-            instance_profile: Some("spotbuild-instance".into()),
-            security_groups: vec!["sg-1".into()],
-            root_volume_gb: 150,
-            pools: ["m7a.16xlarge", "c7a.16xlarge"]
-                .map(|t| Pool {
-                    instance_type: t.into(),
-                    subnet: "subnet-1".into(),
-                })
-                .to_vec(),
-            max_spot_price_per_vcpu_hour: Some(0.05),
-            user_data: "#!/bin/sh\n".into(),
-            extra_tags: BTreeMap::new(),
-        }
     }
 
     fn overrides(t: &str) -> LaunchTemplateAndOverridesResponse {
@@ -568,7 +542,7 @@ mod tests {
         let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&template, &fleet, &describe, &delete]);
         let cloud = AwsCloud::from_clients(client.clone(), client);
 
-        let launched = cloud.launch(&spec(), Market::Spot).await.unwrap();
+        let launched = cloud.launch(&crate::cloud::test_spec(), Market::Spot).await.unwrap();
         assert_eq!(launched.instance_id, "i-2");
         assert_eq!(launched.pool.instance_type, "c7a.16xlarge");
         assert_eq!(launched.market, Market::Spot);
@@ -607,7 +581,7 @@ mod tests {
         let delete = mock!(Client::delete_launch_template).then_output(|| DeleteLaunchTemplateOutput::builder().build());
         let client = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&template, &fleet, &delete]);
         let cloud = AwsCloud::from_clients(client.clone(), client);
-        let failures = cloud.launch(&spec(), Market::Spot).await.unwrap_err();
+        let failures = cloud.launch(&crate::cloud::test_spec(), Market::Spot).await.unwrap_err();
         let kinds: Vec<_> = failures.iter().map(|f| (f.kind, f.pool.as_ref().unwrap().instance_type.clone())).collect();
         assert_eq!(
             kinds,

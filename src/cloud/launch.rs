@@ -215,7 +215,7 @@ mod tests {
     use futures::future::BoxFuture;
 
     use super::*;
-    use crate::cloud::{Image, InstanceState, Observed, Pool};
+    use crate::cloud::{InstanceState, Observed, Pool};
 
     type Answer = Result<Launched, Vec<CloudFailure>>;
 
@@ -263,24 +263,6 @@ mod tests {
         }
     }
 
-    fn spec() -> LaunchSpec {
-        LaunchSpec {
-            build_id: "b1".into(),
-            project: "api".into(),
-            commit: "abc".into(),
-            owner: None,
-            expires_at: SystemTime::UNIX_EPOCH,
-            image: Image::Id("ami-1".into()),
-            instance_profile: None,
-            security_groups: vec![],
-            root_volume_gb: 100,
-            pools: vec![],
-            max_spot_price_per_vcpu_hour: None,
-            user_data: String::new(),
-            extra_tags: BTreeMap::new(),
-        }
-    }
-
     fn launched(market: Market) -> Launched {
         Launched {
             instance_id: "i-1".into(),
@@ -310,7 +292,7 @@ mod tests {
         let cloud = Scripted::default()
             .then(Market::Spot, Err(fail("InsufficientInstanceCapacity")))
             .then(Market::OnDemand, Ok(launched(Market::OnDemand)));
-        let r = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
+        let r = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
         assert_eq!(r.launched.market, Market::OnDemand);
         assert_eq!(r.tried.len(), 1);
         assert!(r.why.unwrap().contains("InsufficientInstanceCapacity"));
@@ -321,7 +303,7 @@ mod tests {
     async fn permission_and_image_errors_fail_at_once_without_fallback() {
         for code in ["UnauthorizedOperation", "InvalidAMIID.NotFound", "InvalidSubnetID.NotFound"] {
             let cloud = Scripted::default().then(Market::Spot, Err(fail(code)));
-            let e = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap_err();
+            let e = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap_err();
             assert!(matches!(e, LaunchError::Fatal { .. }), "{code}: {e:?}");
             assert!(e.hint().is_some());
             assert_eq!(cloud.calls(), [Market::Spot], "{code}: no fallback");
@@ -334,7 +316,7 @@ mod tests {
             .then(Market::Spot, Err(fail("RequestLimitExceeded")))
             .then(Market::Spot, Err(fail("RequestLimitExceeded")))
             .then(Market::Spot, Ok(launched(Market::Spot)));
-        let r = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
+        let r = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
         assert_eq!(r.launched.market, Market::Spot);
         assert!(r.tried.is_empty());
         assert_eq!(cloud.calls(), [Market::Spot, Market::Spot, Market::Spot]);
@@ -347,7 +329,7 @@ mod tests {
             until: SystemTime::UNIX_EPOCH + Duration::from_secs(3600),
             tripped_at: SystemTime::UNIX_EPOCH,
         };
-        let r = launch(&cloud, &spec(), MarketPolicy::SpotThenOnDemand, open, FAST).await.unwrap();
+        let r = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::SpotThenOnDemand, open, FAST).await.unwrap();
         assert_eq!(cloud.calls(), [Market::OnDemand]);
         assert!(r.why.unwrap().contains("breaker"));
     }
@@ -384,7 +366,7 @@ mod tests {
                 CloudFailure::new("SpotMaxPriceTooLow", "too cheap", None),
             ]),
         );
-        let e = launch(&cloud, &spec(), MarketPolicy::Spot, Breaker::Closed, FAST).await.unwrap_err();
+        let e = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::Spot, Breaker::Closed, FAST).await.unwrap_err();
         let text = e.to_string();
         assert!(text.contains("InsufficientInstanceCapacity") && text.contains("SpotMaxPriceTooLow"), "{text}");
     }

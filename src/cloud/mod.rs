@@ -290,6 +290,32 @@ pub trait Cloud: Send + Sync {
     }
 }
 
+/// A launch of the default pools' kind, for tests of the policy and the adapter.
+#[cfg(test)]
+pub(crate) fn test_spec() -> LaunchSpec {
+    LaunchSpec {
+        build_id: "b1".into(),
+        project: "api".into(),
+        commit: "abc".into(),
+        owner: None,
+        expires_at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+        image: Image::SsmParameter("/spotbuild/ami".into()),
+        instance_profile: Some("spotbuild-instance".into()),
+        security_groups: vec!["sg-1".into()],
+        root_volume_gb: 150,
+        pools: ["m7a.16xlarge", "c7a.16xlarge"]
+            .map(|t| Pool {
+                instance_type: t.into(),
+                subnet: "subnet-1".into(),
+            })
+            .to_vec(),
+        max_spot_price_per_vcpu_hour: Some(0.05),
+        user_data: "#!/bin/sh\n".into(),
+        extra_tags: BTreeMap::new(),
+    }
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
