@@ -3,13 +3,18 @@
 //! It decides what needs building before renting anything ([`plan`]), using the image
 //! registry as its state ([`registry`]) and the repository's trees ([`git`]) as described
 //! by the build manifest ([`manifest`]). The [`agent`] turns a job ([`protocol`]) into
-//! pushed images and passed test tags. [`cli`] is the command-line surface.
+//! pushed images and passed test tags. The controller ([`farm`]) rents an instance
+//! ([`cloud`]), reaches it ([`transport`]) and runs the agent there; [`localfarm`] emulates
+//! all of that on one machine. [`cli`] is the command-line surface.
 
 pub mod agent;
 pub mod cli;
 pub mod cloud;
+pub mod farm;
 pub mod git;
+pub mod localfarm;
 pub mod manifest;
 pub mod plan;
 pub mod protocol;
 pub mod registry;
+pub mod transport;

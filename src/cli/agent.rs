@@ -29,6 +29,26 @@ pub enum AgentCommand {
         #[arg(long, value_name = "FILE", default_value = "-")]
         job: String,
     },
+    /// Start a job file in the background, detached from this session, and print its pid.
+    /// The job file is removed once read: it may hold registry credentials. Events go to
+    /// the job's events file; follow them with `replay --follow`.
+    Start {
+        #[arg(long, value_name = "FILE")]
+        job: PathBuf,
+    },
+    /// Write stdin to FILE (mode 0600, atomically), checking its SHA-256 if given.
+    Receive {
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+    },
+    /// Print what this machine offers a controller as JSON: version, and the commit of
+    /// the baked git mirror (so only what it lacks is shipped).
+    Info {
+        #[arg(long, value_name = "DIR")]
+        mirror: Option<PathBuf>,
+    },
     /// Print the events after SEQ from an events file.
     Replay {
         #[arg(long, value_name = "FILE")]
@@ -48,6 +68,9 @@ pub enum AgentCommand {
 pub async fn run(args: AgentArgs) -> Result<Exit, Error> {
     match args.command {
         AgentCommand::Run { job } => run_job(&job).await,
+        AgentCommand::Start { job } => start(&job),
+        AgentCommand::Receive { to, sha256 } => receive(&to, sha256.as_deref()),
+        AgentCommand::Info { mirror } => info(mirror.as_deref()),
         AgentCommand::Replay {
             events,
             after,
@@ -97,4 +120,97 @@ async fn replay(file: &std::path::Path, after: u64, follow: bool, timeout: Durat
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+fn start(job_file: &std::path::Path) -> Result<Exit, Error> {
+    use std::os::unix::process::CommandExt;
+    let text = std::fs::read(job_file)
+        .map_err(|e| Error::new(Exit::InvalidInput, format!("failed to read the job {}: {e}", job_file.display())))?;
+    let _ = std::fs::remove_file(job_file);
+    let job: Job = serde_json::from_slice(&text)
+        .map_err(|e| Error::new(Exit::InvalidInput, format!("failed to parse the job: {e}")))?;
+    std::fs::create_dir_all(&job.workdir)
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", job.workdir.display())))?;
+    let log = std::fs::File::create(job.workdir.join("agent.log"))
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to create the agent log: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| Error::new(Exit::Failed, format!("failed to find this program: {e}")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["agent", "run", "--job", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid(2) is async-signal-safe; a new session outlives the SSH session that
+    // started it, so a dropped connection does not stop the build.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to start the agent: {e}")))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin
+        .write_all(&text)
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to hand over the job: {e}")))?;
+    drop(stdin);
+    println!("{}", serde_json::json!({ "pid": child.id() }));
+    Ok(Exit::Success)
+}
+
+fn receive(to: &std::path::Path, sha256: Option<&str>) -> Result<Exit, Error> {
+    use sha2::Digest;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |what: &str, e: &dyn std::fmt::Display| Error::new(Exit::Failed, format!("failed to {what} {}: {e}", to.display()));
+    if let Some(dir) = to.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail("create the directory of", &e))?;
+    }
+    let partial = to.with_extension("partial");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| fail("create", &e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        let n = std::io::Read::read(&mut stdin, &mut buf).map_err(|e| fail("receive", &e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).map_err(|e| fail("write", &e))?;
+    }
+    file.sync_all().map_err(|e| fail("write", &e))?;
+    let got = hex::encode(hasher.finalize());
+    if let Some(want) = sha256 {
+        if !want.eq_ignore_ascii_case(&got) {
+            let _ = std::fs::remove_file(&partial);
+            return Err(Error::new(Exit::Failed, format!("{} arrived damaged: sha256 {got}, expected {want}", to.display())));
+        }
+    }
+    std::fs::rename(&partial, to).map_err(|e| fail("write", &e))?;
+    Ok(Exit::Success)
+}
+
+fn info(mirror: Option<&std::path::Path>) -> Result<Exit, Error> {
+    let mirror_commit = mirror.and_then(|m| {
+        let out = std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(m)
+            .args(["rev-parse", "--verify", "-q", "HEAD^{commit}"])
+            .output()
+            .ok()?;
+        let c = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !c.is_empty()).then_some(c)
+    });
+    println!(
+        "{}",
+        serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "mirror_commit": mirror_commit })
+    );
+    Ok(Exit::Success)
 }

@@ -82,12 +82,24 @@ pub struct BuildArgs {
     /// Keep the checkout in the scratch directory afterwards.
     #[arg(long)]
     pub keep_workdir: bool,
+
+    /// Rent a machine with this many vCPUs: only instance types of that size are tried
+    /// [default: every configured type].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+
+    /// Which markets to use [default: `[cloud] market`, spot then on-demand].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub market: Option<crate::cloud::MarketPolicy>,
+
+    /// Also write the build's record (attempts, instances, prices, phases) to FILE as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs) -> Result<Exit, Error> {
     if !args.local {
-        return Err(Error::new(Exit::Usage, "remote builds on rented instances are not available in this version")
-            .hint("pass --local to build on this machine"));
+        return super::remote::build(repo_dir, config, args).await;
     }
     let planned = compute(PlanInputs {
         repo_dir,
@@ -132,7 +144,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
 }
 
 /// A short, sortable, unique-enough id: time in milliseconds and the process id, base 36.
-fn build_id() -> String {
+pub fn build_id() -> String {
     let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
     format!("{}{}", radix36(ms as u64), radix36(std::process::id() as u64 % 1296))
 }
@@ -152,7 +164,7 @@ fn radix36(mut n: u64) -> String {
 }
 
 /// The CI's branch, else the checked-out one.
-fn current_branch(repo_dir: &std::path::Path) -> Option<String> {
+pub fn current_branch(repo_dir: &std::path::Path) -> Option<String> {
     for var in ["CIRCLE_BRANCH", "GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME", "BRANCH_NAME"] {
         if let Ok(v) = std::env::var(var) {
             if !v.is_empty() {
@@ -207,7 +219,7 @@ pub fn job_projects(plan: &Plan, hashes: &crate::plan::Hashes) -> Vec<JobProject
         .collect()
 }
 
-fn local_job(planned: &Planned, args: &BuildArgs, build_id: &str, workdir: &std::path::Path) -> Result<Job, Error> {
+pub fn local_job(planned: &Planned, args: &BuildArgs, build_id: &str, workdir: &std::path::Path) -> Result<Job, Error> {
     let repo_dir = planned.repo.workdir().unwrap_or_else(|| std::path::Path::new("."));
     let git_dir = planned.repo.git_dir().to_path_buf();
     let registry = planned

@@ -30,6 +30,10 @@ pub enum Exit {
     Interrupted = 6,
     /// The cloud API refused or failed a request that has no safe fallback.
     Cloud = 7,
+    /// Stopped by SIGINT (instances were terminated first).
+    Sigint = 130,
+    /// Stopped by SIGTERM, e.g. a cancelled CI job (instances were terminated first).
+    Sigterm = 143,
 }
 
 pub const EXIT_CODES_HELP: &str = "\
@@ -41,7 +45,9 @@ Exit codes:
   4    git error (not a repository, unknown revision, object missing from the clone)
   5    registry error where no safe fallback exists
   6    interrupted (spot interruption notice); retrying is safe
-  7    cloud API error (permissions, configuration, unreachable)
+  7    cloud API error (permissions, configuration, unreachable), or a remote build
+       that could not finish for a reason another attempt would not fix
+  130  stopped by SIGINT; 143 stopped by SIGTERM (instances terminated first)
   101  internal error (a bug: please report it)";
 
 #[derive(Debug)]

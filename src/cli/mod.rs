@@ -4,8 +4,10 @@
 mod agent;
 mod build;
 pub mod error;
+mod farm;
 mod plan;
 mod reap;
+mod remote;
 mod reporter;
 mod signals;
 
@@ -46,6 +48,7 @@ pub enum Command {
     Plan(plan::PlanArgs),
     Build(build::BuildArgs),
     Reap(reap::ReapArgs),
+    Farm(farm::FarmArgs),
     Agent(agent::AgentArgs),
 }
 
@@ -79,6 +82,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Plan(args) => plan::run(cli.repo, cli.config, args).await,
         Command::Build(args) => build::run(cli.repo, cli.config, args).await,
         Command::Reap(args) => reap::run(args).await,
+        Command::Farm(args) => farm::run(args).await,
         Command::Agent(args) => agent::run(args).await,
     }
 }

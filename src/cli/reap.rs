@@ -36,13 +36,17 @@ pub struct ReapArgs {
     #[arg(long, value_name = "REGION")]
     pub region: Option<String>,
 
+    /// The EC2 API endpoint [default: AWS's, or AWS_ENDPOINT_URL].
+    #[arg(long, value_name = "URL", env = "SPOTBUILD_EC2_ENDPOINT")]
+    pub endpoint: Option<String>,
+
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(args: ReapArgs) -> Result<Exit, Error> {
-    let cloud = AwsCloud::from_env(args.region.clone()).await;
+    let cloud = AwsCloud::from_env(args.region.clone(), args.endpoint.clone()).await;
     let cloud_error = |e: crate::cloud::CloudFailure| {
         let mut err = Error::new(Exit::Cloud, format!("failed to reap: {e}"));
         if e.kind == crate::cloud::FailureKind::Permission {

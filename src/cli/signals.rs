@@ -14,3 +14,15 @@ pub async fn stop() {
         _ = term.recv() => {}
     }
 }
+
+/// Resolves on the first SIGINT or SIGTERM with the exit code a shell gives for it (130
+/// or 143), so that a cancelled CI job reports as cancelled.
+pub async fn stopped_with() -> u8 {
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    }
+}

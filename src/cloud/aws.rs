@@ -36,11 +36,14 @@ pub struct AwsCloud {
 
 impl AwsCloud {
     /// From the standard AWS configuration (environment, profile, instance role);
-    /// `AWS_ENDPOINT_URL` points it at an emulator.
-    pub async fn from_env(region: Option<String>) -> AwsCloud {
+    /// `endpoint` (or `AWS_ENDPOINT_URL`) points it elsewhere, e.g. at the local farm.
+    pub async fn from_env(region: Option<String>, endpoint: Option<String>) -> AwsCloud {
         let mut loader = aws_config::from_env();
         if let Some(r) = region {
             loader = loader.region(aws_sdk_ec2::config::Region::new(r));
+        }
+        if let Some(e) = endpoint {
+            loader = loader.endpoint_url(e);
         }
         let config = loader.load().await;
         AwsCloud::new(&config)

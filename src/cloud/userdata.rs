@@ -72,6 +72,31 @@ systemctl restart ssh 2>/dev/null || systemctl restart sshd 2>/dev/null || servi
     }
 }
 
+/// What a user data script rendered by [`UserData::render`] installs, read back: the local
+/// farm boots its hosts from it, as cloud-init would boot an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub ttl: Duration,
+    pub user: String,
+    pub authorized_key: String,
+    pub host_private_key: String,
+}
+
+/// Reads back a script that [`UserData::render`] wrote; `None` for anything else.
+pub fn parse(script: &str) -> Option<Parsed> {
+    let secs = script.split("(sleep ").nth(1)?.split(' ').next()?.parse().ok()?;
+    let start = format!("<<'{HEREDOC}'\n");
+    let key = script.split(&start).nth(1)?.split(&format!("\n{HEREDOC}\n")).next()?;
+    let user = script.split("getent passwd ").nth(1)?.split(' ').next()?;
+    let authorized = script.split("printf '%s\\n' '").nth(1)?.split('\'').next()?;
+    Some(Parsed {
+        ttl: Duration::from_secs(secs),
+        user: user.to_string(),
+        authorized_key: authorized.to_string(),
+        host_private_key: format!("{key}\n"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +119,18 @@ mod tests {
         assert!(s.contains("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\nSPOTBUILD_HOST_KEY\n"));
         assert!(s.contains("printf '%s\\n' 'ssh-ed25519 AAAAC3 build-b1'"));
         assert!(s.starts_with("#!/bin/sh\n"));
+    }
+
+    #[test]
+    fn what_is_rendered_reads_back() {
+        let host = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n";
+        let s = data("ssh-ed25519 AAAAC3 build-b1", host).render().unwrap();
+        let p = parse(&s).expect("parses");
+        assert_eq!(p.ttl, Duration::from_secs(3601));
+        assert_eq!(p.user, "spotbuild");
+        assert_eq!(p.authorized_key, "ssh-ed25519 AAAAC3 build-b1");
+        assert_eq!(p.host_private_key, host);
+        assert_eq!(parse("#!/bin/sh\necho hi\n"), None);
     }
 
     #[test]

@@ -348,3 +348,45 @@ mod tests {
         assert_eq!(display_path("caf\u{e9}".as_bytes()), "caf\u{e9}");
     }
 }
+
+/// Writes a git bundle of `commit` to `out`, leaving out what `have` (a commit the receiving
+/// side already holds, e.g. a baked mirror's) covers when this repository knows `have`.
+/// Returns whether the bundle is thin (relies on `have`). Uses the git CLI: libgit2 has no
+/// bundle support.
+pub fn create_bundle(git_dir: &Path, commit: &str, have: Option<&str>, out: &Path) -> Result<bool, String> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("--git-dir")
+            .arg(git_dir)
+            .args(args)
+            .output()
+            .map_err(|e| format!("failed to run git: {e}"))
+    };
+    let known = |c: &str| git(&["cat-file", "-e", &format!("{c}^{{commit}}")]).is_ok_and(|o| o.status.success());
+    let thin = have.filter(|h| *h != commit && known(h));
+    // A bundle carries refs, so the commit gets one of its own for the moment.
+    let name = format!("refs/spotbuild/ship/{commit}");
+    let o = git(&["update-ref", &name, commit])?;
+    if !o.status.success() {
+        return Err(format!("failed to name commit {commit}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+    }
+    let mut args = vec!["bundle", "create", "-q"];
+    let out_str = out.to_string_lossy().to_string();
+    args.push(&out_str);
+    args.push(&name);
+    let exclude = thin.map(|h| format!("^{h}"));
+    if let Some(e) = &exclude {
+        args.push(e);
+    }
+    let o = git(&args);
+    let _ = git(&["update-ref", "-d", &name]);
+    let o = o?;
+    if !o.status.success() && thin.is_some() {
+        // e.g. the mirror is ahead of the commit: nothing would be left to ship.
+        return create_bundle(git_dir, commit, None, out);
+    }
+    if !o.status.success() {
+        return Err(format!("failed to bundle {commit}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+    }
+    Ok(thin.is_some())
+}

@@ -28,6 +28,85 @@ pub struct Config {
     pub registry: RegistryConfig,
     #[serde(default)]
     pub cloud: CloudConfig,
+    #[serde(default)]
+    pub remote: RemoteConfig,
+}
+
+/// How the controller reaches an instance and runs the agent there.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// The login on the instance (the AMI creates it).
+    #[serde(default = "default_user")]
+    pub user: String,
+    #[serde(default = "default_ssh_port")]
+    pub ssh_port: u16,
+    /// The spotbuild binary on the instance.
+    #[serde(default = "default_agent")]
+    pub agent: PathBuf,
+    /// Where builds keep their files on the instance.
+    #[serde(default = "default_remote_workdir")]
+    pub workdir: PathBuf,
+    /// The git mirror baked into the image: only what it lacks is shipped.
+    #[serde(default = "default_mirror")]
+    pub mirror: PathBuf,
+    /// The controller connects only to addresses in these networks (empty: any). The local
+    /// farm sets its bridged subnet.
+    #[serde(default)]
+    pub allow_cidrs: Vec<String>,
+    /// Bound on SSH coming up on a fresh instance.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Attempts per build (interruptions and lost hosts start a new one).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Reconnects to one instance after the event stream drops.
+    #[serde(default = "default_max_reconnects")]
+    pub max_reconnects: u32,
+    /// What the agent runs at the job's deadline [default: `shutdown -h now`; empty: nothing].
+    pub shutdown_command: Option<Vec<String>>,
+}
+
+fn default_user() -> String {
+    "spotbuild".into()
+}
+fn default_ssh_port() -> u16 {
+    22
+}
+fn default_agent() -> PathBuf {
+    "/usr/local/bin/spotbuild".into()
+}
+fn default_remote_workdir() -> PathBuf {
+    "/var/lib/spotbuild/builds".into()
+}
+fn default_mirror() -> PathBuf {
+    "/var/lib/spotbuild/mirror.git".into()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_max_reconnects() -> u32 {
+    5
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            user: default_user(),
+            ssh_port: default_ssh_port(),
+            agent: default_agent(),
+            workdir: default_remote_workdir(),
+            mirror: default_mirror(),
+            allow_cidrs: Vec::new(),
+            connect_timeout: default_connect_timeout(),
+            max_attempts: default_max_attempts(),
+            max_reconnects: default_max_reconnects(),
+            shutdown_command: None,
+        }
+    }
 }
 
 /// The instance types tried for a 64-vCPU build, across several families so that one
@@ -47,6 +126,8 @@ pub const DEFAULT_INSTANCE_TYPES: &[&str] = &[
 #[serde(deny_unknown_fields)]
 pub struct CloudConfig {
     pub region: Option<String>,
+    /// The EC2 API endpoint [default: AWS's]; the local farm sets its emulator.
+    pub endpoint: Option<String>,
     /// Instance types, in order of preference [default: DEFAULT_INSTANCE_TYPES].
     #[serde(default = "default_instance_types")]
     pub instance_types: Vec<String>,
@@ -92,6 +173,7 @@ impl Default for CloudConfig {
     fn default() -> Self {
         CloudConfig {
             region: None,
+            endpoint: None,
             instance_types: default_instance_types(),
             subnets: Vec::new(),
             market: Default::default(),

@@ -1,0 +1,292 @@
+//! `spotbuild build` on a rented instance: plan, and only if something needs doing, hand
+//! the job to the controller ([`crate::farm`]), show its events, and make sure that every
+//! instance it launched is terminated however this process ends (success, failure, error,
+//! panic, SIGINT, SIGTERM).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use futures::future::LocalBoxFuture;
+use futures::FutureExt;
+
+use super::build::{build_id, local_job, BuildArgs};
+use super::error::{Error, Exit};
+use super::plan::{compute, PlanInputs, Planned};
+use super::reporter::Reporter;
+use crate::cloud::aws::AwsCloud;
+use crate::cloud::Cloud;
+use crate::farm::attempt::AttemptOutcome;
+use crate::farm::{BuildRecord, BuildResult, Controller, FarmEvent, Jobs, Teardown};
+use crate::protocol::{ImdsSettings, Job};
+
+/// Re-plans before each attempt, so what an interrupted attempt pushed is skipped.
+struct Replan {
+    repo_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+    args: BuildArgs,
+    build_id: String,
+    first: Option<Planned>,
+}
+
+fn work_left(planned: &Planned) -> bool {
+    planned
+        .plan
+        .projects
+        .iter()
+        .any(|p| p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true)))
+}
+
+impl Replan {
+    async fn plan(&mut self) -> Result<Planned, Error> {
+        if let Some(p) = self.first.take() {
+            return Ok(p);
+        }
+        compute(PlanInputs {
+            repo_dir: self.repo_dir.clone(),
+            config: self.config.clone(),
+            projects: &self.args.projects,
+            commit: &self.args.commit,
+            offline: false,
+            registry: self.args.registry.as_deref(),
+            registry_auth: self.args.registry_auth,
+        })
+        .await
+    }
+
+    fn job(&self, planned: &Planned) -> Result<Job, Error> {
+        let mut job = local_job(planned, &self.args, &self.build_id, std::path::Path::new("/"))?;
+        // On a rented instance: its own metadata service, and its deadline powers it off
+        // (unless the settings say otherwise, as the local farm's do).
+        job.imds = ImdsSettings::default();
+        job.shutdown_command = planned.config.remote.shutdown_command.clone();
+        Ok(job)
+    }
+}
+
+impl Jobs for Replan {
+    fn next_job(&mut self, attempt: u32) -> LocalBoxFuture<'_, Result<Option<Job>, String>> {
+        async move {
+            let planned = self.plan().await.map_err(|e| e.message.clone())?;
+            if !work_left(&planned) {
+                if attempt > 1 {
+                    eprintln!("nothing left to do: earlier attempts pushed everything");
+                }
+                return Ok(None);
+            }
+            self.job(&planned).map(Some).map_err(|e| e.message)
+        }
+        .boxed_local()
+    }
+}
+
+pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs) -> Result<Exit, Error> {
+    let planned = compute(PlanInputs {
+        repo_dir: repo_dir.clone(),
+        config: config.clone(),
+        projects: &args.projects,
+        commit: &args.commit,
+        offline: false,
+        registry: args.registry.as_deref(),
+        registry_auth: args.registry_auth,
+    })
+    .await?;
+    // Decide before paying: no cloud call at all when everything exists.
+    if !work_left(&planned) {
+        eprintln!("nothing to build: every image and test tag already exists");
+        return Ok(Exit::Success);
+    }
+    let mut cfg = planned.config.clone();
+    let missing = cfg.cloud.missing_for_launch();
+    if !missing.is_empty() {
+        return Err(Error::new(Exit::Usage, format!("cannot rent an instance: [cloud] {} not set in spotbuild.toml", missing.join(", ")))
+            .hint("set them (see `terraform output spotbuild_toml`), or build here with --local"));
+    }
+    if let Some(n) = args.cpus {
+        let fit: Vec<String> =
+            cfg.cloud.instance_types.iter().filter(|t| crate::cloud::aws::vcpus(t) == Some(n)).cloned().collect();
+        if fit.is_empty() {
+            return Err(Error::new(Exit::Usage, format!("no configured instance type has {n} vCPUs"))
+                .hint("add types of that size to [cloud] instance_types"));
+        }
+        cfg.cloud.instance_types = fit;
+    }
+    let build_id = build_id();
+    let commit = planned.plan.commit.clone();
+    let project = planned
+        .plan
+        .projects
+        .iter()
+        .filter(|p| p.needs_build == Some(true))
+        .map(|p| p.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let git_dir = planned.repo.git_dir().to_path_buf();
+    let local_dir = std::env::temp_dir().join(format!("spotbuild-{build_id}"));
+    crate::transport::keys::private_dir(&local_dir).map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
+
+    let cloud: Arc<dyn Cloud> = Arc::new(AwsCloud::from_env(cfg.cloud.region.clone(), cfg.cloud.endpoint.clone()).await);
+    let teardown = Teardown::default();
+    let json = args.json;
+    let reporter = Arc::new(Mutex::new(Reporter::default()));
+    let shown = reporter.clone();
+    let market = args.market.unwrap_or(cfg.cloud.market);
+    let timeout = args.timeout;
+    let record_path = args.record.clone();
+    let mut controller = Controller {
+        cloud: cloud.clone(),
+        config: cfg,
+        build_id: build_id.clone(),
+        project,
+        commit: commit.clone(),
+        owner: ci_job_url(),
+        git_dir,
+        local_dir: local_dir.clone(),
+        teardown: teardown.clone(),
+        deadline: tokio::time::Instant::now() + timeout,
+        interruptions: Vec::new(),
+        breaker: Default::default(),
+        market,
+        on_event: Box::new(move |e| show(&shown, &e, json)),
+    };
+    let mut jobs = Replan {
+        repo_dir,
+        config,
+        args,
+        build_id: build_id.clone(),
+        first: Some(planned),
+    };
+    if !json {
+        eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);
+    }
+    let work = std::panic::AssertUnwindSafe(controller.run(&mut jobs)).catch_unwind();
+    let signal = super::signals::stopped_with();
+    let ended = tokio::select! {
+        r = work => Ended::Done(r),
+        code = signal => Ended::Signal(code),
+    };
+    // Whatever happened, nothing launched stays up.
+    if let Ended::Signal(code) = &ended {
+        eprintln!("received {}: terminating this build's instances", if *code == 130 { "SIGINT" } else { "SIGTERM" });
+    }
+    let left = teardown.pending();
+    if !left.is_empty() {
+        match teardown.all(&*cloud).await {
+            Ok(ids) => eprintln!("terminated {}", ids.join(", ")),
+            Err(e) => eprintln!("error: {e} (hint: run `spotbuild reap`; the instances also end at their TTL)"),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&local_dir);
+    let record = match ended {
+        Ended::Signal(code) => return Ok(if code == 130 { Exit::Sigint } else { Exit::Sigterm }),
+        Ended::Done(Err(panic)) => std::panic::resume_unwind(panic),
+        Ended::Done(Ok(record)) => record,
+    };
+    if let Some(path) = &record_path {
+        if let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&record).expect("serialisable")) {
+            eprintln!("warning: failed to write the record to {}: {e}", path.display());
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(out, "{}", serde_json::json!({ "type": "build_record", "record": record }));
+    } else {
+        let _ = reporter.lock().expect("not poisoned").summary(&mut out);
+        let _ = summary(&record, &mut out);
+    }
+    Ok(match record.result {
+        BuildResult::Success => Exit::Success,
+        BuildResult::Failed => Exit::Failed,
+        BuildResult::GaveUp => Exit::Interrupted,
+        BuildResult::Error => Exit::Cloud,
+    })
+}
+
+enum Ended {
+    Done(std::thread::Result<BuildRecord>),
+    Signal(u8),
+}
+
+fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool) {
+    let mut out = std::io::stdout().lock();
+    match e {
+        FarmEvent::Agent { envelope, attempt } => {
+            let mut r = reporter.lock().expect("not poisoned");
+            if json {
+                let mut v = serde_json::to_value(envelope).expect("serialisable");
+                v["attempt"] = (*attempt).into();
+                let _ = writeln!(out, "{v}");
+                let _ = r.show(envelope, &mut std::io::sink());
+            } else {
+                let _ = r.show(envelope, &mut out);
+            }
+        }
+        FarmEvent::Phase { attempt, phase, detail } => {
+            if json {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "type": "controller", "attempt": attempt, "phase": phase, "detail": detail, "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string() })
+                );
+            } else {
+                let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+                let _ = writeln!(out, "{} [attempt {attempt}] {:<11} {detail}", t.get(11..19).unwrap_or(&t), format!("{phase:?}").to_lowercase());
+            }
+        }
+        FarmEvent::AttemptEnded(a) => {
+            if json {
+                let _ = writeln!(out, "{}", serde_json::json!({ "type": "attempt_ended", "attempt": a }));
+            } else {
+                let _ = writeln!(out, "attempt {} ended: {}", a.attempt, describe(&a.outcome));
+            }
+        }
+    }
+}
+
+fn describe(o: &AttemptOutcome) -> String {
+    match o {
+        AttemptOutcome::Success => "success".into(),
+        AttemptOutcome::Failed => "a build or test failed".into(),
+        AttemptOutcome::Interrupted => "interrupted (spot); a new attempt skips what was pushed".into(),
+        AttemptOutcome::Lost(why) => format!("lost the host: {why}"),
+        AttemptOutcome::Error(why) => format!("error: {why}"),
+    }
+}
+
+/// The closing table: one line per attempt, with what it cost.
+fn summary(r: &BuildRecord, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "\n{:<8} {:<20} {:<14} {:<10} {:>9} {:>10}  result", "attempt", "instance", "type", "market", "duration", "cost")?;
+    let mut total = 0.0;
+    for a in &r.attempts {
+        let secs = a.instance_seconds().unwrap_or(0.0);
+        // Per-second billing with a 60-second minimum.
+        let cost = a.hourly_price.map(|p| p * secs.max(60.0) / 3600.0);
+        total += cost.unwrap_or(0.0);
+        writeln!(
+            out,
+            "{:<8} {:<20} {:<14} {:<10} {:>9} {:>10}  {}",
+            a.attempt,
+            a.instance_id.as_deref().unwrap_or("-"),
+            a.instance_type.as_deref().unwrap_or("-"),
+            a.market.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            format!("{:.1}s", secs),
+            cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "unknown".into()),
+            describe(&a.outcome),
+        )?;
+    }
+    writeln!(out, "total {:>71}", format!("${total:.4}"))?;
+    writeln!(out, "build {}: {:?}", r.build_id, r.result)
+}
+
+/// The CI job's URL, for the instance's `spotbuild:owner` tag.
+fn ci_job_url() -> Option<String> {
+    ["CIRCLE_BUILD_URL", "BUILD_URL", "CI_JOB_URL"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+        .or_else(|| {
+            let (server, repo, run) = (std::env::var("GITHUB_SERVER_URL").ok()?, std::env::var("GITHUB_REPOSITORY").ok()?, std::env::var("GITHUB_RUN_ID").ok()?);
+            Some(format!("{server}/{repo}/actions/runs/{run}"))
+        })
+}
+

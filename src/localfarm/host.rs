@@ -1,0 +1,239 @@
+//! One emulated instance: a network namespace at the instance's private address, running a
+//! real sshd configured from the instance's user data (its pinned host key and the build's
+//! authorized key), an IMDS endpoint at 169.254.169.254 that the farm controls, and a
+//! forwarder so that the host's 127.0.0.1:<registry port> reaches the farm's registry.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use super::netns;
+use crate::cloud::userdata::Parsed;
+
+pub struct HostSpec<'a> {
+    pub instance_id: &'a str,
+    pub ns: String,
+    pub veth: (String, String),
+    pub bridge: &'a str,
+    pub address: Ipv4Addr,
+    pub prefix: u8,
+    pub dir: PathBuf,
+    pub sshd: &'a Path,
+    pub registry_port: u16,
+    pub boot: Option<Parsed>,
+}
+
+/// A running host. Dropping it does not stop it: call [`Host::destroy`].
+pub struct Host {
+    pub instance_id: String,
+    pub ns: String,
+    pub outer_veth: String,
+    pub address: Ipv4Addr,
+    pub dir: PathBuf,
+    pub sshd_pid: Option<u32>,
+    pub expires_at: Option<SystemTime>,
+    /// Seconds since the epoch of the announced termination; 0: none.
+    pub notice: Arc<AtomicU64>,
+    /// When set, the farm reclaims the host at this time (an interruption played out).
+    pub reclaim_at: Option<SystemTime>,
+    sshd: Option<tokio::process::Child>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Net(#[from] netns::NetError),
+    #[error("failed to {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostError {
+    let what = what.into();
+    move |source| HostError::Io { what, source }
+}
+
+impl Host {
+    pub async fn start(spec: HostSpec<'_>) -> Result<Host, HostError> {
+        netns::create_host(&spec.ns, spec.bridge, (&spec.veth.0, &spec.veth.1), spec.address, spec.prefix)?;
+        let mut host = Host {
+            instance_id: spec.instance_id.to_string(),
+            ns: spec.ns.clone(),
+            outer_veth: spec.veth.0.clone(),
+            address: spec.address,
+            dir: spec.dir.clone(),
+            sshd_pid: None,
+            expires_at: spec.boot.as_ref().map(|b| SystemTime::now() + b.ttl),
+            notice: Arc::new(AtomicU64::new(0)),
+            reclaim_at: None,
+            sshd: None,
+            tasks: Vec::new(),
+        };
+        if let Err(e) = host.boot(&spec).await {
+            host.destroy().await;
+            return Err(e);
+        }
+        Ok(host)
+    }
+
+    async fn boot(&mut self, spec: &HostSpec<'_>) -> Result<(), HostError> {
+        std::fs::create_dir_all(&spec.dir).map_err(io(format!("create {}", spec.dir.display())))?;
+        // The metadata service, inside the host.
+        let imds = netns::listen_in(&spec.ns, SocketAddr::from(([169, 254, 169, 254], 80)))
+            .map_err(io("listen on 169.254.169.254:80 inside the host"))?;
+        let imds = tokio::net::TcpListener::from_std(imds).map_err(io("serve the metadata endpoint"))?;
+        let router = axum::Router::new().fallback(metadata).with_state(Metadata {
+            instance_id: self.instance_id.clone(),
+            notice: self.notice.clone(),
+        });
+        self.tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(imds, router).await;
+        }));
+        // The registry, at the same loopback address as on the farm's side.
+        let fwd = netns::listen_in(&spec.ns, SocketAddr::from(([127, 0, 0, 1], spec.registry_port)))
+            .map_err(io("listen for the registry inside the host"))?;
+        let fwd = tokio::net::TcpListener::from_std(fwd).map_err(io("forward the registry"))?;
+        let port = spec.registry_port;
+        self.tasks.push(tokio::spawn(async move {
+            while let Ok((mut inner, _)) = fwd.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(mut outer) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inner, &mut outer).await;
+                    }
+                });
+            }
+        }));
+        // sshd, as cloud-init would have configured it from the user data.
+        let Some(boot) = &spec.boot else {
+            tracing::warn!(instance = %self.instance_id, "no spotbuild user data: the host has no sshd");
+            return Ok(());
+        };
+        let key = spec.dir.join("ssh_host_ed25519_key");
+        write_private(&key, &boot.host_private_key)?;
+        let authorized = spec.dir.join("authorized_keys");
+        write_private(&authorized, &format!("{}\n", boot.authorized_key))?;
+        let config = spec.dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress {addr}:22\nHostKey {key}\nAuthorizedKeysFile {authorized}\nPidFile none\n\
+                 UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\nAllowUsers {user}\nStrictModes no\n\
+                 AllowAgentForwarding no\nX11Forwarding no\nPrintMotd no\nLogLevel INFO\n",
+                addr = spec.address,
+                key = key.display(),
+                authorized = authorized.display(),
+                user = boot.user,
+            ),
+        )
+        .map_err(io("write sshd_config"))?;
+        std::fs::create_dir_all("/run/sshd").map_err(io("create /run/sshd"))?;
+        let log = std::fs::File::create(spec.dir.join("sshd.log")).map_err(io("create sshd.log"))?;
+        let child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", &spec.ns])
+            .arg(spec.sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(format!("start {}", spec.sshd.display())))?;
+        self.sshd_pid = child.id();
+        self.sshd = Some(child);
+        Ok(())
+    }
+
+    /// Announces a spot interruption through the host's metadata service.
+    pub fn interrupt(&mut self, warning: Duration, reclaim_after: Option<Duration>) {
+        let at = SystemTime::now() + warning;
+        let secs = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        self.notice.store(secs, Ordering::SeqCst);
+        self.reclaim_at = reclaim_after.map(|d| SystemTime::now() + d);
+    }
+
+    /// Cuts every SSH connection to the host (the listening sshd stays): a network blip.
+    pub fn cut_connections(&self) -> usize {
+        let mut cut = 0;
+        for pid in netns::pids_in(&self.ns) {
+            if Some(pid as u32) == self.sshd_pid {
+                continue;
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sshd" || comm.trim().starts_with("sshd-") {
+                // SAFETY: kill(2) on an sshd session process inside this host.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                cut += 1;
+            }
+        }
+        cut
+    }
+
+    /// Ends the host: every process in it, its namespace, its files.
+    pub async fn destroy(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(mut c) = self.sshd.take() {
+            let _ = c.kill().await;
+        }
+        let (ns, veth) = (self.ns.clone(), self.outer_veth.clone());
+        let _ = tokio::task::spawn_blocking(move || netns::delete_host(&ns, &veth)).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), HostError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(io(format!("write {}", path.display())))
+}
+
+#[derive(Clone)]
+struct Metadata {
+    instance_id: String,
+    notice: Arc<AtomicU64>,
+}
+
+const TOKEN: &str = "spotbuild-local-farm-token";
+
+/// IMDSv2, as much of it as the agent reads.
+async fn metadata(State(m): State<Metadata>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
+    if uri.path() == "/latest/api/token" {
+        return if method == Method::PUT && headers.contains_key("x-aws-ec2-metadata-token-ttl-seconds") {
+            TOKEN.into_response()
+        } else {
+            StatusCode::BAD_REQUEST.into_response()
+        };
+    }
+    if headers.get("x-aws-ec2-metadata-token").and_then(|v| v.to_str().ok()) != Some(TOKEN) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let notice = m.notice.load(Ordering::SeqCst);
+    match uri.path() {
+        "/latest/meta-data/instance-id" => m.instance_id.into_response(),
+        "/latest/meta-data/spot/instance-action" if notice > 0 => {
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(notice);
+            format!(r#"{{"action":"terminate","time":"{}"}}"#, humantime::format_rfc3339_seconds(at)).into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}

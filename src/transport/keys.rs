@@ -1,0 +1,99 @@
+//! Per-build SSH material: a fresh ed25519 client key, the host key generated for one launch
+//! (installed by user data), and the known_hosts file that pins it. Nothing is reused across
+//! builds, and nothing is written outside the build's own 0700 directory.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("failed to run ssh-keygen")]
+    Spawn(#[source] std::io::Error),
+    #[error("ssh-keygen failed: {0}")]
+    Failed(String),
+    #[error("failed to write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An ed25519 key pair on disk.
+#[derive(Debug, Clone)]
+pub struct KeyPair {
+    pub private_path: PathBuf,
+    /// `ssh-ed25519 AAAA… comment`
+    pub public: String,
+}
+
+impl KeyPair {
+    pub fn private_pem(&self) -> std::io::Result<String> {
+        std::fs::read_to_string(&self.private_path)
+    }
+}
+
+/// Creates `dir` (mode 0700) if needed.
+pub fn private_dir(dir: &Path) -> Result<(), KeyError> {
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|source| KeyError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// A new ed25519 key pair at `dir/name` (no passphrase: it lives only as long as the build).
+pub async fn generate(dir: &Path, name: &str, comment: &str) -> Result<KeyPair, KeyError> {
+    private_dir(dir)?;
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(path.with_extension("pub"));
+    let out = tokio::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(KeyError::Spawn)?;
+    if !out.status.success() {
+        return Err(KeyError::Failed(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    let public_path = PathBuf::from(format!("{}.pub", path.display()));
+    let public = std::fs::read_to_string(&public_path).map_err(|source| KeyError::Write {
+        path: public_path,
+        source,
+    })?;
+    Ok(KeyPair {
+        private_path: path,
+        public: public.trim().to_string(),
+    })
+}
+
+/// The known_hosts line that pins `public` (a host's `ssh-ed25519 AAAA…` key) for `host:port`.
+pub fn known_hosts_line(host: &str, port: u16, public: &str) -> String {
+    let mut fields = public.split_whitespace();
+    let (kind, key) = (fields.next().unwrap_or_default(), fields.next().unwrap_or_default());
+    let name = if port == 22 { host.to_string() } else { format!("[{host}]:{port}") };
+    format!("{name} {kind} {key}\n")
+}
+
+/// Writes the per-build known_hosts file holding exactly the pinned key.
+pub fn write_known_hosts(path: &Path, host: &str, port: u16, public: &str) -> Result<(), KeyError> {
+    std::fs::write(path, known_hosts_line(host, port, public)).map_err(|source| KeyError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_hosts_lines_drop_the_comment_and_bracket_other_ports() {
+        let key = "ssh-ed25519 AAAAC3Nza host-i-1";
+        assert_eq!(known_hosts_line("10.0.0.4", 22, key), "10.0.0.4 ssh-ed25519 AAAAC3Nza\n");
+        assert_eq!(known_hosts_line("10.0.0.4", 2222, key), "[10.0.0.4]:2222 ssh-ed25519 AAAAC3Nza\n");
+    }
+}
