@@ -99,7 +99,7 @@ pub struct BuildArgs {
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs) -> Result<Exit, Error> {
     if !args.local {
-        return super::remote::build(repo_dir, config, args).await;
+        return super::remote::build(repo_dir, config, args, super::remote::Scope::Build).await;
     }
     let planned = compute(PlanInputs {
         repo_dir,
@@ -222,11 +222,8 @@ pub fn job_projects(plan: &Plan, hashes: &crate::plan::Hashes) -> Vec<JobProject
 pub fn local_job(planned: &Planned, args: &BuildArgs, build_id: &str, workdir: &std::path::Path) -> Result<Job, Error> {
     let repo_dir = planned.repo.workdir().unwrap_or_else(|| std::path::Path::new("."));
     let git_dir = planned.repo.git_dir().to_path_buf();
-    let registry = planned
-        .client
-        .as_ref()
-        .map(|c| c.reference().to_string())
-        .expect("build plans with a registry");
+    // Only `spotbuild run` plans without a registry: it builds and pushes nothing.
+    let registry = planned.client.as_ref().map(|c| c.reference().to_string()).unwrap_or_default();
     let basic = Basic::from_env();
     let deadline = SystemTime::now() + args.timeout;
     let imds_endpoint = std::env::var(crate::agent::imds::ENDPOINT_ENV).ok().filter(|s| !s.is_empty());

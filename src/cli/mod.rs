@@ -6,6 +6,7 @@ mod build;
 pub mod error;
 mod farm;
 mod plan;
+mod oneoff;
 mod reap;
 mod remote;
 mod reporter;
@@ -47,6 +48,8 @@ pub struct Cli {
 pub enum Command {
     Plan(plan::PlanArgs),
     Build(build::BuildArgs),
+    Test(oneoff::TestArgs),
+    Run(oneoff::RunArgs),
     Reap(reap::ReapArgs),
     Farm(farm::FarmArgs),
     Agent(agent::AgentArgs),
@@ -81,6 +84,8 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
     match cli.command {
         Command::Plan(args) => plan::run(cli.repo, cli.config, args).await,
         Command::Build(args) => build::run(cli.repo, cli.config, args).await,
+        Command::Test(args) => oneoff::test(cli.repo, cli.config, args).await,
+        Command::Run(args) => oneoff::run(cli.repo, cli.config, args).await,
         Command::Reap(args) => reap::run(args).await,
         Command::Farm(args) => farm::run(args).await,
         Command::Agent(args) => agent::run(args).await,

@@ -21,6 +21,17 @@ use crate::farm::attempt::AttemptOutcome;
 use crate::farm::{BuildRecord, BuildResult, Controller, FarmEvent, Jobs, Teardown};
 use crate::protocol::{ImdsSettings, Job};
 
+/// What a remote command asks of the instance.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// Build (and test) what the plan says.
+    Build,
+    /// One test job of one project (building what it needs first), with extra arguments.
+    Test { project: String, job: String, args: Vec<String> },
+    /// A one-off command at the commit, after no builds.
+    Run { command: Vec<String> },
+}
+
 /// Re-plans before each attempt, so what an interrupted attempt pushed is skipped.
 struct Replan {
     repo_dir: Option<PathBuf>,
@@ -28,14 +39,21 @@ struct Replan {
     args: BuildArgs,
     build_id: String,
     first: Option<Planned>,
+    scope: Scope,
 }
 
-fn work_left(planned: &Planned) -> bool {
-    planned
-        .plan
-        .projects
-        .iter()
-        .any(|p| p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true)))
+fn work_left(planned: &Planned, scope: &Scope) -> bool {
+    let projects = &planned.plan.projects;
+    match scope {
+        Scope::Build => projects
+            .iter()
+            .any(|p| p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true))),
+        Scope::Test { project, job, .. } => projects
+            .iter()
+            .filter(|p| &p.name == project)
+            .any(|p| p.tests.iter().any(|t| &t.job == job && t.needs_run == Some(true))),
+        Scope::Run { .. } => true,
+    }
 }
 
 impl Replan {
@@ -57,6 +75,24 @@ impl Replan {
 
     fn job(&self, planned: &Planned) -> Result<Job, Error> {
         let mut job = local_job(planned, &self.args, &self.build_id, std::path::Path::new("/"))?;
+        match &self.scope {
+            Scope::Build => {}
+            Scope::Test { project, job: name, args } => {
+                for p in &mut job.projects {
+                    p.tests.retain(|t| &p.name == project && &t.job == name);
+                    for t in &mut p.tests {
+                        t.command.extend(args.iter().cloned());
+                    }
+                }
+            }
+            Scope::Run { command } => {
+                job.projects.clear();
+                job.run = vec![crate::protocol::JobCommand {
+                    name: "command".into(),
+                    command: command.clone(),
+                }];
+            }
+        }
         // On a rented instance: its own metadata service, and its deadline powers it off
         // (unless the settings say otherwise, as the local farm's do).
         job.imds = ImdsSettings::default();
@@ -69,7 +105,7 @@ impl Jobs for Replan {
     fn next_job(&mut self, attempt: u32) -> LocalBoxFuture<'_, Result<Option<Job>, String>> {
         async move {
             let planned = self.plan().await.map_err(|e| e.message.clone())?;
-            if !work_left(&planned) {
+            if !work_left(&planned, &self.scope) {
                 if attempt > 1 {
                     eprintln!("nothing left to do: earlier attempts pushed everything");
                 }
@@ -81,7 +117,7 @@ impl Jobs for Replan {
     }
 }
 
-pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs) -> Result<Exit, Error> {
+pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs, scope: Scope) -> Result<Exit, Error> {
     let planned = compute(PlanInputs {
         repo_dir: repo_dir.clone(),
         config: config.clone(),
@@ -92,9 +128,22 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         registry_auth: args.registry_auth,
     })
     .await?;
+    if let Scope::Test { project, job, .. } = &scope {
+        let jobs: Vec<&str> = planned.hashes.manifest.get(project).map(|m| m.tests.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
+        if !jobs.contains(&job.as_str()) {
+            let known = if jobs.is_empty() { "it has no test jobs".to_string() } else { format!("its jobs: {}", jobs.join(", ")) };
+            return Err(Error::new(Exit::Usage, format!("{project} has no test job `{job}`")).hint(known));
+        }
+    }
     // Decide before paying: no cloud call at all when everything exists.
-    if !work_left(&planned) {
-        eprintln!("nothing to build: every image and test tag already exists");
+    if !work_left(&planned, &scope) {
+        match &scope {
+            Scope::Test { project, job, .. } => {
+                let tag = planned.plan.projects.iter().find(|p| &p.name == project).and_then(|p| p.tests.iter().find(|t| &t.job == job)).map(|t| t.tag.clone());
+                eprintln!("skipped: {project} {job} already passed at this content ({})", tag.unwrap_or_default());
+            }
+            _ => eprintln!("nothing to build: every image and test tag already exists"),
+        }
         return Ok(Exit::Success);
     }
     let mut cfg = planned.config.clone();
@@ -156,6 +205,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         args,
         build_id: build_id.clone(),
         first: Some(planned),
+        scope,
     };
     if !json {
         eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);

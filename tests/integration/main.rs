@@ -5,6 +5,7 @@ mod agent;
 mod auth;
 mod cli;
 mod cloud;
+mod farm;
 mod hashing;
 mod manifest_errors;
 mod registry;

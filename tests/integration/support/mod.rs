@@ -2,7 +2,9 @@
 //! (a real docker-registry, the AWS emulator, scripted fake registries) that each test starts
 //! for itself and that stop when dropped, also when the test fails.
 
+pub mod docker;
 pub mod fake_registry;
+pub mod farm;
 pub mod fault_proxy;
 pub mod imds;
 pub mod repo;

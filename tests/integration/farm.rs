@@ -1,0 +1,297 @@
+//! End to end on the local farm: `spotbuild build`, `test` and the CI scripts against the
+//! emulated EC2 API, real hosts (network namespaces with sshd and the agent), a loopback
+//! registry and this machine's Docker engine. Each test runs its own farm and ends by
+//! checking that no instance and no host is left.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::docker::{docker_required, unique, Images, BUSYBOX};
+use crate::support::farm::LocalFarm;
+use crate::support::fault_proxy::{Fault, FaultProxy};
+use crate::support::repo::TestRepo;
+use crate::support::Run;
+
+/// `base` (busybox) <- `api` (with a test job) and `web`, with content unique to this run.
+/// `web_run` adds a RUN step to web (exec form: the image has no /bin/sh).
+fn farm_repo(web_run: Option<&str>, test_script: &str) -> TestRepo {
+    let repo = TestRepo::new();
+    let id = unique();
+    repo.write("base/Dockerfile", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY motd /etc/motd\n");
+    std::fs::copy(BUSYBOX, repo.path().join("base/busybox")).unwrap();
+    repo.write("base/motd", &format!("base {id}\n"));
+    repo.write("api/Dockerfile", "FROM base\nCOPY src /app\n");
+    repo.write("api/src/test.sh", test_script);
+    repo.write("api/src/main.txt", &format!("api {id}\n"));
+    let run = web_run.map(|r| format!("RUN {r}\n")).unwrap_or_default();
+    repo.write("web/Dockerfile", &format!("FROM base\n{run}COPY src /site\n"));
+    repo.write("web/src/index.html", &format!("<p>{id}</p>\n"));
+    repo.manifest(json!({
+        "base": {"buildDir": "base"},
+        "api": {"buildDir": "api", "dependencies": ["base"],
+                "tests": {"unit": {"command": ["/bin/busybox", "sh", "/app/test.sh"]}}},
+        "web": {"buildDir": "web", "dependencies": ["base"]}
+    }));
+    repo.commit("initial");
+    repo
+}
+
+const PASSING_TEST: &str = "echo api unit tests: 3 passed\n";
+
+fn tags(registry: &str, repo: &str) -> Vec<String> {
+    let url = format!("http://{registry}/v2/farm/{repo}/tags/list");
+    crate::support::services::runtime().block_on(async {
+        let r = reqwest::get(&url).await.unwrap();
+        if !r.status().is_success() {
+            return Vec::new();
+        }
+        let v: Value = r.json().await.unwrap();
+        v["tags"].as_array().map(|a| a.iter().filter_map(|t| t.as_str().map(String::from)).collect()).unwrap_or_default()
+    })
+}
+
+/// NDJSON lines of a `--json` run.
+fn events(stdout: &str) -> Vec<Value> {
+    stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn steps_started(ev: &[Value]) -> Vec<String> {
+    ev.iter()
+        .filter(|e| e["type"] == "step_start")
+        .filter_map(|e| e["step"].as_str().map(String::from))
+        .collect()
+}
+
+fn record(ev: &[Value]) -> Value {
+    ev.iter().find(|e| e["type"] == "build_record").expect("a build record")["record"].clone()
+}
+
+#[test]
+fn a_cold_build_then_no_change_then_one_file_changed() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let repo = farm_repo(None, PASSING_TEST);
+
+    // 1. Cold: everything is built and the test job passes, on one rented host.
+    let cold = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json"]));
+    assert_eq!(cold.code, 0, "{}\n{}", cold.stdout, cold.stderr);
+    let ev = events(&cold.stdout);
+    let r = record(&ev);
+    assert_eq!(r["result"], "success");
+    assert_eq!(r["attempts"].as_array().unwrap().len(), 1);
+    assert_eq!(r["attempts"][0]["market"], "spot");
+    let plan = crate::support::repo::hashes_of(&crate::support::spotbuild(repo.path()).args(["plan", "--offline", "--json"]).output().map(|o| serde_json::from_slice(&o.stdout).unwrap()).unwrap());
+    for p in ["base", "api", "web"] {
+        assert!(tags(&farm.registry(), p).contains(&format!("cache-{}", plan[p])), "{p} was pushed");
+    }
+    assert!(tags(&farm.registry(), "api").contains(&format!("cache-{}-unit", plan["api"])), "the test tag");
+    farm.assert_nothing_left();
+    let launched = farm.all_instances();
+
+    // 2. No change: nothing to do, no launch (not even an API call), well under 2 s.
+    let proxy = FaultProxy::start(&farm.ec2_endpoint());
+    let config = farm.config_with_endpoint(&proxy.endpoint());
+    let started = Instant::now();
+    let again = Run::of(farm.spotbuild(repo.path()).arg("--config").arg(&config).args(["build", "--all"]));
+    let took = started.elapsed();
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stderr.contains("nothing to build"), "{}", again.stderr);
+    assert!(took < Duration::from_secs(2), "a no-op build took {took:?}");
+    assert!(proxy.actions().is_empty(), "no EC2 call at all: {:?}", proxy.actions());
+    assert_eq!(farm.all_instances(), launched);
+
+    // 3. One file of web changed: only web is built, and its base layers come from cache.
+    repo.write("web/src/index.html", &format!("<p>changed {}</p>\n", unique()));
+    repo.commit("web: change");
+    let one = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json"]));
+    assert_eq!(one.code, 0, "{}\n{}", one.stdout, one.stderr);
+    let ev = events(&one.stdout);
+    let built: Vec<String> = steps_started(&ev).into_iter().filter(|s| s.ends_with(":build")).collect();
+    assert_eq!(built, ["web:build"]);
+    let end = ev.iter().find(|e| e["type"] == "step_end" && e["step"] == "web:build").unwrap();
+    assert_eq!(end["exit_code"], 0);
+    farm.assert_nothing_left();
+}
+
+#[test]
+fn an_interruption_notice_then_a_reclaim_gets_a_second_attempt_that_skips_what_was_pushed() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let repo = farm_repo(Some(r#"["/bin/busybox", "sleep", "8"]"#), PASSING_TEST);
+    let record_file = farm.dir.path().join("record.json");
+    let mut child = farm
+        .spotbuild(repo.path())
+        .args(["build", "--all", "--json", "--record"])
+        .arg(&record_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let instance = farm.wait_host(Duration::from_secs(60));
+    farm.wait_event(Duration::from_secs(60), |e| e["type"] == "step_start" && e["step"] == "web:build");
+    farm.post(&format!("/hosts/{instance}/interrupt?kill_after=5"));
+    let status = wait_child(&mut child, Duration::from_secs(180));
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    let r: Value = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
+    let attempts = r["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{r:#}");
+    assert_eq!(attempts[0]["outcome"], "interrupted");
+    assert_eq!(attempts[0]["instance_id"], instance.as_str());
+    assert_eq!(attempts[1]["outcome"], "success");
+    assert_ne!(attempts[1]["instance_id"], instance.as_str());
+    // The second attempt built only what the first had not pushed.
+    let second: Vec<String> = events(&out)
+        .iter()
+        .filter(|e| e["attempt"] == 2 && e["type"] == "step_start")
+        .filter_map(|e| e["step"].as_str().map(String::from))
+        .filter(|s| s.ends_with(":build"))
+        .collect();
+    assert_eq!(second, ["web:build"], "{out}");
+    farm.assert_nothing_left();
+}
+
+#[test]
+fn when_every_spot_pool_fails_the_build_runs_on_demand() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let repo = farm_repo(None, PASSING_TEST);
+    let proxy = FaultProxy::start(&farm.ec2_endpoint());
+    proxy.inject("CreateFleet", Some("DefaultTargetCapacityType=spot"), 1, Fault::FleetErrors { code: "InsufficientInstanceCapacity" });
+    let config = farm.config_with_endpoint(&proxy.endpoint());
+    let run = Run::of(farm.spotbuild(repo.path()).arg("--config").arg(&config).args(["build", "--all", "--json"]));
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let r = record(&events(&run.stdout));
+    assert_eq!(r["attempts"][0]["market"], "on-demand");
+    assert!(r["attempts"][0]["market_reason"].as_str().unwrap().contains("InsufficientInstanceCapacity"), "{r:#}");
+    farm.assert_nothing_left();
+}
+
+#[test]
+fn sigkill_leaves_the_instance_to_reap_and_sigterm_terminates_it_before_exiting() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let repo = farm_repo(Some(r#"["/bin/busybox", "sleep", "30"]"#), PASSING_TEST);
+
+    let mut killed = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let instance = farm.wait_host(Duration::from_secs(60));
+    farm.wait_event(Duration::from_secs(60), |e| e["type"] == "step_start");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(farm.live_instances(), [instance.clone()], "SIGKILL cannot tear down: the instance is left to reap");
+    let reap = Run::of(
+        crate::support::spotbuild(repo.path())
+            .args(["reap", "--older-than", "0s", "--json", "--region", "us-east-1"])
+            .env("SPOTBUILD_EC2_ENDPOINT", farm.ec2_endpoint())
+            .env("AWS_ACCESS_KEY_ID", "farm")
+            .env("AWS_SECRET_ACCESS_KEY", "farm"),
+    );
+    assert_eq!(reap.code, 0, "{}\n{}", reap.stdout, reap.stderr);
+    assert!(reap.stdout.contains(&instance), "{}", reap.stdout);
+    farm.assert_nothing_left();
+
+    let mut termed = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        if let Some(h) = farm.hosts().iter().find(|h| h["instance_id"] != instance.as_str()) {
+            break h["instance_id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no second host");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(termed.id() as i32, libc::SIGTERM) };
+    let status = wait_child(&mut termed, Duration::from_secs(60));
+    assert_eq!(status, Some(143));
+    // Terminated before the controller exited: no wait here.
+    assert!(!farm.live_instances().contains(&second), "SIGTERM must terminate {second} before exiting");
+    let mut err = String::new();
+    termed.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains(&format!("terminated {second}")), "{err}");
+    farm.assert_nothing_left();
+}
+
+#[test]
+fn a_failing_test_job_fails_the_ci_step_through_tee_with_its_logs() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let repo = farm_repo(None, "echo 'api unit: expected 2, got 3'\nexit 1\n");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cond_spot_run_tests");
+    let log = farm.dir.path().join("ci.log");
+    let out = Command::new("bash")
+        .args(["-eo", "pipefail", "-c"])
+        .arg(format!("{} api unit | tee {}", script.display(), log.display()))
+        .current_dir(repo.path())
+        .env("SPOTBUILD", env!("CARGO_BIN_EXE_spotbuild"))
+        .env("SPOTBUILD_CONFIG", farm.config())
+        .env("AWS_ACCESS_KEY_ID", "farm")
+        .env("AWS_SECRET_ACCESS_KEY", "farm")
+        .env("TMPDIR", farm.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = std::fs::read_to_string(&log).unwrap();
+    assert!(shown.contains("api unit: expected 2, got 3"), "the job's output is in the log:\n{shown}");
+    assert!(shown.contains("api:test:unit"), "{shown}");
+    let plan = crate::support::repo::hashes_of(&crate::support::spotbuild(repo.path()).args(["plan", "--offline", "--json"]).output().map(|o| serde_json::from_slice(&o.stdout).unwrap()).unwrap());
+    assert!(!tags(&farm.registry(), "api").contains(&format!("cache-{}-unit", plan["api"])), "no test tag for a failure");
+    farm.assert_nothing_left();
+}
+
+#[test]
+fn a_cut_connection_is_resumed_and_no_line_is_lost() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let slow = r#"["/bin/busybox", "sh", "-c", "for i in $(/bin/busybox seq 1 40); do echo line-$i; /bin/busybox sleep 0.1; done"]"#;
+    let repo = farm_repo(Some(slow), PASSING_TEST);
+    let mut child = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let instance = farm.wait_host(Duration::from_secs(60));
+    farm.wait_event(Duration::from_secs(60), |e| e["line"].as_str().is_some_and(|l| l.ends_with("line-5")));
+    let said = farm.post(&format!("/hosts/{instance}/cut"));
+    assert!(!said.starts_with("0 "), "a connection was cut: {said}");
+    let status = wait_child(&mut child, Duration::from_secs(120));
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    let ev = events(&out);
+    assert!(ev.iter().any(|e| e["type"] == "controller" && e["detail"].as_str().unwrap_or("").starts_with("reconnected")), "{out}");
+    // Every agent event exactly once, in order, with no gap.
+    let seqs: Vec<u64> = ev.iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    for i in 1..=40 {
+        let n = ev.iter().filter(|e| e["line"].as_str().is_some_and(|l| l.ends_with(&format!(" line-{i}")))).count();
+        assert_eq!(n, 1, "line-{i} appears once");
+    }
+    farm.assert_nothing_left();
+}
+
+fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code().or_else(|| std::os::unix::process::ExitStatusExt::signal(&s).map(|s| 128 + s));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the build did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
