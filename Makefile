@@ -1,14 +1,15 @@
 # spotbuild's entry points. Each target installs what it needs (idempotently) first.
 #   make test   install the local farm's tools, then run every test
 #   make bench  planner figures on a generated 100k-file monorepo; event stream throughput
-#   make demo   plan and build examples/monorepo with a local registry and Docker
+#   make demo   a real farm build of examples/monorepo on the local farm (EC2 emulated,
+#               hosts in network namespaces, a loopback registry, this machine's Docker)
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 VENV := .venv
 SHARED ?= ../shared
 BENCH_REPO := target/bench/monorepo
-APT_PACKAGES := docker-registry openssh-server busybox-static git curl python3 python3-venv
+APT_PACKAGES := docker-registry openssh-server openssh-client iproute2 busybox-static git curl python3 python3-venv
 
 .PHONY: test bench demo farm-deps apt-deps venv build docker-check
 
@@ -18,8 +19,8 @@ test: farm-deps
 build:
 	cargo build --locked
 
-# The local farm: a registry v2 server, sshd and a static busybox from Debian, and the
-# AWS emulator (moto) in a project-local venv. Tests start their own instances of these.
+# The local farm: a registry v2 server, sshd, iproute2 and a static busybox from Debian,
+# and the AWS emulator (moto) in a project-local venv. Tests start farms of their own.
 # The Docker engine cannot be installed from here; it must be running.
 farm-deps: apt-deps venv docker-check
 

@@ -347,8 +347,9 @@ impl Farm {
     async fn kill(&self, instance_id: &str) -> bool {
         let host = self.hosts.lock().await.remove(instance_id);
         let Some(mut h) = host else { return false };
-        h.destroy().await;
+        // As on EC2: the instance is reported shutting down by the time its host is gone.
         let _ = self.ec2.terminate_instances().instance_ids(instance_id).send().await;
+        h.destroy().await;
         true
     }
 }

@@ -20,7 +20,7 @@ pub type Lines = Pin<Box<dyn Stream<Item = std::io::Result<String>> + Send>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    #[error("failed to connect to {host} within {}: {last}", humantime::format_duration(*waited))]
+    #[error("failed to connect to {host} within {:.1}s: {last}", waited.as_secs_f64())]
     Connect {
         host: String,
         waited: std::time::Duration,
