@@ -50,6 +50,10 @@ pub enum FarmCommand {
         moto_server: Option<PathBuf>,
         #[arg(long, value_name = "REGION", default_value = "us-east-1")]
         region: String,
+        /// Bake a git mirror of this repository into the hosts' image, as an AMI would
+        /// have: builds then ship only the objects it lacks.
+        #[arg(long, value_name = "REPO")]
+        mirror: Option<PathBuf>,
         /// Bound on the farm becoming ready.
         #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -85,14 +89,15 @@ pub async fn run(args: FarmArgs) -> Result<Exit, Error> {
             moto_server,
             region,
             timeout,
+            mirror,
         } => {
             if subnet.octets()[3] != 0 {
                 return Err(Error::new(Exit::Usage, format!("--subnet {subnet} must end in .0 (a /24)")));
             }
             if foreground {
-                up(&args.dir, subnet, moto_server, region).await
+                up(&args.dir, subnet, moto_server, region, mirror).await
             } else {
-                up_background(&args.dir, subnet, moto_server, &region, timeout).await
+                up_background(&args.dir, subnet, moto_server, &region, timeout, mirror).await
             }
         }
         FarmCommand::Down { timeout } => down(&args.dir, timeout).await,
@@ -126,7 +131,7 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, region: String) -> Result<Exit, Error> {
+async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, region: String, mirror: Option<PathBuf>) -> Result<Exit, Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", dir.display())))?;
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let settings = Settings {
@@ -138,6 +143,7 @@ async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, regio
         agent: std::env::current_exe().map_err(|e| Error::new(Exit::Failed, format!("failed to find this program: {e}")))?,
         region,
         poll: Duration::from_millis(250),
+        mirror_of: mirror,
     };
     localfarm::run(settings, super::signals::stop(), |s| {
         eprintln!("farm up: EC2 {} · registry {} · subnet {} · config {}", s.ec2_endpoint, s.registry, s.subnet_cidr, s.config.display());
@@ -164,6 +170,7 @@ async fn up_background(
     moto: Option<PathBuf>,
     region: &str,
     timeout: Duration,
+    mirror: Option<PathBuf>,
 ) -> Result<Exit, Error> {
     use std::os::unix::process::CommandExt;
     if let Some(s) = localfarm::read_state(dir).filter(|s| localfarm::pid_alive(s.pid)) {
@@ -178,6 +185,9 @@ async fn up_background(
     cmd.arg("farm").arg("--dir").arg(dir).args(["up", "--foreground", "--subnet", &subnet.to_string(), "--region", region]);
     if let Some(m) = moto {
         cmd.arg("--moto-server").arg(m);
+    }
+    if let Some(m) = mirror {
+        cmd.arg("--mirror").arg(std::fs::canonicalize(&m).unwrap_or(m));
     }
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(|e| Error::new(Exit::Failed, e.to_string()))?)

@@ -253,11 +253,13 @@ impl Controller {
                 return run.record;
             }
             let before = state.phase;
+            let phase = state.phase;
+            let quiet = matches!(action, Action::StartAndFollow | Action::Resume);
             let observation = if matches!(action, Action::Terminate) {
                 // Teardown is not bounded by the build's deadline: it must happen.
-                run.act(&action).await
+                self.progress(n, phase, quiet, run.act(&action)).await
             } else {
-                match tokio::time::timeout_at(self.deadline, run.act(&action)).await {
+                match tokio::time::timeout_at(self.deadline, self.progress(n, phase, quiet, run.act(&action))).await {
                     Ok(o) => o,
                     Err(_) => Observation::Deadline,
                 }
@@ -269,6 +271,23 @@ impl Controller {
             }
             state = next_state;
             action = next_action;
+        }
+    }
+
+    /// Runs one action; a long wait says every 10 s that it is still waiting (the agent's
+    /// own events and heartbeats do that while it runs, hence `quiet`).
+    async fn progress(&self, n: u32, phase: Phase, quiet: bool, act: impl std::future::Future<Output = Observation>) -> Observation {
+        tokio::pin!(act);
+        let every = Duration::from_secs(10);
+        let started = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval_at(started + every, every);
+        loop {
+            tokio::select! {
+                o = &mut act => return o,
+                _ = tick.tick(), if !quiet => {
+                    self.say(n, phase, format!("… still {} after {}s", phase_name(phase), started.elapsed().as_secs()));
+                }
+            }
         }
     }
 
@@ -656,6 +675,19 @@ impl Controller {
             MarketPolicy::OnDemand => "on-demand only",
             MarketPolicy::SpotThenOnDemand => "spot, then on-demand",
         }
+    }
+}
+
+fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Launching => "launching",
+        Phase::Booting => "booting",
+        Phase::Connecting => "connecting",
+        Phase::Shipping => "shipping",
+        Phase::Running => "running",
+        Phase::Collecting => "collecting",
+        Phase::Terminating => "terminating",
+        Phase::Done => "done",
     }
 }
 

@@ -46,6 +46,9 @@ pub struct Settings {
     pub region: String,
     /// How often the farm looks at the emulator for instances to back or remove.
     pub poll: Duration,
+    /// A repository to bake into the "image" as its git mirror, so builds ship only what
+    /// the mirror lacks (as an AMI baked with `ami/` would).
+    pub mirror_of: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -153,6 +156,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
         netns::delete_link(&bridge);
     }
     std::fs::create_dir_all(settings.dir.join("hosts")).map_err(|e| start_err("create the farm directory", e))?;
+    let mirror = settings.dir.join("mirror.git");
+    let _ = std::fs::remove_dir_all(&mirror);
+    if let Some(repo) = &settings.mirror_of {
+        let out = std::process::Command::new("git")
+            .args(["clone", "-q", "--mirror"])
+            .arg(repo)
+            .arg(&mirror)
+            .output()
+            .map_err(|e| start_err("run git", e))?;
+        if !out.status.success() {
+            return Err(start_err("bake the git mirror", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+    }
 
     let moto_port = free_port();
     let _moto = spawn(
@@ -444,6 +460,7 @@ running_timeout = "30s"
 user = "root"
 agent = "{agent}"
 workdir = "{work}"
+mirror = "{mirror}"
 allow_cidrs = ["{cidr}"]
 connect_timeout = "30s"
 # A host shares this machine's kernel: at a deadline it must not power the machine off.
@@ -458,6 +475,7 @@ shutdown_command = []
         ami = st.ami,
         agent = s.agent.display(),
         work = s.dir.join("work").display(),
+        mirror = s.dir.join("mirror.git").display(),
         cidr = st.subnet_cidr,
     )
 }

@@ -282,6 +282,31 @@ fn a_cut_connection_is_resumed_and_no_line_is_lost() {
     farm.assert_nothing_left();
 }
 
+#[test]
+fn with_a_baked_mirror_only_what_it_lacks_is_shipped() {
+    docker_required();
+    let repo = farm_repo(None, PASSING_TEST);
+    // Enough history that a full bundle is clearly bigger than one commit's worth.
+    for i in 0..20 {
+        repo.write(&format!("docs/page{i}.md"), &format!("{}\n", unique().repeat(200)));
+        repo.commit(&format!("docs {i}"));
+    }
+    let farm = LocalFarm::start_with(Some(repo.path()));
+    let _images = Images::for_host(&farm.registry());
+    repo.write("web/src/index.html", &format!("<p>after the image was baked {}</p>\n", unique()));
+    repo.commit("web: change");
+    let run = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json"]));
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let r = record(&events(&run.stdout));
+    assert_eq!(r["attempts"][0]["thin_bundle"], true, "{r:#}");
+    let shipped = r["attempts"][0]["shipped_bytes"].as_u64().unwrap();
+    let full = farm.dir.path().join("full.bundle");
+    repo.git(&["bundle", "create", "-q", full.to_str().unwrap(), "HEAD"]);
+    let full = std::fs::metadata(&full).unwrap().len();
+    assert!(shipped * 10 < full, "shipped {shipped} bytes; a full bundle is {full}");
+    farm.assert_nothing_left();
+}
+
 fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
     loop {

@@ -33,6 +33,11 @@ fn moto_server() -> PathBuf {
 
 impl LocalFarm {
     pub fn start() -> LocalFarm {
+        LocalFarm::start_with(None)
+    }
+
+    /// A farm whose hosts have a git mirror of `mirror_of` baked in.
+    pub fn start_with(mirror_of: Option<&Path>) -> LocalFarm {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "the local farm needs root (network namespaces); `make test` runs as root in CI");
         for p in ["/usr/sbin/sshd", "/usr/bin/docker-registry"] {
@@ -48,8 +53,11 @@ impl LocalFarm {
             .arg(dir.path())
             .args(["up", "--foreground", "--subnet", &format!("10.251.{octet}.0")])
             .arg("--moto-server")
-            .arg(moto_server())
-            .stdin(Stdio::null())
+            .arg(moto_server());
+        if let Some(m) = mirror_of {
+            cmd.arg("--mirror").arg(m);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         // SAFETY: prctl in the child before exec.
