@@ -1,6 +1,7 @@
 # spotbuild's entry points. Each target installs what it needs (idempotently) first.
 #   make test   install the local farm's tools, then run every test
-#   make bench  planner figures on a generated 100k-file monorepo; event stream throughput
+#   make bench  planner figures on a generated 100k-file monorepo; event stream throughput;
+#               the controller's overhead and the bytes it ships for a one-file change
 #   make demo   a real farm build of examples/monorepo on the local farm (EC2 emulated,
 #               hosts in network namespaces, a loopback registry, this machine's Docker)
 
@@ -44,10 +45,11 @@ $(VENV)/.installed:
 	$(VENV)/bin/pip install -q --disable-pip-version-check 'moto[server]'
 	touch $@
 
-bench: apt-deps
+bench: farm-deps
 	cargo build --locked --release
 	scripts/bench-plan --shared $(SHARED) --repo $(BENCH_REPO) --binary target/release/spotbuild
 	scripts/bench-events --binary target/release/spotbuild
+	scripts/bench-controller --binary target/release/spotbuild
 
 demo: farm-deps build
 	scripts/demo
