@@ -97,20 +97,26 @@ pub struct BuildArgs {
     pub record: Option<PathBuf>,
 }
 
+impl BuildArgs {
+    /// What `plan` needs to plan this build.
+    pub fn plan_inputs(&self, repo_dir: Option<PathBuf>, config: Option<PathBuf>) -> PlanInputs<'_> {
+        PlanInputs {
+            repo_dir,
+            config,
+            projects: &self.projects,
+            commit: &self.commit,
+            offline: false,
+            registry: self.registry.as_deref(),
+            registry_auth: self.registry_auth,
+        }
+    }
+}
+
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs) -> Result<Exit, Error> {
     if !args.local {
         return super::remote::build(repo_dir, config, args, super::remote::Scope::Build).await;
     }
-    let planned = compute(PlanInputs {
-        repo_dir,
-        config,
-        projects: &args.projects,
-        commit: &args.commit,
-        offline: false,
-        registry: args.registry.as_deref(),
-        registry_auth: args.registry_auth,
-    })
-    .await?;
+    let planned = compute(args.plan_inputs(repo_dir, config)).await?;
     let work = planned
         .plan
         .projects

@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::error::{Error, Exit};
 use crate::cloud::aws::AwsCloud;
-use crate::cloud::reap::{decide, Decision};
+use crate::cloud::reap::{decide, orphaned_requests, Decision, RequestVerdict};
 use crate::cloud::Cloud;
 
 const REAP_AFTER_HELP: &str = "\
@@ -17,7 +17,9 @@ Examples:
   spotbuild reap                         terminate expired spotbuild instances
   spotbuild reap --older-than 6h --json  also anything launched over 6 hours ago
 
-Only instances tagged spotbuild:build-id are considered. Every launch carries
+Only instances tagged spotbuild:build-id are considered. Spot requests that are
+spotbuild's (tagged, or behind a spotbuild instance) are cancelled when their instance
+is gone, or when they stayed open with none for 10 minutes. Every launch carries
 spotbuild:expires-at and an on-instance shutdown timer; reap is the third line of
 defence, for a controller that was killed outright.";
 
@@ -60,20 +62,33 @@ pub async fn run(args: ReapArgs) -> Result<Exit, Error> {
     if !args.dry_run && !ids.is_empty() {
         cloud.terminate(&ids).await.map_err(cloud_error)?;
     }
+    // Spot requests left open after their instance (or with none): cancel them too.
+    let requests = cloud.list_spot_requests().await.map_err(cloud_error)?;
+    let orphans = orphaned_requests(&requests, &instances, SystemTime::now());
+    let request_ids: Vec<String> = orphans.iter().map(|v| v.request_id.clone()).collect();
+    if !args.dry_run && !request_ids.is_empty() {
+        cloud.cancel_spot_requests(&request_ids).await.map_err(cloud_error)?;
+    }
     if args.json {
         #[derive(serde::Serialize)]
         struct Out<'a> {
             dry_run: bool,
             #[serde(flatten)]
             decision: &'a Decision,
+            cancel_requests: &'a [RequestVerdict],
         }
         let out = Out {
             dry_run: args.dry_run,
             decision: &decision,
+            cancel_requests: &orphans,
         };
         println!("{}", serde_json::to_string_pretty(&out).expect("serialisable"));
     } else {
         print!("{}", render(&decision, args.dry_run));
+        let verb = if args.dry_run { "would cancel" } else { "cancelled" };
+        for v in &orphans {
+            println!("{verb} spot request {} ({})", v.request_id, v.reason);
+        }
     }
     Ok(Exit::Success)
 }

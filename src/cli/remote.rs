@@ -13,7 +13,7 @@ use futures::FutureExt;
 
 use super::build::{build_id, local_job, BuildArgs};
 use super::error::{Error, Exit};
-use super::plan::{compute, PlanInputs, Planned};
+use super::plan::{compute, Planned};
 use super::reporter::Reporter;
 use crate::cloud::aws::AwsCloud;
 use crate::cloud::Cloud;
@@ -61,16 +61,7 @@ impl Replan {
         if let Some(p) = self.first.take() {
             return Ok(p);
         }
-        compute(PlanInputs {
-            repo_dir: self.repo_dir.clone(),
-            config: self.config.clone(),
-            projects: &self.args.projects,
-            commit: &self.args.commit,
-            offline: false,
-            registry: self.args.registry.as_deref(),
-            registry_auth: self.args.registry_auth,
-        })
-        .await
+        compute(self.args.plan_inputs(self.repo_dir.clone(), self.config.clone())).await
     }
 
     fn job(&self, planned: &Planned) -> Result<Job, Error> {
@@ -118,16 +109,7 @@ impl Jobs for Replan {
 }
 
 pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs, scope: Scope) -> Result<Exit, Error> {
-    let planned = compute(PlanInputs {
-        repo_dir: repo_dir.clone(),
-        config: config.clone(),
-        projects: &args.projects,
-        commit: &args.commit,
-        offline: false,
-        registry: args.registry.as_deref(),
-        registry_auth: args.registry_auth,
-    })
-    .await?;
+    let planned = compute(args.plan_inputs(repo_dir.clone(), config.clone())).await?;
     if let Scope::Test { project, job, .. } = &scope {
         let jobs: Vec<&str> = planned.hashes.manifest.get(project).map(|m| m.tests.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
         if !jobs.contains(&job.as_str()) {
@@ -172,7 +154,11 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         .collect::<Vec<_>>()
         .join(",");
     let git_dir = planned.repo.git_dir().to_path_buf();
-    let local_dir = std::env::temp_dir().join(format!("spotbuild-{build_id}"));
+    // The SSH control socket lives in here: a Unix socket path must stay short.
+    let mut local_dir = std::env::temp_dir().join(format!("spotbuild-{build_id}"));
+    if !crate::transport::ssh::short_enough(&local_dir) {
+        local_dir = PathBuf::from("/tmp").join(format!("spotbuild-{build_id}"));
+    }
     crate::transport::keys::private_dir(&local_dir).map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
 
     let cloud: Arc<dyn Cloud> = Arc::new(AwsCloud::from_env(cfg.cloud.region.clone(), cfg.cloud.endpoint.clone()).await);

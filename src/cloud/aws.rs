@@ -66,7 +66,47 @@ impl AwsCloud {
         }
     }
 
-    /// Every instance carrying spotbuild's build-id tag that is not already gone.
+    /// Open and active spot requests (the reaper decides which are spotbuild's).
+    pub async fn list_spot_requests(&self) -> Result<Vec<super::reap::SpotRequest>, CloudFailure> {
+        let out = self
+            .ec2
+            .describe_spot_instance_requests()
+            .filters(
+                Filter::builder()
+                    .name("state")
+                    .set_values(Some(vec!["open".to_string(), "active".to_string()]))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| failure(&e, None))?;
+        Ok(out
+            .spot_instance_requests()
+            .iter()
+            .map(|r| super::reap::SpotRequest {
+                id: r.spot_instance_request_id().unwrap_or_default().to_string(),
+                instance_id: r.instance_id().map(String::from),
+                created_at: r.create_time().and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                tags: r.tags().iter().filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string()))).collect(),
+            })
+            .collect())
+    }
+
+    pub async fn cancel_spot_requests(&self, ids: &[String]) -> Result<(), CloudFailure> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.ec2
+            .cancel_spot_instance_requests()
+            .set_spot_instance_request_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| failure(&e, None))
+    }
+
+    /// Every instance carrying spotbuild's build-id tag (terminated ones too, which EC2
+    /// lists for a while: the reaper matches spot requests to them).
     pub async fn list_spotbuild_instances(&self) -> Result<Vec<Observed>, CloudFailure> {
         let mut out = Vec::new();
         let mut pages = self
@@ -77,7 +117,7 @@ impl AwsCloud {
                 Filter::builder()
                     .name("instance-state-name")
                     .set_values(Some(
-                        ["pending", "running", "stopping", "stopped", "shutting-down"].map(String::from).to_vec(),
+                        ["pending", "running", "stopping", "stopped", "shutting-down", "terminated"].map(String::from).to_vec(),
                     ))
                     .build(),
             )

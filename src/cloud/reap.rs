@@ -67,6 +67,57 @@ pub fn decide(instances: &[Observed], now: SystemTime, older_than: Option<Durati
     d
 }
 
+/// An open or active spot request, as EC2 reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpotRequest {
+    pub id: String,
+    pub instance_id: Option<String>,
+    pub created_at: Option<SystemTime>,
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestVerdict {
+    pub request_id: String,
+    pub instance_id: Option<String>,
+    pub reason: String,
+}
+
+/// How long an unfulfilled request may stay open before it counts as orphaned (a launch
+/// in flight has one for a moment).
+pub const OPEN_REQUEST_GRACE: Duration = Duration::from_secs(600);
+
+/// Spot requests to cancel: spotbuild's (tagged itself, or its instance is) whose instance
+/// is ending or gone, or that stayed open without an instance past the grace. `instances`
+/// are spotbuild's instances in any state. Nothing else is ever touched.
+pub fn orphaned_requests(requests: &[SpotRequest], instances: &[Observed], now: SystemTime) -> Vec<RequestVerdict> {
+    let mut out = Vec::new();
+    for r in requests {
+        let instance = r.instance_id.as_ref().and_then(|id| instances.iter().find(|o| &o.instance_id == id));
+        let ours = r.tags.contains_key(tags::BUILD_ID) || instance.is_some();
+        if !ours {
+            continue;
+        }
+        let verdict = |reason: String| RequestVerdict {
+            request_id: r.id.clone(),
+            instance_id: r.instance_id.clone(),
+            reason,
+        };
+        match (&r.instance_id, instance) {
+            (Some(_), Some(o)) if o.ending() => out.push(verdict("its instance is terminated".into())),
+            (Some(_), Some(_)) => {}
+            (Some(id), None) => out.push(verdict(format!("its instance {id} is gone"))),
+            (None, _) => {
+                let age = r.created_at.and_then(|t| now.duration_since(t).ok());
+                if age.is_some_and(|a| a > OPEN_REQUEST_GRACE) {
+                    out.push(verdict(format!("open without an instance for {}", humantime::format_duration(Duration::from_secs(age.unwrap_or_default().as_secs())))));
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -112,5 +163,31 @@ mod tests {
 
         let d = decide(&list, now, Some(Duration::from_secs(3600)));
         assert_eq!(ids(&d.terminate), ["i-expired", "i-untimed"], "--older-than reaps by age too, never i-foreign");
+    }
+
+    #[test]
+    fn only_spotbuild_requests_whose_instance_ended_or_never_came_are_cancelled() {
+        let now = at(10_000);
+        let ours = |id: &str| instance(id, &[(tags::BUILD_ID, "b1".into())], InstanceState::Running, at(0));
+        let mut ended = ours("i-ended");
+        ended.state = InstanceState::Terminated;
+        let instances = vec![ours("i-live"), ended];
+        let req = |id: &str, inst: Option<&str>, tagged: bool, created: u64| SpotRequest {
+            id: id.into(),
+            instance_id: inst.map(String::from),
+            created_at: Some(at(created)),
+            tags: if tagged { BTreeMap::from([(tags::BUILD_ID.to_string(), "b1".to_string())]) } else { BTreeMap::new() },
+        };
+        let requests = vec![
+            req("sir-live", Some("i-live"), false, 0),
+            req("sir-ended", Some("i-ended"), false, 0),
+            req("sir-gone", Some("i-gone"), true, 0),
+            req("sir-foreign", Some("i-db"), false, 0),
+            req("sir-stuck", None, true, 0),
+            req("sir-in-flight", None, true, 9_990),
+            req("sir-foreign-open", None, false, 0),
+        ];
+        let got: Vec<String> = orphaned_requests(&requests, &instances, now).into_iter().map(|v| v.request_id).collect();
+        assert_eq!(got, ["sir-ended", "sir-gone", "sir-stuck"]);
     }
 }

@@ -71,7 +71,7 @@ pub enum FarmError {
     NotRoot,
     #[error("{} is not installed", .0.display())]
     Missing(PathBuf),
-    #[error("another farm is using subnet {0} (bridge {1} exists); stop it with `spotbuild farm down`, or pick another --subnet")]
+    #[error("another farm is using subnet {0} (bridge {1}); stop it with `spotbuild farm down`, or pick another --subnet")]
     SubnetInUse(String, String),
     #[error("failed to {what}: {message}")]
     Start { what: String, message: String },
@@ -144,15 +144,20 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
     }
     let prefix = prefix_for(settings.subnet);
     let bridge = format!("{prefix}br");
+    // One farm per subnet on this machine, whatever its directory: the owner's pid is
+    // kept under /run, and a live owner is never disturbed.
+    let owner = PathBuf::from(format!("/run/spotbuild-{prefix}.pid"));
+    let other = std::fs::read_to_string(&owner).ok().and_then(|p| p.trim().parse::<u32>().ok());
+    if other.is_some_and(|p| p != std::process::id() && pid_alive(p)) {
+        return Err(FarmError::SubnetInUse(format!("{}/24", settings.subnet), bridge));
+    }
+    std::fs::write(&owner, std::process::id().to_string()).map_err(|e| start_err("record the farm's owner", e))?;
+    let _owner = RemoveOnDrop(owner);
     // What a killed farm on this subnet left behind.
     for ns in netns::namespaces_with_prefix(&format!("{prefix}-")) {
         netns::delete_host(&ns, "");
     }
     if netns::link_exists(&bridge) {
-        let alive = read_state(&settings.dir).is_some_and(|s| pid_alive(s.pid));
-        if alive {
-            return Err(FarmError::SubnetInUse(format!("{}/24", settings.subnet), bridge));
-        }
         netns::delete_link(&bridge);
     }
     std::fs::create_dir_all(settings.dir.join("hosts")).map_err(|e| start_err("create the farm directory", e))?;
@@ -522,6 +527,14 @@ pub async fn ec2_client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
 fn with_last(a: Ipv4Addr, last: u8) -> Ipv4Addr {
     let o = a.octets();
     Ipv4Addr::new(o[0], o[1], o[2], last)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 struct BridgeGuard(String);

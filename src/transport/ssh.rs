@@ -134,6 +134,22 @@ impl SshTransport {
         }
     }
 
+    /// Starts `argv` on the instance with stdout piped (the program and each argument are
+    /// shell-quoted by `openssh`).
+    async fn spawn(&self, argv: &[String], stdin: Stdio, stderr: Stdio) -> Result<openssh::Child<Arc<Session>>, TransportError> {
+        let session = self.current().await?;
+        let (program, args) = argv.split_first().expect("a command");
+        session
+            .arc_command(program.as_str())
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .await
+            .map_err(|e| self.io(e))
+    }
+
     pub fn target(&self) -> &SshTarget {
         &self.target
     }
@@ -142,17 +158,7 @@ impl SshTransport {
 impl Transport for SshTransport {
     fn exec<'a>(&'a self, argv: &'a [String], stdin: Vec<u8>) -> BoxFuture<'a, Result<Vec<u8>, TransportError>> {
         Box::pin(async move {
-            let session = self.current().await?;
-            let (program, args) = argv.split_first().expect("a command");
-            let mut child = session
-                .arc_command(program.as_str())
-                .args(args)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .await
-                .map_err(|e| self.io(e))?;
+            let mut child = self.spawn(argv, Stdio::piped(), Stdio::piped()).await?;
             let mut input = child.stdin().take().expect("piped");
             let write = async move {
                 let r = input.write_all(&stdin).await;
@@ -176,17 +182,7 @@ impl Transport for SshTransport {
 
     fn stream<'a>(&'a self, argv: &'a [String]) -> BoxFuture<'a, Result<Lines, TransportError>> {
         Box::pin(async move {
-            let session = self.current().await?;
-            let (program, args) = argv.split_first().expect("a command");
-            let mut child = session
-                .arc_command(program.as_str())
-                .args(args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .await
-                .map_err(|e| self.io(e))?;
+            let mut child = self.spawn(argv, Stdio::null(), Stdio::null()).await?;
             let stdout = child.stdout().take().expect("piped");
             // The child lives as long as the stream and is reaped when its output ends.
             let state = (BufReader::new(stdout).lines(), Some(child));
@@ -229,7 +225,8 @@ impl Transport for SshTransport {
     }
 }
 
-/// The control directory must be short: unix socket paths are limited to ~100 bytes.
+/// Whether a build directory leaves room for the control socket under it (`<dir>/a1/
+/// .ssh-connectionXXXXXX/master`): Unix socket paths are limited to 108 bytes.
 pub fn short_enough(dir: &Path) -> bool {
     dir.as_os_str().len() < 60
 }

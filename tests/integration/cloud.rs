@@ -305,6 +305,75 @@ fn reap_terminates_expired_spotbuild_instances_only() {
 }
 
 #[test]
+fn reap_cancels_spot_requests_left_behind_by_spotbuild_only() {
+    let rt = runtime();
+    let f = farm(&rt);
+    let (ours, foreign, foreign_instance) = rt.block_on(async {
+        let request = |tagged: bool| {
+            let mut r = f
+                .ec2
+                .request_spot_instances()
+                .instance_count(1)
+                .launch_specification(
+                    aws_sdk_ec2::types::RequestSpotLaunchSpecification::builder()
+                        .image_id(&f.image)
+                        .instance_type(InstanceType::T3Micro)
+                        .subnet_id(&f.subnet)
+                        .build(),
+                );
+            if tagged {
+                r = r.tag_specifications(
+                    TagSpecification::builder()
+                        .resource_type(ResourceType::SpotInstancesRequest)
+                        .tags(Tag::builder().key("spotbuild:build-id").value("b-orphan").build())
+                        .build(),
+                );
+            }
+            r.send()
+        };
+        let ours = request(true).await.unwrap().spot_instance_requests()[0].spot_instance_request_id().unwrap().to_string();
+        let foreign = request(false).await.unwrap().spot_instance_requests()[0].spot_instance_request_id().unwrap().to_string();
+        // Whatever instances the requests got: ours ends, as after a controller was killed.
+        let seen = f.ec2.describe_spot_instance_requests().send().await.unwrap();
+        let instance_of = |id: &str| {
+            seen.spot_instance_requests().iter().find(|r| r.spot_instance_request_id() == Some(id)).and_then(|r| r.instance_id()).map(String::from)
+        };
+        if let Some(i) = instance_of(&ours) {
+            f.ec2.terminate_instances().instance_ids(i).send().await.unwrap();
+        }
+        let foreign_instance = instance_of(&foreign);
+        (ours, foreign, foreign_instance)
+    });
+    let run = Run::of(
+        spotbuild(std::path::Path::new("/"))
+            .args(["reap", "--json"])
+            .env("AWS_ENDPOINT_URL", f.proxy.endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true"),
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    let cancelled: Vec<&str> = v["cancel_requests"].as_array().unwrap().iter().filter_map(|r| r["request_id"].as_str()).collect();
+    assert_eq!(cancelled, [ours.as_str()], "{}", run.stdout);
+    rt.block_on(async {
+        let seen = f.ec2.describe_spot_instance_requests().send().await.unwrap();
+        let state = |id: &str| {
+            seen.spot_instance_requests().iter().find(|r| r.spot_instance_request_id() == Some(id)).and_then(|r| r.state()).map(|s| s.as_str().to_string())
+        };
+        // The emulator forgets cancelled requests; EC2 lists them as cancelled for a while.
+        assert!(matches!(state(&ours).as_deref(), None | Some("cancelled")), "{:?}", state(&ours));
+        assert!(matches!(state(&foreign).as_deref(), Some("open" | "active")), "never a request that is not spotbuild's");
+        // Clean up what this test started.
+        f.ec2.cancel_spot_instance_requests().spot_instance_request_ids(foreign.clone()).send().await.unwrap();
+        if let Some(i) = foreign_instance {
+            f.ec2.terminate_instances().instance_ids(i).send().await.unwrap();
+        }
+    });
+}
+
+#[test]
 fn reap_without_permission_says_what_it_needs() {
     let rt = runtime();
     let f = farm(&rt);

@@ -125,7 +125,7 @@ fn an_interruption_notice_then_a_reclaim_gets_a_second_attempt_that_skips_what_w
     let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(Some(r#"["/bin/busybox", "sleep", "8"]"#), PASSING_TEST);
     let record_file = farm.dir.path().join("record.json");
-    let mut child = farm
+    let child = farm
         .spotbuild(repo.path())
         .args(["build", "--all", "--json", "--record"])
         .arg(&record_file)
@@ -136,11 +136,7 @@ fn an_interruption_notice_then_a_reclaim_gets_a_second_attempt_that_skips_what_w
     let instance = farm.wait_host(Duration::from_secs(60));
     farm.wait_event(Duration::from_secs(60), |e| e["type"] == "step_start" && e["step"] == "web:build");
     farm.post(&format!("/hosts/{instance}/interrupt?kill_after=5"));
-    let status = wait_child(&mut child, Duration::from_secs(180));
-    let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let (status, out, err) = finish(child, Duration::from_secs(180));
     assert_eq!(status, Some(0), "{out}\n{err}");
     let r: Value = serde_json::from_slice(&std::fs::read(&record_file).unwrap()).unwrap();
     let attempts = r["attempts"].as_array().unwrap();
@@ -259,16 +255,12 @@ fn a_cut_connection_is_resumed_and_no_line_is_lost() {
     let _images = Images::for_host(&farm.registry());
     let slow = r#"["/bin/busybox", "sh", "-c", "for i in $(/bin/busybox seq 1 40); do echo line-$i; /bin/busybox sleep 0.1; done"]"#;
     let repo = farm_repo(Some(slow), PASSING_TEST);
-    let mut child = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let child = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let instance = farm.wait_host(Duration::from_secs(60));
     farm.wait_event(Duration::from_secs(60), |e| e["line"].as_str().is_some_and(|l| l.ends_with("line-5")));
     let said = farm.post(&format!("/hosts/{instance}/cut"));
     assert!(!said.starts_with("0 "), "a connection was cut: {said}");
-    let status = wait_child(&mut child, Duration::from_secs(120));
-    let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let (status, out, err) = finish(child, Duration::from_secs(120));
     assert_eq!(status, Some(0), "{out}\n{err}");
     let ev = events(&out);
     assert!(ev.iter().any(|e| e["type"] == "controller" && e["detail"].as_str().unwrap_or("").starts_with("reconnected")), "{out}");
@@ -305,6 +297,22 @@ fn with_a_baked_mirror_only_what_it_lacks_is_shipped() {
     let full = std::fs::metadata(&full).unwrap().len();
     assert!(shipped * 10 < full, "shipped {shipped} bytes; a full bundle is {full}");
     farm.assert_nothing_left();
+}
+
+/// Waits for a build started with piped output; its exit code and what it printed.
+/// Output is drained while it runs, so a full pipe never stalls the build.
+fn finish(mut child: std::process::Child, limit: Duration) -> (Option<i32>, String, String) {
+    fn drain(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    }
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let status = wait_child(&mut child, limit);
+    (status, out.join().unwrap(), err.join().unwrap())
 }
 
 fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
