@@ -31,7 +31,7 @@ project's cache-<hash> image. Each build uses the project's branch and main-bran
 as cache sources. A passed test job tags the image cache-<hash>-<job>.
 Exit code: 0 success, 1 a build or test failed, 6 interrupted.";
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 #[command(about = "Build (and test) what the plan says needs it", after_help = BUILD_AFTER_HELP)]
 pub struct BuildArgs {
     /// Projects to build, with their dependencies [default: all].
@@ -92,9 +92,15 @@ pub struct BuildArgs {
     #[arg(long, value_enum, value_name = "POLICY")]
     pub market: Option<crate::cloud::MarketPolicy>,
 
-    /// Also write the build's record (attempts, instances, prices, phases) to FILE as JSON.
+    /// Also write the build's record (attempts, instances, prices, phases) to FILE as JSON
+    /// (an array of records, one per instance, with --max-instances above 1).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+
+    /// Spread independent parts of the dependency graph over up to N instances
+    /// [default: `[remote] max_instances`, 1].
+    #[arg(long, value_name = "N")]
+    pub max_instances: Option<u32>,
 }
 
 impl BuildArgs {

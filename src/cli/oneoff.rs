@@ -93,6 +93,7 @@ fn build_args(projects: Vec<String>, f: RemoteFlags) -> BuildArgs {
         cpus: f.cpus,
         market: f.market,
         record: f.record,
+        max_instances: None,
     }
 }
 

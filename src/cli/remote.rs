@@ -18,6 +18,7 @@ use super::reporter::Reporter;
 use crate::cloud::aws::AwsCloud;
 use crate::cloud::Cloud;
 use crate::farm::attempt::AttemptOutcome;
+use crate::farm::spread::{self, Node};
 use crate::farm::{BuildRecord, BuildResult, Controller, FarmEvent, Jobs, Teardown};
 use crate::protocol::{ImdsSettings, Job};
 
@@ -40,20 +41,18 @@ struct Replan {
     build_id: String,
     first: Option<Planned>,
     scope: Scope,
+    /// With `--max-instances`: the projects this instance's share of the build covers.
+    only: Option<Vec<String>>,
 }
 
-fn work_left(planned: &Planned, scope: &Scope) -> bool {
-    let projects = &planned.plan.projects;
-    match scope {
-        Scope::Build => projects
+fn work_left(planned: &Planned, scope: &Scope, only: Option<&[String]>) -> bool {
+    matches!(scope, Scope::Run { .. })
+        || planned
+            .plan
+            .projects
             .iter()
-            .any(|p| p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true))),
-        Scope::Test { project, job, .. } => projects
-            .iter()
-            .filter(|p| &p.name == project)
-            .any(|p| p.tests.iter().any(|t| &t.job == job && t.needs_run == Some(true))),
-        Scope::Run { .. } => true,
-    }
+            .filter(|p| only.is_none_or(|o| o.contains(&p.name)))
+            .any(|p| work_left_for(p, scope))
 }
 
 impl Replan {
@@ -66,6 +65,9 @@ impl Replan {
 
     fn job(&self, planned: &Planned) -> Result<Job, Error> {
         let mut job = local_job(planned, &self.args, &self.build_id, std::path::Path::new("/"))?;
+        if let Some(only) = &self.only {
+            job.projects.retain(|p| only.contains(&p.name));
+        }
         match &self.scope {
             Scope::Build => {}
             Scope::Test { project, job: name, args } => {
@@ -96,7 +98,7 @@ impl Jobs for Replan {
     fn next_job(&mut self, attempt: u32) -> LocalBoxFuture<'_, Result<Option<Job>, String>> {
         async move {
             let planned = self.plan().await.map_err(|e| e.message.clone())?;
-            if !work_left(&planned, &self.scope) {
+            if !work_left(&planned, &self.scope, self.only.as_deref()) {
                 if attempt > 1 {
                     eprintln!("nothing left to do: earlier attempts pushed everything");
                 }
@@ -118,7 +120,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         }
     }
     // Decide before paying: no cloud call at all when everything exists.
-    if !work_left(&planned, &scope) {
+    if !work_left(&planned, &scope, None) {
         match &scope {
             Scope::Test { project, job, .. } => {
                 let tag = planned.plan.projects.iter().find(|p| &p.name == project).and_then(|p| p.tests.iter().find(|t| &t.job == job)).map(|t| t.tag.clone());
@@ -145,58 +147,95 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
     }
     let build_id = build_id();
     let commit = planned.plan.commit.clone();
-    let project = planned
+    let git_dir = planned.repo.git_dir().to_path_buf();
+    // Independent parts of the graph may go to separate instances.
+    let max_instances = args.max_instances.unwrap_or(cfg.remote.max_instances).max(1) as usize;
+    let nodes: Vec<Node> = planned
         .plan
         .projects
         .iter()
-        .filter(|p| p.needs_build == Some(true))
-        .map(|p| p.name.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    let git_dir = planned.repo.git_dir().to_path_buf();
-    // The SSH control socket lives in here: a Unix socket path must stay short.
-    let mut local_dir = std::env::temp_dir().join(format!("spotbuild-{build_id}"));
-    if !crate::transport::ssh::short_enough(&local_dir) {
-        local_dir = PathBuf::from("/tmp").join(format!("spotbuild-{build_id}"));
-    }
-    crate::transport::keys::private_dir(&local_dir).map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
-
+        .map(|p| Node {
+            name: p.name.clone(),
+            dependencies: p.dependencies.clone(),
+            work: work_left_for(p, &scope),
+        })
+        .collect();
+    let groups: Vec<Option<Vec<String>>> = match (&scope, spread::groups(&nodes, max_instances)) {
+        (Scope::Build, g) if g.len() > 1 => g.into_iter().map(Some).collect(),
+        _ => vec![None],
+    };
     let cloud: Arc<dyn Cloud> = Arc::new(AwsCloud::from_env(cfg.cloud.region.clone(), cfg.cloud.endpoint.clone()).await);
     let teardown = Teardown::default();
     let json = args.json;
-    let reporter = Arc::new(Mutex::new(Reporter::default()));
-    let shown = reporter.clone();
     let market = args.market.unwrap_or(cfg.cloud.market);
-    let timeout = args.timeout;
+    let deadline = tokio::time::Instant::now() + args.timeout;
     let record_path = args.record.clone();
-    let mut controller = Controller {
-        cloud: cloud.clone(),
-        config: cfg,
-        build_id: build_id.clone(),
-        project,
-        commit: commit.clone(),
-        owner: ci_job_url(),
-        git_dir,
-        local_dir: local_dir.clone(),
-        teardown: teardown.clone(),
-        deadline: tokio::time::Instant::now() + timeout,
-        interruptions: Vec::new(),
-        breaker: Default::default(),
-        market,
-        on_event: Box::new(move |e| show(&shown, &e, json)),
-    };
-    let mut jobs = Replan {
-        repo_dir,
-        config,
-        args,
-        build_id: build_id.clone(),
-        first: Some(planned),
-        scope,
-    };
     if !json {
         eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);
+        if groups.len() > 1 {
+            for (i, g) in groups.iter().enumerate() {
+                eprintln!("  instance {}: {}", i + 1, g.as_deref().unwrap_or_default().join(", "));
+            }
+        }
     }
-    let work = std::panic::AssertUnwindSafe(controller.run(&mut jobs)).catch_unwind();
+    let mut first = Some(planned);
+    let mut runs = Vec::new();
+    let mut reporters = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, only) in groups.iter().enumerate() {
+        let group = (groups.len() > 1).then_some(i as u32 + 1);
+        let id = match group {
+            Some(g) => format!("{build_id}-{g}"),
+            None => build_id.clone(),
+        };
+        // The SSH control socket lives in here: a Unix socket path must stay short.
+        let mut local_dir = std::env::temp_dir().join(format!("spotbuild-{id}"));
+        if !crate::transport::ssh::short_enough(&local_dir) {
+            local_dir = PathBuf::from("/tmp").join(format!("spotbuild-{id}"));
+        }
+        crate::transport::keys::private_dir(&local_dir).map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
+        dirs.push(local_dir.clone());
+        let names: Vec<&str> = first
+            .as_ref()
+            .map(|p| p.plan.projects.iter().filter(|p| p.needs_build == Some(true)).map(|p| p.name.as_str()).collect())
+            .unwrap_or_default();
+        let project = match only {
+            Some(o) => names.iter().filter(|n| o.iter().any(|x| x == *n)).copied().collect::<Vec<_>>().join(","),
+            None => names.join(","),
+        };
+        let reporter = Arc::new(Mutex::new(Reporter::default()));
+        reporters.push(reporter.clone());
+        let controller = Controller {
+            cloud: cloud.clone(),
+            config: cfg.clone(),
+            build_id: id.clone(),
+            project,
+            commit: commit.clone(),
+            owner: ci_job_url(),
+            git_dir: git_dir.clone(),
+            local_dir,
+            teardown: teardown.clone(),
+            deadline,
+            interruptions: Vec::new(),
+            breaker: Default::default(),
+            market,
+            on_event: Box::new(move |e| show(&reporter, &e, json, group)),
+        };
+        let jobs = Replan {
+            repo_dir: repo_dir.clone(),
+            config: config.clone(),
+            args: args.clone(),
+            build_id: id,
+            first: first.take(),
+            scope: scope.clone(),
+            only: only.clone(),
+        };
+        runs.push((controller, jobs));
+    }
+    let work = std::panic::AssertUnwindSafe(futures::future::join_all(
+        runs.iter_mut().map(|(controller, jobs)| controller.run(jobs)),
+    ))
+    .catch_unwind();
     let signal = super::signals::stopped_with();
     let ended = tokio::select! {
         r = work => Ended::Done(r),
@@ -213,45 +252,85 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             Err(e) => eprintln!("error: {e} (hint: run `spotbuild reap`; the instances also end at their TTL)"),
         }
     }
-    let _ = std::fs::remove_dir_all(&local_dir);
-    let record = match ended {
+    for d in &dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let records = match ended {
         Ended::Signal(code) => return Ok(if code == 130 { Exit::Sigint } else { Exit::Sigterm }),
         Ended::Done(Err(panic)) => std::panic::resume_unwind(panic),
-        Ended::Done(Ok(record)) => record,
+        Ended::Done(Ok(records)) => records,
     };
     if let Some(path) = &record_path {
-        if let Err(e) = std::fs::write(path, serde_json::to_vec_pretty(&record).expect("serialisable")) {
+        // One instance: the record itself; several: one record per instance.
+        let bytes = match records.as_slice() {
+            [one] => serde_json::to_vec_pretty(one),
+            many => serde_json::to_vec_pretty(many),
+        };
+        if let Err(e) = std::fs::write(path, bytes.expect("serialisable")) {
             eprintln!("warning: failed to write the record to {}: {e}", path.display());
         }
     }
     let mut out = std::io::stdout().lock();
-    if json {
-        let _ = writeln!(out, "{}", serde_json::json!({ "type": "build_record", "record": record }));
-    } else {
-        let _ = reporter.lock().expect("not poisoned").summary(&mut out);
-        let _ = summary(&record, &mut out);
+    for (i, record) in records.iter().enumerate() {
+        if json {
+            let mut line = serde_json::json!({ "type": "build_record", "record": record });
+            if records.len() > 1 {
+                line["group"] = (i + 1).into();
+            }
+            let _ = writeln!(out, "{line}");
+        } else {
+            if records.len() > 1 {
+                let _ = writeln!(out, "\n== instance {} of {}", i + 1, records.len());
+            }
+            let _ = reporters[i].lock().expect("not poisoned").summary(&mut out);
+            let _ = summary(record, &mut out);
+        }
     }
-    Ok(match record.result {
+    // The worst result decides the exit code.
+    let exit = |r: BuildResult| match r {
         BuildResult::Success => Exit::Success,
         BuildResult::Failed => Exit::Failed,
         BuildResult::GaveUp => Exit::Interrupted,
         BuildResult::Error => Exit::Cloud,
-    })
+    };
+    let rank = |e: Exit| match e {
+        Exit::Success => 0,
+        Exit::Interrupted => 1,
+        Exit::Failed => 2,
+        _ => 3,
+    };
+    Ok(records.iter().map(|r| exit(r.result)).max_by_key(|e| rank(*e)).unwrap_or(Exit::Success))
+}
+
+/// Whether one project has work in this scope.
+fn work_left_for(p: &crate::plan::ProjectPlan, scope: &Scope) -> bool {
+    match scope {
+        Scope::Build => p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true)),
+        Scope::Test { project, job, .. } => &p.name == project && p.tests.iter().any(|t| &t.job == job && t.needs_run == Some(true)),
+        Scope::Run { .. } => true,
+    }
 }
 
 enum Ended {
-    Done(std::thread::Result<BuildRecord>),
+    Done(std::thread::Result<Vec<BuildRecord>>),
     Signal(u8),
 }
 
-fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool) {
+fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool, group: Option<u32>) {
     let mut out = std::io::stdout().lock();
+    let tag = |attempt: &u32| match group {
+        Some(g) => format!("[instance {g} attempt {attempt}]"),
+        None => format!("[attempt {attempt}]"),
+    };
     match e {
         FarmEvent::Agent { envelope, attempt } => {
             let mut r = reporter.lock().expect("not poisoned");
             if json {
                 let mut v = serde_json::to_value(envelope).expect("serialisable");
                 v["attempt"] = (*attempt).into();
+                if let Some(g) = group {
+                    v["group"] = g.into();
+                }
                 let _ = writeln!(out, "{v}");
                 let _ = r.show(envelope, &mut std::io::sink());
             } else {
@@ -260,21 +339,25 @@ fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool) {
         }
         FarmEvent::Phase { attempt, phase, detail } => {
             if json {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({ "type": "controller", "attempt": attempt, "phase": phase, "detail": detail, "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string() })
-                );
+                let mut v = serde_json::json!({ "type": "controller", "attempt": attempt, "phase": phase, "detail": detail, "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string() });
+                if let Some(g) = group {
+                    v["group"] = g.into();
+                }
+                let _ = writeln!(out, "{v}");
             } else {
                 let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-                let _ = writeln!(out, "{} [attempt {attempt}] {:<11} {detail}", t.get(11..19).unwrap_or(&t), format!("{phase:?}").to_lowercase());
+                let _ = writeln!(out, "{} {} {:<11} {detail}", t.get(11..19).unwrap_or(&t), tag(attempt), format!("{phase:?}").to_lowercase());
             }
         }
         FarmEvent::AttemptEnded(a) => {
             if json {
-                let _ = writeln!(out, "{}", serde_json::json!({ "type": "attempt_ended", "attempt": a }));
+                let mut v = serde_json::json!({ "type": "attempt_ended", "attempt": a });
+                if let Some(g) = group {
+                    v["group"] = g.into();
+                }
+                let _ = writeln!(out, "{v}");
             } else {
-                let _ = writeln!(out, "attempt {} ended: {}", a.attempt, describe(&a.outcome));
+                let _ = writeln!(out, "{} ended: {}", tag(&a.attempt), describe(&a.outcome));
             }
         }
     }

@@ -12,6 +12,7 @@
 //! `spotbuild reap`.
 
 pub mod attempt;
+pub mod spread;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -63,6 +63,9 @@ pub struct RemoteConfig {
     /// Reconnects to one instance after the event stream drops.
     #[serde(default = "default_max_reconnects")]
     pub max_reconnects: u32,
+    /// Instances one build may spread its independent parts over.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: u32,
     /// What the agent runs at the job's deadline [default: `shutdown -h now`; empty: nothing].
     pub shutdown_command: Option<Vec<String>>,
 }
@@ -91,6 +94,9 @@ fn default_max_attempts() -> u32 {
 fn default_max_reconnects() -> u32 {
     5
 }
+fn default_max_instances() -> u32 {
+    1
+}
 
 impl Default for RemoteConfig {
     fn default() -> Self {
@@ -104,6 +110,7 @@ impl Default for RemoteConfig {
             connect_timeout: default_connect_timeout(),
             max_attempts: default_max_attempts(),
             max_reconnects: default_max_reconnects(),
+            max_instances: default_max_instances(),
             shutdown_command: None,
         }
     }

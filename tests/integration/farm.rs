@@ -275,6 +275,37 @@ fn a_cut_connection_is_resumed_and_no_line_is_lost() {
 }
 
 #[test]
+fn max_instances_spreads_independent_parts_over_several_hosts() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let repo = farm_repo(None, PASSING_TEST);
+    // A project that shares nothing with the others.
+    repo.write("tool/Dockerfile", "FROM scratch\nCOPY tool.txt /tool.txt\n");
+    repo.write("tool/tool.txt", &format!("tool {}\n", unique()));
+    let mut manifest: Value = serde_json::from_str(&std::fs::read_to_string(repo.path().join("build_manifest.json")).unwrap()).unwrap();
+    manifest["tool"] = json!({"buildDir": "tool"});
+    repo.manifest(manifest);
+    repo.commit("tool");
+    let run = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json", "--max-instances", "2"]));
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let ev = events(&run.stdout);
+    let records: Vec<&Value> = ev.iter().filter(|e| e["type"] == "build_record").collect();
+    assert_eq!(records.len(), 2, "{}", run.stdout);
+    let instance = |g: u64| records.iter().find(|r| r["group"] == g).unwrap()["record"]["attempts"][0]["instance_id"].clone();
+    assert_ne!(instance(1), instance(2), "two hosts");
+    let built = |g: u64| -> Vec<String> {
+        ev.iter()
+            .filter(|e| e["group"] == g && e["type"] == "step_start")
+            .filter_map(|e| e["step"].as_str().filter(|s| s.ends_with(":build")).map(String::from))
+            .collect()
+    };
+    assert_eq!(built(1), ["base:build", "api:build", "web:build"]);
+    assert_eq!(built(2), ["tool:build"]);
+    farm.assert_nothing_left();
+}
+
+#[test]
 fn with_a_baked_mirror_only_what_it_lacks_is_shipped() {
     docker_required();
     let repo = farm_repo(None, PASSING_TEST);
