@@ -22,14 +22,54 @@ use crate::registry::auth::Basic;
 
 const BUILD_AFTER_HELP: &str = "\
 Examples:
-  spotbuild build --local                 build and test what the plan says, here
-  spotbuild build --local api             api and what it depends on
-  spotbuild build --local --json          the agent's NDJSON events, for machines
+  spotbuild build --all                   rent an instance, build and test what the plan says
+  spotbuild build api --cpus 64           api and what it depends on, on a 64-vCPU machine
+  spotbuild build --all --max-instances 3 independent parts of the graph on up to 3 machines
+  spotbuild build --local api             the same on this machine, renting nothing
+  spotbuild build --all --json            NDJSON events and a final build record, for machines
 
-Projects build in dependency order; `FROM <project>` in a Dockerfile is pinned to that
-project's cache-<hash> image. Each build uses the project's branch and main-branch images
-as cache sources. A passed test job tags the image cache-<hash>-<job>.
-Exit code: 0 success, 1 a build or test failed, 6 interrupted.";
+The plan comes first: when every image and test tag exists, nothing is rented and no cloud
+API is called. Projects build in dependency order; `FROM <project>` in a Dockerfile is
+pinned to that project's cache-<hash> image. Each build uses the project's branch and
+main-branch images as cache sources. A passed test job tags the image cache-<hash>-<job>.
+A spot interruption or a lost host starts a new attempt that skips what was pushed; every
+instance is terminated before the command exits (also on SIGINT and SIGTERM).
+Exit code: 0 success, 1 a build or test failed, 6 interrupted on every attempt, 7 an error
+another attempt would not fix, 130/143 stopped by a signal.";
+
+/// Flags `build`, `test` and `run` share.
+#[derive(Debug, Clone, Args)]
+pub struct RemoteFlags {
+    /// The commit to build or test.
+    #[arg(long, value_name = "REV", default_value = "HEAD")]
+    pub commit: String,
+
+    /// Print events as NDJSON instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Registry as HOST[:PORT][/PREFIX].
+    #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
+    pub registry: Option<String>,
+
+    /// Stop all work after this long.
+    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Rent a machine with this many vCPUs: only instance types of that size are tried
+    /// [default: every configured type].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+
+    /// Which markets to use [default: `[cloud] market`, spot then on-demand].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub market: Option<crate::cloud::MarketPolicy>,
+
+    /// Also write the record (attempts, instances, prices, phases) to FILE as JSON (with
+    /// `build --max-instances` above 1: an array, one record per instance).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+}
 
 #[derive(Debug, Clone, Args)]
 #[command(about = "Build (and test) what the plan says needs it", after_help = BUILD_AFTER_HELP)]
@@ -46,17 +86,8 @@ pub struct BuildArgs {
     #[arg(long)]
     pub local: bool,
 
-    /// The commit to build.
-    #[arg(long, value_name = "REV", default_value = "HEAD")]
-    pub commit: String,
-
-    /// Print the agent's events as NDJSON instead of readable lines.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Registry as HOST[:PORT][/PREFIX].
-    #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
-    pub registry: Option<String>,
+    #[command(flatten)]
+    pub flags: RemoteFlags,
 
     /// How to authenticate to the registry.
     #[arg(long, value_enum, value_name = "MODE")]
@@ -71,10 +102,6 @@ pub struct BuildArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub builder: BuilderChoice,
 
-    /// Stop all work after this long.
-    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-
     /// Scratch directory [default: a new one under the system's temp dir].
     #[arg(long, value_name = "DIR")]
     pub workdir: Option<PathBuf>,
@@ -82,20 +109,6 @@ pub struct BuildArgs {
     /// Keep the checkout in the scratch directory afterwards.
     #[arg(long)]
     pub keep_workdir: bool,
-
-    /// Rent a machine with this many vCPUs: only instance types of that size are tried
-    /// [default: every configured type].
-    #[arg(long, value_name = "N")]
-    pub cpus: Option<u32>,
-
-    /// Which markets to use [default: `[cloud] market`, spot then on-demand].
-    #[arg(long, value_enum, value_name = "POLICY")]
-    pub market: Option<crate::cloud::MarketPolicy>,
-
-    /// Also write the build's record (attempts, instances, prices, phases) to FILE as JSON
-    /// (an array of records, one per instance, with --max-instances above 1).
-    #[arg(long, value_name = "FILE")]
-    pub record: Option<PathBuf>,
 
     /// Spread independent parts of the dependency graph over up to N instances
     /// [default: `[remote] max_instances`, 1].
@@ -110,9 +123,9 @@ impl BuildArgs {
             repo_dir,
             config,
             projects: &self.projects,
-            commit: &self.commit,
+            commit: &self.flags.commit,
             offline: false,
-            registry: self.registry.as_deref(),
+            registry: self.flags.registry.as_deref(),
             registry_auth: self.registry_auth,
         }
     }
@@ -140,12 +153,12 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         .unwrap_or_else(|| std::env::temp_dir().join(format!("spotbuild-{build_id}")));
     let job = local_job(&planned, &args, &build_id, &workdir)?;
     let events_file = job.events_file.clone().expect("set for local jobs");
-    let outcome = run_agent(&job, args.json).await?;
+    let outcome = run_agent(&job, args.flags.json).await?;
     if !args.keep_workdir {
         let _ = std::fs::remove_dir_all(workdir.join("src"));
         let _ = std::fs::remove_dir_all(workdir.join("docker-config"));
     }
-    if !args.json {
+    if !args.flags.json {
         eprintln!("events: {}", events_file.display());
     }
     Ok(match outcome {
@@ -237,7 +250,7 @@ pub fn local_job(planned: &Planned, args: &BuildArgs, build_id: &str, workdir: &
     // Only `spotbuild run` plans without a registry: it builds and pushes nothing.
     let registry = planned.client.as_ref().map(|c| c.reference().to_string()).unwrap_or_default();
     let basic = Basic::from_env();
-    let deadline = SystemTime::now() + args.timeout;
+    let deadline = SystemTime::now() + args.flags.timeout;
     let imds_endpoint = std::env::var(crate::agent::imds::ENDPOINT_ENV).ok().filter(|s| !s.is_empty());
     Ok(Job {
         v: VERSION,

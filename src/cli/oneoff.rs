@@ -2,40 +2,13 @@
 //! Both go through the same controller as `build` and leave nothing running.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
 
-use super::build::BuildArgs;
+use super::build::{BuildArgs, RemoteFlags};
 use super::error::{Error, Exit};
 use super::remote::Scope;
 use crate::protocol::BuilderChoice;
-
-/// Flags every remote command shares.
-#[derive(Debug, Args)]
-pub struct RemoteFlags {
-    /// The commit to use.
-    #[arg(long, value_name = "REV", default_value = "HEAD")]
-    pub commit: String,
-    /// Print events as NDJSON instead of readable lines.
-    #[arg(long)]
-    pub json: bool,
-    /// Registry as HOST[:PORT][/PREFIX].
-    #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
-    pub registry: Option<String>,
-    /// Rent a machine with this many vCPUs.
-    #[arg(long, value_name = "N")]
-    pub cpus: Option<u32>,
-    /// Which markets to use [default: `[cloud] market`].
-    #[arg(long, value_enum, value_name = "POLICY")]
-    pub market: Option<crate::cloud::MarketPolicy>,
-    /// Stop all work after this long.
-    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-    /// Also write the record (attempts, instances, prices, phases) to FILE as JSON.
-    #[arg(long, value_name = "FILE")]
-    pub record: Option<PathBuf>,
-}
 
 const TEST_AFTER_HELP: &str = "\
 Examples:
@@ -76,23 +49,17 @@ pub struct RunArgs {
     pub flags: RemoteFlags,
 }
 
-fn build_args(projects: Vec<String>, f: RemoteFlags) -> BuildArgs {
+fn build_args(projects: Vec<String>, flags: RemoteFlags) -> BuildArgs {
     BuildArgs {
         projects,
         all: false,
         local: false,
-        commit: f.commit,
-        json: f.json,
-        registry: f.registry,
+        flags,
         registry_auth: None,
         branch: None,
         builder: BuilderChoice::Auto,
-        timeout: f.timeout,
         workdir: None,
         keep_workdir: false,
-        cpus: f.cpus,
-        market: f.market,
-        record: f.record,
         max_instances: None,
     }
 }

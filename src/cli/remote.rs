@@ -39,7 +39,8 @@ struct Replan {
     config: Option<PathBuf>,
     args: BuildArgs,
     build_id: String,
-    first: Option<Planned>,
+    /// The first attempt's job, made from the plan the command started with.
+    first_job: Option<Job>,
     scope: Scope,
     /// With `--max-instances`: the projects this instance's share of the build covers.
     only: Option<Vec<String>>,
@@ -56,13 +57,6 @@ fn work_left(planned: &Planned, scope: &Scope, only: Option<&[String]>) -> bool 
 }
 
 impl Replan {
-    async fn plan(&mut self) -> Result<Planned, Error> {
-        if let Some(p) = self.first.take() {
-            return Ok(p);
-        }
-        compute(self.args.plan_inputs(self.repo_dir.clone(), self.config.clone())).await
-    }
-
     fn job(&self, planned: &Planned) -> Result<Job, Error> {
         let mut job = local_job(planned, &self.args, &self.build_id, std::path::Path::new("/"))?;
         if let Some(only) = &self.only {
@@ -97,7 +91,12 @@ impl Replan {
 impl Jobs for Replan {
     fn next_job(&mut self, attempt: u32) -> LocalBoxFuture<'_, Result<Option<Job>, String>> {
         async move {
-            let planned = self.plan().await.map_err(|e| e.message.clone())?;
+            if let Some(job) = self.first_job.take() {
+                return Ok(Some(job));
+            }
+            let planned = compute(self.args.plan_inputs(self.repo_dir.clone(), self.config.clone()))
+                .await
+                .map_err(|e| e.message)?;
             if !work_left(&planned, &self.scope, self.only.as_deref()) {
                 if attempt > 1 {
                     eprintln!("nothing left to do: earlier attempts pushed everything");
@@ -136,7 +135,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         return Err(Error::new(Exit::Usage, format!("cannot rent an instance: [cloud] {} not set in spotbuild.toml", missing.join(", ")))
             .hint("set them (see `terraform output spotbuild_toml`), or build here with --local"));
     }
-    if let Some(n) = args.cpus {
+    if let Some(n) = args.flags.cpus {
         let fit: Vec<String> =
             cfg.cloud.instance_types.iter().filter(|t| crate::cloud::aws::vcpus(t) == Some(n)).cloned().collect();
         if fit.is_empty() {
@@ -166,10 +165,10 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
     };
     let cloud: Arc<dyn Cloud> = Arc::new(AwsCloud::from_env(cfg.cloud.region.clone(), cfg.cloud.endpoint.clone()).await);
     let teardown = Teardown::default();
-    let json = args.json;
-    let market = args.market.unwrap_or(cfg.cloud.market);
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    let record_path = args.record.clone();
+    let json = args.flags.json;
+    let market = args.flags.market.unwrap_or(cfg.cloud.market);
+    let deadline = tokio::time::Instant::now() + args.flags.timeout;
+    let record_path = args.flags.record.clone();
     if !json {
         eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);
         if groups.len() > 1 {
@@ -178,7 +177,6 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             }
         }
     }
-    let mut first = Some(planned);
     let mut runs = Vec::new();
     let mut reporters = Vec::new();
     let mut dirs = Vec::new();
@@ -195,14 +193,15 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         }
         crate::transport::keys::private_dir(&local_dir).map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
         dirs.push(local_dir.clone());
-        let names: Vec<&str> = first
-            .as_ref()
-            .map(|p| p.plan.projects.iter().filter(|p| p.needs_build == Some(true)).map(|p| p.name.as_str()).collect())
-            .unwrap_or_default();
-        let project = match only {
-            Some(o) => names.iter().filter(|n| o.iter().any(|x| x == *n)).copied().collect::<Vec<_>>().join(","),
-            None => names.join(","),
-        };
+        // What this instance builds, for its spotbuild:project tag.
+        let project = planned
+            .plan
+            .projects
+            .iter()
+            .filter(|p| p.needs_build == Some(true) && only.as_ref().is_none_or(|o| o.contains(&p.name)))
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         let reporter = Arc::new(Mutex::new(Reporter::default()));
         reporters.push(reporter.clone());
         let controller = Controller {
@@ -221,15 +220,17 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             market,
             on_event: Box::new(move |e| show(&reporter, &e, json, group)),
         };
-        let jobs = Replan {
+        let mut jobs = Replan {
             repo_dir: repo_dir.clone(),
             config: config.clone(),
             args: args.clone(),
             build_id: id,
-            first: first.take(),
+            first_job: None,
             scope: scope.clone(),
             only: only.clone(),
         };
+        // Every instance's first job comes from the one plan already made.
+        jobs.first_job = Some(jobs.job(&planned)?);
         runs.push((controller, jobs));
     }
     let work = std::panic::AssertUnwindSafe(futures::future::join_all(

@@ -69,7 +69,7 @@ pub struct AttemptRecord {
 }
 
 impl AttemptRecord {
-    /// Per-second billing with a 60-second minimum, at the recorded hourly price.
+    /// Seconds from launch to the end of teardown: what the instance is billed for.
     pub fn instance_seconds(&self) -> Option<f64> {
         let start = humantime::parse_rfc3339(&self.started_at).ok()?;
         let end = humantime::parse_rfc3339(&self.ended_at).ok()?;
@@ -94,28 +94,31 @@ impl Teardown {
     pub fn pending(&self) -> Vec<String> {
         self.ids.lock().expect("not poisoned").iter().cloned().collect()
     }
-    /// Terminates (and verifies) everything still listed, a few times if need be.
+    /// Terminates (and verifies) everything still listed.
     pub async fn all(&self, cloud: &dyn Cloud) -> Result<Vec<String>, String> {
         let ids = self.pending();
-        if ids.is_empty() {
-            return Ok(ids);
-        }
-        let mut last = String::new();
-        for round in 0..3u32 {
-            match tokio::time::timeout(Duration::from_secs(60), cloud.terminate(&ids)).await {
-                Ok(Ok(())) => {
-                    for id in &ids {
-                        self.done(id);
-                    }
-                    return Ok(ids);
-                }
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = "no answer within 60s".into(),
+        if !ids.is_empty() {
+            terminate_verified(cloud, &ids).await?;
+            for id in &ids {
+                self.done(id);
             }
-            tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(round))).await;
         }
-        Err(format!("failed to terminate {}: {last}", ids.join(", ")))
+        Ok(ids)
     }
+}
+
+/// Terminates `ids` and sees them ending, trying up to three times, each bounded.
+async fn terminate_verified(cloud: &dyn Cloud, ids: &[String]) -> Result<(), String> {
+    let mut last = String::new();
+    for round in 0..3u32 {
+        match tokio::time::timeout(Duration::from_secs(60), cloud.terminate(ids)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "no answer within 60s".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(500 * 2u64.pow(round))).await;
+    }
+    Err(format!("failed to terminate {}: {last}", ids.join(", ")))
 }
 
 /// Gives the job for the next attempt: the plan is made again each time so that what an
@@ -654,10 +657,8 @@ impl Run<'_> {
             t.close().await;
         }
         let Some(id) = self.instance_id() else { return Observation::Terminated };
-        let one = Teardown::default();
-        one.add(&id);
         let started = tokio::time::Instant::now();
-        match one.all(&*self.c.cloud).await {
+        match terminate_verified(&*self.c.cloud, std::slice::from_ref(&id)).await {
             Ok(_) => {
                 self.c.teardown.done(&id);
                 self.c.say(self.n, Phase::Terminating, format!("{id} terminated (verified) in {:.1}s", started.elapsed().as_secs_f64()));

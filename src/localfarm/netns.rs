@@ -84,7 +84,11 @@ pub fn delete_host(ns: &str, outer_veth: &str) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let _ = ip(&["netns", "del", ns], "delete namespace");
-    delete_link(outer_veth);
+    // Deleting the namespace takes its veth pair along; the outer end is removed here only
+    // for a host that failed before its inner end was moved in.
+    if !outer_veth.is_empty() && link_exists(outer_veth) {
+        delete_link(outer_veth);
+    }
 }
 
 /// The processes living in a namespace.
