@@ -14,6 +14,7 @@ pub mod farm;
 pub mod git;
 pub mod localfarm;
 pub mod manifest;
+pub mod objects;
 pub mod plan;
 pub mod protocol;
 pub mod registry;

@@ -49,6 +49,34 @@ pub enum AgentCommand {
         #[arg(long, value_name = "DIR")]
         mirror: Option<PathBuf>,
     },
+    /// Fetch a command's input from the presigned URL in $SPOTBUILD_FETCH_URL (never on a
+    /// command line), check its SHA-256, and run CMD with it on stdin (or print it).
+    /// Exits with CMD's exit code. Used by the SSM transport.
+    Fetch {
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
+        /// Bound on the download.
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Put stdin to S3 as numbered chunks of whole lines under PREFIX, then an `end`
+    /// marker, for a controller to follow. Used by the SSM transport.
+    UploadChunks {
+        #[arg(long)]
+        bucket: String,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// An S3-compatible endpoint (an emulator); addressing is then path-style.
+        #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+        endpoint: Option<String>,
+        /// Put a chunk at most this long after its first line.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+        flush_every: Duration,
+    },
     /// Print the events after SEQ from an events file.
     Replay {
         #[arg(long, value_name = "FILE")]
@@ -71,6 +99,14 @@ pub async fn run(args: AgentArgs) -> Result<Exit, Error> {
         AgentCommand::Start { job } => start(&job),
         AgentCommand::Receive { to, sha256 } => receive(&to, sha256.as_deref()),
         AgentCommand::Info { mirror } => info(mirror.as_deref()),
+        AgentCommand::Fetch { sha256, timeout, command } => fetch(sha256.as_deref(), timeout, &command).await,
+        AgentCommand::UploadChunks {
+            bucket,
+            prefix,
+            region,
+            endpoint,
+            flush_every,
+        } => upload_chunks(bucket, &prefix, region, endpoint, flush_every).await,
         AgentCommand::Replay {
             events,
             after,
@@ -212,5 +248,78 @@ fn info(mirror: Option<&std::path::Path>) -> Result<Exit, Error> {
         "{}",
         serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "mirror_commit": mirror_commit })
     );
+    Ok(Exit::Success)
+}
+
+/// The URL is a bearer credential for one object: it is read from the environment and
+/// removed from CMD's.
+const FETCH_URL_ENV: &str = "SPOTBUILD_FETCH_URL";
+
+async fn fetch(sha256: Option<&str>, timeout: Duration, command: &[String]) -> Result<Exit, Error> {
+    use sha2::Digest;
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let url = std::env::var(FETCH_URL_ENV)
+        .map_err(|_| Error::new(Exit::Usage, format!("${FETCH_URL_ENV} is not set")).hint("the SSM transport sets it; run this only through the controller"))?;
+    // An unlinked file: the input may hold credentials and must not outlive this process.
+    let path = std::env::temp_dir().join(format!(".spotbuild-fetch-{}-{:x}", std::process::id(), rand_suffix()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", path.display())))?;
+    let _ = std::fs::remove_file(&path);
+    let failed = |e: &dyn std::fmt::Display| Error::new(Exit::Failed, format!("failed to fetch the input: {e}"));
+    let client = reqwest::Client::builder().timeout(timeout).build().map_err(|e| failed(&e))?;
+    let mut resp = client.get(&url).send().await.map_err(|e| failed(&e.without_url()))?;
+    if !resp.status().is_success() {
+        return Err(failed(&format!("the store answered {}", resp.status())));
+    }
+    let mut hasher = sha2::Sha256::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| failed(&e.without_url()))? {
+        hasher.update(&chunk);
+        file.write_all(&chunk).map_err(|e| failed(&e))?;
+    }
+    let got = hex::encode(hasher.finalize());
+    if let Some(want) = sha256 {
+        if !want.eq_ignore_ascii_case(&got) {
+            return Err(Error::new(Exit::Failed, format!("the input arrived damaged: sha256 {got}, expected {want}")));
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(|e| failed(&e))?;
+    let Some((program, args)) = command.split_first() else {
+        std::io::copy(&mut file, &mut std::io::stdout().lock()).map_err(|e| failed(&e))?;
+        return Ok(Exit::Success);
+    };
+    let status = std::process::Command::new(program)
+        .args(args)
+        .env_remove(FETCH_URL_ENV)
+        .stdin(file)
+        .status()
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to run {program}: {e}")))?;
+    let _ = std::io::stdout().flush();
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+}
+
+async fn upload_chunks(bucket: String, prefix: &str, region: Option<String>, endpoint: Option<String>, flush_every: Duration) -> Result<Exit, Error> {
+    use crate::transport::chunks;
+    let store = crate::objects::s3::S3Store::from_env(bucket, region, endpoint).await;
+    let settings = chunks::UploadSettings {
+        flush_every,
+        ..Default::default()
+    };
+    let prefix = prefix.trim_end_matches('/');
+    chunks::upload(&store, prefix, tokio::io::stdin(), settings)
+        .await
+        .map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
     Ok(Exit::Success)
 }

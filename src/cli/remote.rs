@@ -163,6 +163,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         (Scope::Build, g) if g.len() > 1 => g.into_iter().map(Some).collect(),
         _ => vec![None],
     };
+    let ssm = ssm_clients(&cfg).await?;
     let cloud: Arc<dyn Cloud> = Arc::new(AwsCloud::from_env(cfg.cloud.region.clone(), cfg.cloud.endpoint.clone()).await);
     let teardown = Teardown::default();
     let json = args.flags.json;
@@ -218,6 +219,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             interruptions: Vec::new(),
             breaker: Default::default(),
             market,
+            ssm: ssm.clone(),
             on_event: Box::new(move |e| show(&reporter, &e, json, group)),
         };
         let mut jobs = Replan {
@@ -410,3 +412,29 @@ fn ci_job_url() -> Option<String> {
         })
 }
 
+
+/// The SSM API and bucket, when the config asks for the SSM transport.
+async fn ssm_clients(cfg: &crate::manifest::config::Config) -> Result<Option<crate::farm::SsmClients>, Error> {
+    use crate::manifest::config::TransportKind;
+    if cfg.remote.transport != TransportKind::Ssm {
+        return Ok(None);
+    }
+    let ssm = &cfg.remote.ssm;
+    let Some(bucket) = ssm.bucket.clone() else {
+        return Err(Error::new(Exit::Usage, "[remote] transport = \"ssm\" needs [remote.ssm] bucket")
+            .hint("the instance fetches the commit from it and writes its events to it; `terraform output spotbuild_toml` names one"));
+    };
+    if cfg.cloud.instance_profile.is_none() {
+        return Err(Error::new(Exit::Usage, "[remote] transport = \"ssm\" needs [cloud] instance_profile")
+            .hint("the instance's SSM agent registers, and writes to the bucket, with its role"));
+    }
+    let region = cfg.cloud.region.clone();
+    let endpoint = ssm.endpoint.clone().or_else(|| cfg.cloud.endpoint.clone());
+    let s3_endpoint = ssm.s3_endpoint.clone().or_else(|| cfg.cloud.endpoint.clone());
+    let commands = crate::transport::ssm::AwsCommands::from_env(region.clone(), endpoint).await;
+    let objects = crate::objects::s3::S3Store::from_env(bucket, region, s3_endpoint).await;
+    Ok(Some(crate::farm::SsmClients {
+        commands: Arc::new(commands),
+        objects: Arc::new(objects),
+    }))
+}

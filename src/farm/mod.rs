@@ -29,7 +29,10 @@ use crate::cloud::userdata::UserData;
 use crate::cloud::{Cloud, LaunchSpec, Market, MarketPolicy};
 use crate::manifest::config::Config;
 use crate::protocol::{Envelope, Event, Job, Source};
+use crate::manifest::config::TransportKind;
+use crate::objects::ObjectStore;
 use crate::transport::ssh::{SshTarget, SshTransport};
+use crate::transport::ssm::{Commands, SsmTarget, SsmTransport};
 use crate::transport::{keys, Cidr, Transport};
 use attempt::{Action, AttemptOutcome, Observation, Phase};
 
@@ -145,7 +148,16 @@ pub struct Controller {
     pub interruptions: Vec<SystemTime>,
     pub breaker: BreakerSettings,
     pub market: MarketPolicy,
+    /// The SSM API and the bucket, when `[remote] transport = "ssm"`.
+    pub ssm: Option<SsmClients>,
     pub on_event: Box<dyn Fn(FarmEvent) + Send + Sync>,
+}
+
+/// What the SSM transport talks to.
+#[derive(Clone)]
+pub struct SsmClients {
+    pub commands: Arc<dyn Commands>,
+    pub objects: Arc<dyn ObjectStore>,
 }
 
 /// How a whole build ended.
@@ -317,7 +329,7 @@ struct Run<'c> {
     address: Option<String>,
     host_public: Option<String>,
     client_key: Option<keys::KeyPair>,
-    transport: Option<SshTransport>,
+    transport: Option<Box<dyn Transport>>,
     last_seq: u64,
     notice: bool,
     record: AttemptRecord,
@@ -482,6 +494,13 @@ impl Run<'_> {
     }
 
     async fn connect(&mut self) -> Observation {
+        match self.remote().transport {
+            TransportKind::Ssh => self.connect_ssh().await,
+            TransportKind::Ssm => self.connect_ssm().await,
+        }
+    }
+
+    async fn connect_ssh(&mut self) -> Observation {
         let remote = self.remote().clone();
         let address = self.address.clone().expect("running");
         let allowed: Result<Vec<Cidr>, String> = remote.allow_cidrs.iter().map(|c| c.parse()).collect();
@@ -510,8 +529,42 @@ impl Run<'_> {
         };
         match SshTransport::connect(target).await {
             Ok(t) => {
-                self.transport = Some(t);
+                self.transport = Some(Box::new(t));
                 self.c.say(self.n, Phase::Connecting, format!("connected after {:.1}s", started.elapsed().as_secs_f64()));
+                Observation::Connected
+            }
+            Err(e) => self.lost_or(e.to_string()).await,
+        }
+    }
+
+    /// SSM needs no address and no inbound port: the instance's SSM agent polls for
+    /// commands, and bytes go through the bucket.
+    async fn connect_ssm(&mut self) -> Observation {
+        let remote = self.remote().clone();
+        let Some(clients) = self.c.ssm.clone() else {
+            return Observation::Fatal("[remote] transport = \"ssm\" but no SSM client was set up".into());
+        };
+        let id = self.instance_id().expect("launched");
+        self.c.say(
+            self.n,
+            Phase::Connecting,
+            format!("ssm {id} via s3://{}/{} (up to {})", clients.objects.bucket(), remote.ssm.prefix, humantime::format_duration(remote.connect_timeout)),
+        );
+        let started = tokio::time::Instant::now();
+        let target = SsmTarget {
+            instance_id: id,
+            prefix: format!("{}/{}/a{}", remote.ssm.prefix.trim_end_matches('/'), self.c.build_id, self.n),
+            agent: remote.agent.clone(),
+            region: self.c.config.cloud.region.clone(),
+            connect_timeout: remote.connect_timeout,
+            command_timeout: remote.ssm.command_timeout,
+            stream_timeout: self.c.config.cloud.ttl,
+            follow: Default::default(),
+        };
+        match SsmTransport::connect(target, clients.commands, clients.objects).await {
+            Ok(t) => {
+                self.transport = Some(Box::new(t));
+                self.c.say(self.n, Phase::Connecting, format!("the instance answered after {:.1}s", started.elapsed().as_secs_f64()));
                 Observation::Connected
             }
             Err(e) => self.lost_or(e.to_string()).await,

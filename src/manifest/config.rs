@@ -68,6 +68,59 @@ pub struct RemoteConfig {
     pub max_instances: u32,
     /// What the agent runs at the job's deadline [default: `shutdown -h now`; empty: nothing].
     pub shutdown_command: Option<Vec<String>>,
+    /// How the controller reaches the instance: `ssh` (the default) or `ssm`.
+    #[serde(default)]
+    pub transport: TransportKind,
+    /// Settings of the SSM transport.
+    #[serde(default)]
+    pub ssm: SsmConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// SSH to the instance's private address, host key pinned.
+    #[default]
+    Ssh,
+    /// SSM `SendCommand`, with S3 for the commit and the event stream: no inbound port.
+    Ssm,
+}
+
+/// The SSM transport: a bucket the controller and the instance profile can both use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SsmConfig {
+    /// The S3 bucket for commands' input and the event chunks (required for `ssm`).
+    pub bucket: Option<String>,
+    /// Keys go under `PREFIX/BUILD/ATTEMPT/`.
+    #[serde(default = "default_ssm_prefix")]
+    pub prefix: String,
+    /// The SSM API endpoint [default: AWS's; an emulator's for tests].
+    pub endpoint: Option<String>,
+    /// The S3 endpoint the controller uses [default: AWS's].
+    pub s3_endpoint: Option<String>,
+    /// Bound on one command (receive, start); also the lifetime of its presigned URL.
+    #[serde(default = "default_command_timeout", with = "humantime_serde_compat")]
+    pub command_timeout: Duration,
+}
+
+fn default_ssm_prefix() -> String {
+    "spotbuild".into()
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl Default for SsmConfig {
+    fn default() -> Self {
+        SsmConfig {
+            bucket: None,
+            prefix: default_ssm_prefix(),
+            endpoint: None,
+            s3_endpoint: None,
+            command_timeout: default_command_timeout(),
+        }
+    }
 }
 
 fn default_user() -> String {
@@ -112,6 +165,8 @@ impl Default for RemoteConfig {
             max_reconnects: default_max_reconnects(),
             max_instances: default_max_instances(),
             shutdown_command: None,
+            transport: TransportKind::default(),
+            ssm: SsmConfig::default(),
         }
     }
 }

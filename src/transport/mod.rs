@@ -6,8 +6,10 @@
 //! connect is bounded. Caveat: a stream that ends without the agent's result means the
 //! connection dropped, and the caller resumes from the last `seq` it saw.
 
+pub mod chunks;
 pub mod keys;
 pub mod ssh;
+pub mod ssm;
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -134,5 +136,15 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("192.0.2.1".parse().unwrap()));
+    }
+}
+
+/// Quotes one word for a POSIX shell; plain words stay as they are, for readable scripts.
+pub fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }

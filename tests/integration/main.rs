@@ -9,4 +9,5 @@ mod farm;
 mod hashing;
 mod manifest_errors;
 mod registry;
+mod ssm;
 mod support;
