@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cli;
 pub mod cloud;
 pub mod farm;
+pub mod ledger;
 pub mod git;
 pub mod localfarm;
 pub mod manifest;

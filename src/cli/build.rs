@@ -69,6 +69,12 @@ pub struct RemoteFlags {
     /// `build --max-instances` above 1: an array, one record per instance).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+
+    /// Where to record what the build cost: a file (SQLite), `s3://bucket/prefix` (one
+    /// shared ledger for many CI jobs), or `off` [default: `[ledger] url`, else
+    /// ~/.local/share/spotbuild/ledger.sqlite].
+    #[arg(long, value_name = "LOCATION", env = "SPOTBUILD_LEDGER")]
+    pub ledger: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -8,6 +8,7 @@ mod farm;
 mod plan;
 mod oneoff;
 mod reap;
+mod report;
 mod remote;
 mod reporter;
 mod signals;
@@ -51,6 +52,7 @@ pub enum Command {
     Test(oneoff::TestArgs),
     Run(oneoff::RunArgs),
     Reap(reap::ReapArgs),
+    Report(report::ReportArgs),
     Farm(farm::FarmArgs),
     Agent(agent::AgentArgs),
 }
@@ -87,6 +89,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Test(args) => oneoff::test(cli.repo, cli.config, args).await,
         Command::Run(args) => oneoff::run(cli.repo, cli.config, args).await,
         Command::Reap(args) => reap::run(args).await,
+        Command::Report(args) => report::run(cli.repo, cli.config, args).await,
         Command::Farm(args) => farm::run(args).await,
         Command::Agent(args) => agent::run(args).await,
     }

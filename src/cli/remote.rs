@@ -164,6 +164,9 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         _ => vec![None],
     };
     let ssm = ssm_clients(&cfg).await?;
+    let ledger = super::report::open_ledger(args.flags.ledger.as_deref(), &cfg).await?;
+    let started_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+    let branch = super::build::current_branch(planned.repo.workdir().unwrap_or(planned.repo.git_dir()));
     let cloud: Arc<dyn Cloud> = Arc::new(AwsCloud::from_env(cfg.cloud.region.clone(), cfg.cloud.endpoint.clone()).await);
     let teardown = Teardown::default();
     let json = args.flags.json;
@@ -181,6 +184,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
     let mut runs = Vec::new();
     let mut reporters = Vec::new();
     let mut dirs = Vec::new();
+    let mut group_projects = Vec::new();
     for (i, only) in groups.iter().enumerate() {
         let group = (groups.len() > 1).then_some(i as u32 + 1);
         let id = match group {
@@ -203,6 +207,11 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             .map(|p| p.name.as_str())
             .collect::<Vec<_>>()
             .join(",");
+        group_projects.push(match &scope {
+            Scope::Test { project, .. } => vec![project.clone()],
+            Scope::Run { .. } => Vec::new(),
+            Scope::Build => project.split(',').filter(|p| !p.is_empty()).map(String::from).collect(),
+        });
         let reporter = Arc::new(Mutex::new(Reporter::default()));
         reporters.push(reporter.clone());
         let controller = Controller {
@@ -220,6 +229,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             breaker: Default::default(),
             market,
             ssm: ssm.clone(),
+            ledger: ledger.clone(),
             on_event: Box::new(move |e| show(&reporter, &e, json, group)),
         };
         let mut jobs = Replan {
@@ -273,6 +283,51 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             eprintln!("warning: failed to write the record to {}: {e}", path.display());
         }
     }
+    let entries: Vec<crate::ledger::BuildEntry> = records
+        .iter()
+        .zip(&group_projects)
+        .map(|(r, projects)| crate::ledger::BuildEntry {
+            schema: crate::ledger::SCHEMA,
+            build_id: r.build_id.clone(),
+            projects: projects.clone(),
+            kind: match &scope {
+                Scope::Build => "build",
+                Scope::Test { .. } => "test",
+                Scope::Run { .. } => "run",
+            }
+            .into(),
+            commit: r.commit.clone(),
+            branch: branch.clone(),
+            ci_job_url: ci_job_url(),
+            started_at: started_at.clone(),
+            ended_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            result: serde_json::to_value(r.result).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            region: cfg.cloud.region.clone(),
+            volume_gb: cfg.cloud.root_volume_gb,
+            attempts: r.attempts.iter().map(|a| a.to_entry()).collect(),
+        })
+        .collect();
+    // Recording never fails a build; a failure to record is reported.
+    let mut recorded = None;
+    if let Some(ledger) = &ledger {
+        let mut ok = true;
+        for e in &entries {
+            match tokio::time::timeout(std::time::Duration::from_secs(30), ledger.put(e)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    ok = false;
+                    eprintln!("warning: the build's cost was not recorded: {err}");
+                }
+                Err(_) => {
+                    ok = false;
+                    eprintln!("warning: the build's cost was not recorded: {} did not answer within 30s", ledger.place());
+                }
+            }
+        }
+        if ok {
+            recorded = Some(ledger.place());
+        }
+    }
     let mut out = std::io::stdout().lock();
     for (i, record) in records.iter().enumerate() {
         if json {
@@ -286,7 +341,12 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
                 let _ = writeln!(out, "\n== instance {} of {}", i + 1, records.len());
             }
             let _ = reporters[i].lock().expect("not poisoned").summary(&mut out);
-            let _ = summary(record, &mut out);
+            let _ = summary(record, &entries[i], &mut out);
+        }
+    }
+    if !json {
+        if let Some(place) = &recorded {
+            let _ = writeln!(out, "recorded in {place} (see `spotbuild report`)");
         }
     }
     // The worst result decides the exit code.
@@ -376,15 +436,18 @@ fn describe(o: &AttemptOutcome) -> String {
     }
 }
 
-/// The closing table: one line per attempt, with what it cost.
-fn summary(r: &BuildRecord, out: &mut impl Write) -> std::io::Result<()> {
+/// The closing table: one line per attempt with what it cost, then the build's total and
+/// what spot saved (`ledger::cost` rules: per second, 60 s minimum, storage pro rata).
+fn summary(r: &BuildRecord, entry: &crate::ledger::BuildEntry, out: &mut impl Write) -> std::io::Result<()> {
+    use crate::ledger::cost::attempt_cost;
+    use crate::ledger::report::usd;
     writeln!(out, "\n{:<8} {:<20} {:<14} {:<10} {:>9} {:>10}  result", "attempt", "instance", "type", "market", "duration", "cost")?;
-    let mut total = 0.0;
-    for a in &r.attempts {
-        let secs = a.instance_seconds().unwrap_or(0.0);
-        // Per-second billing with a 60-second minimum.
-        let cost = a.hourly_price.map(|p| p * secs.max(60.0) / 3600.0);
-        total += cost.unwrap_or(0.0);
+    let (mut total, mut savings, mut priced) = (0.0, 0.0, true);
+    for (a, e) in r.attempts.iter().zip(&entry.attempts) {
+        let c = attempt_cost(e, entry.volume_gb);
+        total += c.total;
+        savings += c.savings;
+        priced &= c.priced;
         writeln!(
             out,
             "{:<8} {:<20} {:<14} {:<10} {:>9} {:>10}  {}",
@@ -392,12 +455,19 @@ fn summary(r: &BuildRecord, out: &mut impl Write) -> std::io::Result<()> {
             a.instance_id.as_deref().unwrap_or("-"),
             a.instance_type.as_deref().unwrap_or("-"),
             a.market.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
-            format!("{:.1}s", secs),
-            cost.map(|c| format!("${c:.4}")).unwrap_or_else(|| "unknown".into()),
+            format!("{:.1}s", a.instance_seconds().unwrap_or(0.0)),
+            if c.priced { usd(c.total) } else { "unknown".into() },
             describe(&a.outcome),
         )?;
     }
-    writeln!(out, "total {:>71}", format!("${total:.4}"))?;
+    let mut line = format!("total {:>71}", usd(total));
+    if savings > 0.0 {
+        line.push_str(&format!("  (spot saved {} against on-demand)", usd(savings)));
+    }
+    if !priced {
+        line.push_str("  (some prices unknown: counted as $0)");
+    }
+    writeln!(out, "{line}")?;
     writeln!(out, "build {}: {:?}", r.build_id, r.result)
 }
 

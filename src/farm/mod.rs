@@ -57,6 +57,10 @@ pub struct AttemptRecord {
     pub market: Option<Market>,
     /// USD per hour: the spot price at launch, or the on-demand list price.
     pub hourly_price: Option<f64>,
+    /// The on-demand list price of the same type (what spot is compared with).
+    pub on_demand_hourly: Option<f64>,
+    /// For on-demand: the spot price of the same pool at launch (the fallback's premium).
+    pub spot_reference_hourly: Option<f64>,
     /// RFC 3339.
     pub started_at: String,
     pub ended_at: String,
@@ -69,9 +73,45 @@ pub struct AttemptRecord {
     /// Bytes of the git bundle shipped, and whether it relied on the baked mirror.
     pub shipped_bytes: Option<u64>,
     pub thin_bundle: Option<bool>,
+    /// Seconds the agent spent in build (and push) steps, and in test steps.
+    pub building_seconds: f64,
+    pub testing_seconds: f64,
 }
 
 impl AttemptRecord {
+    /// The ledger's form of this attempt.
+    pub fn to_entry(&self) -> crate::ledger::AttemptEntry {
+        let (outcome, reason) = match &self.outcome {
+            AttemptOutcome::Success => ("success", None),
+            AttemptOutcome::Failed => ("failed", None),
+            AttemptOutcome::Interrupted => ("interrupted", None),
+            AttemptOutcome::Lost(r) => ("lost", Some(r.clone())),
+            AttemptOutcome::Error(r) => ("error", Some(r.clone())),
+        };
+        let mut seconds = std::collections::BTreeMap::new();
+        for (phase, secs) in &self.phases {
+            *seconds.entry(phase_name(*phase).to_string()).or_insert(0.0) += secs;
+        }
+        seconds.insert("building".into(), self.building_seconds);
+        seconds.insert("testing".into(), self.testing_seconds);
+        crate::ledger::AttemptEntry {
+            attempt: self.attempt,
+            instance_id: self.instance_id.clone(),
+            instance_type: self.instance_type.clone(),
+            availability_zone: self.availability_zone.clone(),
+            market: self.market,
+            hourly_price: self.hourly_price,
+            on_demand_hourly: self.on_demand_hourly,
+            spot_reference_hourly: self.spot_reference_hourly,
+            started_at: self.started_at.clone(),
+            ended_at: self.ended_at.clone(),
+            outcome: outcome.into(),
+            reason,
+            market_reason: self.market_reason.clone(),
+            seconds,
+        }
+    }
+
     /// Seconds from launch to the end of teardown: what the instance is billed for.
     pub fn instance_seconds(&self) -> Option<f64> {
         let start = humantime::parse_rfc3339(&self.started_at).ok()?;
@@ -150,6 +190,8 @@ pub struct Controller {
     pub market: MarketPolicy,
     /// The SSM API and the bucket, when `[remote] transport = "ssm"`.
     pub ssm: Option<SsmClients>,
+    /// Where interruptions are shared with other CI jobs' breakers.
+    pub ledger: Option<Arc<dyn crate::ledger::LedgerStore>>,
     pub on_event: Box<dyn Fn(FarmEvent) + Send + Sync>,
 }
 
@@ -185,6 +227,7 @@ impl Controller {
         let max = self.config.remote.max_attempts.max(1);
         let mut result = BuildResult::GaveUp;
         for n in 1..=max {
+            self.shared_interruptions(n).await;
             let job = match jobs.next_job(n).await {
                 Ok(Some(job)) => job,
                 Ok(None) => {
@@ -214,7 +257,13 @@ impl Controller {
                     result = BuildResult::Error;
                     break;
                 }
-                AttemptOutcome::Interrupted => self.interruptions.push(SystemTime::now()),
+                AttemptOutcome::Interrupted => {
+                    // At the ledger's precision, so reading it back does not count it twice.
+                    let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+                    let at = humantime::parse_rfc3339(&now).unwrap_or_else(|_| SystemTime::now());
+                    self.interruptions.push(at);
+                    self.share_interruption(at, attempts.last().expect("just pushed")).await;
+                }
                 AttemptOutcome::Lost(_) => {}
             }
             if tokio::time::Instant::now() >= self.deadline {
@@ -249,6 +298,8 @@ impl Controller {
                 availability_zone: None,
                 market: None,
                 hourly_price: None,
+                on_demand_hourly: None,
+                spot_reference_hourly: None,
                 started_at: now_rfc3339(),
                 ended_at: String::new(),
                 outcome: AttemptOutcome::Error("unfinished".into()),
@@ -256,7 +307,10 @@ impl Controller {
                 market_reason: None,
                 shipped_bytes: None,
                 thin_bundle: None,
+                building_seconds: 0.0,
+                testing_seconds: 0.0,
             },
+            step_kinds: Default::default(),
         };
         let mut state = attempt::State::new(self.config.remote.max_reconnects);
         let mut action = attempt::start();
@@ -287,6 +341,40 @@ impl Controller {
             }
             state = next_state;
             action = next_action;
+        }
+    }
+
+    /// Adds the interruptions other builds recorded in the ledger (bounded: a slow ledger
+    /// must not hold up a build; without it, only this build's own count).
+    async fn shared_interruptions(&mut self, n: u32) {
+        let Some(ledger) = self.ledger.clone() else { return };
+        let since = SystemTime::now() - (self.breaker.window + self.breaker.cooldown);
+        match tokio::time::timeout(Duration::from_secs(10), ledger.interruptions(since)).await {
+            Ok(Ok(times)) => {
+                for t in times {
+                    if !self.interruptions.contains(&t) {
+                        self.interruptions.push(t);
+                    }
+                }
+            }
+            Ok(Err(e)) => self.say(n, Phase::Launching, format!("warning: could not read shared interruptions: {e}")),
+            Err(_) => self.say(n, Phase::Launching, format!("warning: {} did not answer within 10s; breaker uses this build's interruptions only", ledger.place())),
+        }
+    }
+
+    async fn share_interruption(&self, at: SystemTime, record: &AttemptRecord) {
+        let Some(ledger) = &self.ledger else { return };
+        let i = crate::ledger::Interruption {
+            at: humantime::format_rfc3339_millis(at).to_string(),
+            build_id: self.build_id.clone(),
+            attempt: record.attempt,
+            instance_type: record.instance_type.clone(),
+            availability_zone: record.availability_zone.clone(),
+        };
+        match tokio::time::timeout(Duration::from_secs(10), ledger.record_interruption(&i)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.say(record.attempt, Phase::Done, format!("warning: could not share the interruption: {e}")),
+            Err(_) => self.say(record.attempt, Phase::Done, format!("warning: {} did not answer within 10s", ledger.place())),
         }
     }
 
@@ -333,6 +421,8 @@ struct Run<'c> {
     last_seq: u64,
     notice: bool,
     record: AttemptRecord,
+    /// What kind each started step is, to add its time to building or testing.
+    step_kinds: std::collections::HashMap<String, crate::protocol::StepKind>,
 }
 
 impl Run<'_> {
@@ -431,13 +521,19 @@ impl Run<'_> {
                 // Recorded before anything else can fail.
                 c.teardown.add(&l.instance_id);
                 let region = cfg.region.clone().unwrap_or_else(|| "us-east-1".into());
-                let price = match l.market {
-                    Market::OnDemand => crate::cloud::prices::on_demand_hourly(&region, &l.pool.instance_type),
-                    Market::Spot => match &l.availability_zone {
-                        Some(az) => c.cloud.spot_price(&l.pool.instance_type, az).await.ok().flatten(),
-                        None => None,
-                    },
+                let on_demand = crate::cloud::prices::on_demand_hourly(&region, &l.pool.instance_type);
+                // The pool's spot price at launch: what a spot attempt pays, and what an
+                // on-demand fallback is compared with.
+                let spot = match &l.availability_zone {
+                    Some(az) => c.cloud.spot_price(&l.pool.instance_type, az).await.ok().flatten(),
+                    None => None,
                 };
+                let price = match l.market {
+                    Market::OnDemand => on_demand,
+                    Market::Spot => spot,
+                };
+                self.record.on_demand_hourly = on_demand;
+                self.record.spot_reference_hourly = if l.market == Market::OnDemand { spot } else { None };
                 self.record.instance_id = Some(l.instance_id.clone());
                 self.record.instance_type = Some(l.pool.instance_type.clone());
                 self.record.availability_zone = l.availability_zone.clone();
@@ -676,6 +772,21 @@ impl Run<'_> {
             self.last_seq = env.seq;
             if matches!(env.event, Event::Notice { kind: crate::protocol::NoticeKind::Interruption, .. }) {
                 self.notice = true;
+            }
+            match &env.event {
+                Event::StepStart { step, kind, .. } => {
+                    self.step_kinds.insert(step.clone(), *kind);
+                }
+                Event::StepEnd { step, duration_ms, .. } => {
+                    use crate::protocol::StepKind;
+                    let secs = *duration_ms as f64 / 1000.0;
+                    match self.step_kinds.get(step) {
+                        Some(StepKind::Build | StepKind::Push | StepKind::Pull) => self.record.building_seconds += secs,
+                        Some(StepKind::Test | StepKind::Run) => self.record.testing_seconds += secs,
+                        _ => {}
+                    }
+                }
+                _ => {}
             }
             let result = match &env.event {
                 Event::Result { outcome, .. } => Some(*outcome),

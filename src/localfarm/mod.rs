@@ -471,7 +471,12 @@ connect_timeout = "30s"
 # A host shares this machine's kernel: at a deadline it must not power the machine off.
 # The farm plays out each instance's TTL itself.
 shutdown_command = []
+
+[ledger]
+# What each build cost, for `spotbuild report` (the emulator's prices are not AWS's).
+url = "{ledger}"
 "#,
+        ledger = s.dir.join("ledger.sqlite").display(),
         config = st.config.display(),
         registry = st.registry,
         endpoint = st.ec2_endpoint,

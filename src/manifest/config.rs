@@ -30,6 +30,19 @@ pub struct Config {
     pub cloud: CloudConfig,
     #[serde(default)]
     pub remote: RemoteConfig,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+/// Where builds' costs are recorded (`--ledger` and `SPOTBUILD_LEDGER` take precedence).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// A file path (SQLite), `s3://bucket/prefix`, or `off` [default: a file under the
+    /// user's data directory].
+    pub url: Option<String>,
+    /// An S3-compatible endpoint for an `s3://` ledger (an emulator) [default: AWS's].
+    pub endpoint: Option<String>,
 }
 
 /// How the controller reaches an instance and runs the agent there.

@@ -1,0 +1,153 @@
+//! The ledger in one SQLite file: the default, for a single machine or a shared volume.
+//! Entries are stored whole as JSON, with the columns queries filter on beside them.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use rusqlite::{params, Connection};
+
+use super::{BuildEntry, Interruption, LedgerError, LedgerStore};
+
+pub struct SqliteLedger {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn store_error(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> LedgerError {
+    LedgerError::Store {
+        place: format!("sqlite:{}", path.display()),
+        message: e.to_string(),
+        source: Some(Box::new(e)),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+impl SqliteLedger {
+    /// Opens (creating the file and its directory if needed) and migrates.
+    pub fn open(path: &Path) -> Result<SqliteLedger, LedgerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| store_error(path, e))?;
+        }
+        let conn = Connection::open(path).map_err(|e| store_error(path, e))?;
+        // Several CI jobs on one machine may write at once: wait for the lock, briefly.
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| store_error(path, e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE IF NOT EXISTS builds (
+                 build_id   TEXT PRIMARY KEY,
+                 started_at TEXT NOT NULL,
+                 entry      TEXT NOT NULL
+             );
+             CREATE INDEX IF NOT EXISTS builds_started ON builds (started_at);
+             CREATE TABLE IF NOT EXISTS interruptions (
+                 at       TEXT NOT NULL,
+                 build_id TEXT NOT NULL,
+                 attempt  INTEGER NOT NULL,
+                 entry    TEXT NOT NULL,
+                 PRIMARY KEY (build_id, attempt)
+             );
+             CREATE INDEX IF NOT EXISTS interruptions_at ON interruptions (at);",
+        )
+        .map_err(|e| store_error(path, e))?;
+        Ok(SqliteLedger {
+            path: path.to_path_buf(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` on the connection off the async threads.
+    fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, LedgerError>> {
+        let conn = self.conn.clone();
+        let path = self.path.clone();
+        async move {
+            let joined = tokio::task::spawn_blocking(move || {
+                let conn = conn.lock().expect("not poisoned");
+                f(&conn)
+            })
+            .await;
+            match joined {
+                Ok(r) => r.map_err(|e| store_error(&path, e)),
+                Err(e) => Err(store_error(&path, e)),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// Timestamps are compared as text: normalise to one RFC 3339 form first.
+fn normalised(ts: &str) -> String {
+    humantime::parse_rfc3339_weak(ts).map(rfc3339).unwrap_or_else(|_| ts.to_string())
+}
+
+impl LedgerStore for SqliteLedger {
+    fn place(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+
+    fn put<'a>(&'a self, entry: &'a BuildEntry) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let json = serde_json::to_string(entry).expect("an entry always serialises");
+        let (id, started) = (entry.build_id.clone(), normalised(&entry.started_at));
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO builds (build_id, started_at, entry) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (build_id) DO UPDATE SET started_at = excluded.started_at, entry = excluded.entry",
+                params![id, started, json],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn list(&self, since: SystemTime, until: SystemTime) -> BoxFuture<'_, Result<Vec<BuildEntry>, LedgerError>> {
+        let (since, until) = (rfc3339(since), rfc3339(until));
+        let path = self.path.clone();
+        async move {
+            let rows: Vec<String> = self
+                .with(move |c| {
+                    let mut stmt = c.prepare("SELECT entry FROM builds WHERE started_at >= ?1 AND started_at < ?2 ORDER BY started_at, build_id")?;
+                    let rows = stmt.query_map(params![since, until], |r| r.get::<_, String>(0))?;
+                    rows.collect()
+                })
+                .await?;
+            rows.iter()
+                .map(|r| serde_json::from_str(r).map_err(|e| store_error(&path, e)))
+                .collect()
+        }
+        .boxed()
+    }
+
+    fn record_interruption<'a>(&'a self, i: &'a Interruption) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let json = serde_json::to_string(i).expect("serialisable");
+        let (at, id, attempt) = (normalised(&i.at), i.build_id.clone(), i.attempt);
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO interruptions (at, build_id, attempt, entry) VALUES (?1, ?2, ?3, ?4)",
+                params![at, id, attempt, json],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn interruptions(&self, since: SystemTime) -> BoxFuture<'_, Result<Vec<SystemTime>, LedgerError>> {
+        let since = rfc3339(since);
+        async move {
+            let rows: Vec<String> = self
+                .with(move |c| {
+                    let mut stmt = c.prepare("SELECT at FROM interruptions WHERE at >= ?1 ORDER BY at")?;
+                    let rows = stmt.query_map(params![since], |r| r.get::<_, String>(0))?;
+                    rows.collect()
+                })
+                .await?;
+            Ok(rows.iter().filter_map(|t| humantime::parse_rfc3339_weak(t).ok()).collect())
+        }
+        .boxed()
+    }
+}
