@@ -10,7 +10,8 @@ SHELL := bash
 VENV := .venv
 SHARED ?= ../shared
 BENCH_REPO := target/bench/monorepo
-APT_PACKAGES := docker-registry openssh-server openssh-client iproute2 busybox-static git curl python3 python3-venv
+# chromium (and a font) render the HTML cost report in a test.
+APT_PACKAGES := docker-registry openssh-server openssh-client iproute2 busybox-static git curl python3 python3-venv chromium fonts-dejavu-core
 
 .PHONY: test bench demo farm-deps apt-deps venv build docker-check
 

@@ -65,6 +65,7 @@ pub enum FarmCommand {
     },
     /// What runs: services and hosts.
     Status {
+        /// Print the farm's state and its hosts as one JSON object.
         #[arg(long)]
         json: bool,
     },

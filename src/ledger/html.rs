@@ -153,10 +153,13 @@ fn savings_per_day(r: &Report) -> String {
     let mut svg = format!(r#"<figure id="savings"><figcaption>Saved by spot, per day (against the same hours on demand)</figcaption><svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="savings per day">"#);
     axis(&mut svg, max);
     for (i, d) in r.days.iter().enumerate() {
+        let x = LEFT + slot * i as f64 + (slot - bar) / 2.0;
+        if r.days.len() <= 16 || i % (r.days.len() / 8).max(1) == 0 {
+            let _ = write!(svg, r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="#555">{}</text>"##, x + bar / 2.0, H - BOTTOM + 14.0, esc(d.day.get(5..).unwrap_or(&d.day)));
+        }
         if d.savings <= 0.0 {
             continue;
         }
-        let x = LEFT + slot * i as f64 + (slot - bar) / 2.0;
         let h = (H - BOTTOM - 10.0) * d.savings / max;
         let _ = write!(svg, r#"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{h:.1}" fill="{SAVINGS_COLOUR}"><title>{}: {}</title></rect>"#, H - BOTTOM - h, esc(&d.day), esc(&usd(d.savings)));
     }

@@ -149,7 +149,8 @@ impl Report {
                 if let Some(m) = a.market {
                     markets.insert(m.to_string());
                 }
-                t.on_demand_equivalent += c.on_demand_equivalent.unwrap_or(c.total);
+                // Without a price paid there is nothing to compare: count it as it is.
+                t.on_demand_equivalent += if c.priced { c.on_demand_equivalent.unwrap_or(c.total) } else { c.total };
                 t.savings += c.savings;
                 t.fallback_premium += c.fallback_premium;
                 t.interruption_waste += c.wasted;
@@ -235,7 +236,7 @@ impl Report {
                 r
             })
             .collect();
-        Report {
+        let mut report = Report {
             since: humantime::format_rfc3339_seconds(since).to_string(),
             until: humantime::format_rfc3339_seconds(until).to_string(),
             by,
@@ -243,6 +244,48 @@ impl Report {
             rows,
             builds,
             days: days.into_values().collect(),
+        };
+        report.round();
+        report
+    }
+
+    /// Money to a millionth of a dollar and shares to 1e-6: sums of floats otherwise
+    /// print as 0.18203999999999998.
+    fn round(&mut self) {
+        fn r(v: &mut f64) {
+            *v = (*v * 1e6).round() / 1e6;
+        }
+        let t = &mut self.totals;
+        for v in [
+            &mut t.cost,
+            &mut t.spot_cost,
+            &mut t.on_demand_cost,
+            &mut t.on_demand_equivalent,
+            &mut t.savings,
+            &mut t.savings_share,
+            &mut t.spot_share,
+            &mut t.fallback_premium,
+            &mut t.interruption_waste,
+            &mut t.boot_overhead,
+            &mut t.cost_per_build,
+            &mut t.instance_hours,
+        ] {
+            r(v);
+        }
+        for row in &mut self.rows {
+            for v in [&mut row.cost, &mut row.spot_cost, &mut row.on_demand_cost, &mut row.savings, &mut row.waste, &mut row.instance_hours] {
+                r(v);
+            }
+        }
+        for b in &mut self.builds {
+            r(&mut b.cost);
+            r(&mut b.savings);
+        }
+        for d in &mut self.days {
+            r(&mut d.spot_cost);
+            r(&mut d.on_demand_cost);
+            r(&mut d.savings);
+            d.by_project.values_mut().for_each(r);
         }
     }
 

@@ -92,6 +92,13 @@ fn a_cold_build_then_no_change_then_one_file_changed() {
     assert!(tags(&farm.registry(), "api").contains(&format!("cache-{}-unit", plan["api"])), "the test tag");
     farm.assert_nothing_left();
     let launched = farm.all_instances();
+    // The build's cost is in the farm's ledger.
+    let report = Run::of(farm.spotbuild(repo.path()).args(["report", "--since", "1h", "--format", "json"]));
+    assert_eq!(report.code, 0, "{}", report.stderr);
+    let rep = report.json();
+    assert_eq!(rep["totals"]["builds"], 1, "{rep:#}");
+    assert_eq!(rep["builds"][0]["markets"], json!(["spot"]));
+    assert_eq!(rep["builds"][0]["result"], "success");
 
     // 2. No change: nothing to do, no launch (not even an API call), well under 2 s.
     let proxy = FaultProxy::start(&farm.ec2_endpoint());
@@ -106,10 +113,12 @@ fn a_cold_build_then_no_change_then_one_file_changed() {
     assert_eq!(farm.all_instances(), launched);
 
     // 3. One file of web changed: only web is built, and its base layers come from cache.
+    // Its ledger is a bucket that does not exist: the build still succeeds, and says so.
     repo.write("web/src/index.html", &format!("<p>changed {}</p>\n", unique()));
     repo.commit("web: change");
-    let one = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json"]));
+    let one = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json", "--ledger", "s3://no-such-bucket/ledger"]));
     assert_eq!(one.code, 0, "{}\n{}", one.stdout, one.stderr);
+    assert!(one.stderr.contains("cost was not recorded"), "{}", one.stderr);
     let ev = events(&one.stdout);
     let built: Vec<String> = steps_started(&ev).into_iter().filter(|s| s.ends_with(":build")).collect();
     assert_eq!(built, ["web:build"]);
@@ -153,6 +162,44 @@ fn an_interruption_notice_then_a_reclaim_gets_a_second_attempt_that_skips_what_w
         .filter(|s| s.ends_with(":build"))
         .collect();
     assert_eq!(second, ["web:build"], "{out}");
+    farm.assert_nothing_left();
+    // The ledger has both attempts, and the interruption for other jobs' breakers.
+    let rep = Run::of(farm.spotbuild(repo.path()).args(["report", "--since", "1h", "--format", "json"])).json();
+    assert_eq!(rep["totals"]["attempts"], 2, "{rep:#}");
+    assert_eq!(rep["totals"]["wasted_attempts"], 1);
+    let ledger = spotbuild::ledger::sqlite::SqliteLedger::open(&farm.dir.path().join("ledger.sqlite")).unwrap();
+    let shared = crate::support::services::runtime()
+        .block_on(spotbuild::ledger::LedgerStore::interruptions(&ledger, std::time::SystemTime::now() - Duration::from_secs(3600)))
+        .unwrap();
+    assert_eq!(shared.len(), 1);
+}
+
+#[test]
+fn interruptions_other_ci_jobs_recorded_open_the_breaker() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let _images = Images::for_host(&farm.registry());
+    let repo = farm_repo(None, PASSING_TEST);
+    // Two other builds were interrupted minutes ago, as recorded in the shared ledger.
+    let ledger = spotbuild::ledger::sqlite::SqliteLedger::open(&farm.dir.path().join("ledger.sqlite")).unwrap();
+    crate::support::services::runtime().block_on(async {
+        for (n, ago) in [(1u32, 300u64), (2, 120)] {
+            let at = std::time::SystemTime::now() - Duration::from_secs(ago);
+            let i = spotbuild::ledger::Interruption {
+                at: humantime::format_rfc3339_millis(at).to_string(),
+                build_id: format!("other-job-{n}"),
+                attempt: 1,
+                instance_type: Some("m7a.16xlarge".into()),
+                availability_zone: None,
+            };
+            spotbuild::ledger::LedgerStore::record_interruption(&ledger, &i).await.unwrap();
+        }
+    });
+    let run = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json"]));
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("spot breaker open"), "{}", run.stdout);
+    let r = record(&events(&run.stdout));
+    assert_eq!(r["attempts"][0]["market"], "on-demand", "{r:#}");
     farm.assert_nothing_left();
 }
 

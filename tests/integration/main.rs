@@ -7,6 +7,7 @@ mod cli;
 mod cloud;
 mod farm;
 mod hashing;
+mod ledger;
 mod manifest_errors;
 mod registry;
 mod ssm;
