@@ -1,0 +1,39 @@
+# A worked example: spotbuild for the monorepo in examples/monorepo, in two subnets, with
+# the SSM transport (no inbound port) and a CI role from another account allowed to run it.
+#
+#   terraform init && terraform apply
+#   terraform output -raw spotbuild_toml > ../monorepo/spotbuild.toml
+
+terraform {
+  required_version = ">= 1.5.0"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.40"
+    }
+  }
+}
+
+provider "aws" {
+  region = "us-east-2"
+}
+
+module "spotbuild" {
+  source             = "../../terraform"
+  region             = "us-east-2"
+  subnet_ids         = ["subnet-0a1b2c3d4e5f60718", "subnet-1b2c3d4e5f6071829"]
+  transport          = "ssm"
+  repositories       = ["base", "api", "web", "lint"]
+  ledger_bucket_name = "acme-spotbuild-ledger"
+  controller_principals = [
+    "arn:aws:iam::210987654321:role/circleci-oidc",
+  ]
+  tags = {
+    team        = "platform"
+    cost-center = "ci"
+  }
+}
+
+output "spotbuild_toml" {
+  value = module.spotbuild.spotbuild_toml
+}

@@ -1,0 +1,103 @@
+variable "region" {
+  description = "The AWS region spotbuild rents instances in."
+  type        = string
+}
+
+variable "name" {
+  description = "Prefix for every resource this module creates."
+  type        = string
+  default     = "spotbuild"
+}
+
+variable "subnet_ids" {
+  description = "Subnets instances launch in (every instance type is tried in every subnet). All in one VPC."
+  type        = list(string)
+  validation {
+    condition     = length(var.subnet_ids) > 0
+    error_message = "Give at least one subnet."
+  }
+}
+
+variable "transport" {
+  description = "How the controller reaches instances: \"ssm\" (no inbound port) or \"ssh\" (port 22 from ci_cidrs only)."
+  type        = string
+  default     = "ssm"
+  validation {
+    condition     = contains(["ssm", "ssh"], var.transport)
+    error_message = "transport is \"ssm\" or \"ssh\"."
+  }
+}
+
+variable "ci_cidrs" {
+  description = "Networks the CI runners connect from (SSH transport only)."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for c in var.ci_cidrs : can(cidrnetmask(c)) && c != "0.0.0.0/0"])
+    error_message = "ci_cidrs are IPv4 CIDRs, never 0.0.0.0/0."
+  }
+}
+
+variable "repositories" {
+  description = "The monorepo's project names: one ECR repository each (the projects of build_manifest.json)."
+  type        = list(string)
+}
+
+variable "ledger_bucket_name" {
+  description = "Name of the S3 bucket for the cost ledger, SSM transport objects and logs (created here)."
+  type        = string
+}
+
+variable "ledger_prefix" {
+  description = "Key prefix of the cost ledger in the bucket."
+  type        = string
+  default     = "ledger"
+}
+
+variable "transport_prefix" {
+  description = "Key prefix of SSM transport objects (commands' input, event chunks) in the bucket."
+  type        = string
+  default     = "ssm"
+}
+
+variable "ami_parameter" {
+  description = "The SSM parameter `make ami` writes the baked AMI id to; instances launch from it."
+  type        = string
+  default     = "/spotbuild/ami/latest"
+}
+
+variable "root_volume_gb" {
+  description = "Size of each instance's encrypted gp3 root volume."
+  type        = number
+  default     = 200
+}
+
+variable "keep_images" {
+  description = "Images each ECR repository keeps (every tag counts, not only cache-); the oldest beyond this expire."
+  type        = number
+  default     = 500
+}
+
+variable "untagged_image_days" {
+  description = "Days after which untagged images (superseded layers' manifests) expire."
+  type        = number
+  default     = 3
+}
+
+variable "transport_object_days" {
+  description = "Days SSM transport objects may live (the controller deletes them; this catches a killed controller)."
+  type        = number
+  default     = 2
+}
+
+variable "controller_principals" {
+  description = "IAM principal ARNs (CI roles) allowed to assume the controller role. Empty: attach the controller policy yourself."
+  type        = list(string)
+  default     = []
+}
+
+variable "tags" {
+  description = "Cost-allocation tags for every resource (and, through spotbuild.toml, every instance)."
+  type        = map(string)
+  default     = {}
+}
