@@ -11,11 +11,15 @@ VENV := .venv
 SHARED ?= ../shared
 BENCH_REPO := target/bench/monorepo
 # chromium (and a font) render the HTML cost report in a test.
-APT_PACKAGES := docker-registry openssh-server openssh-client iproute2 busybox-static git curl python3 python3-venv chromium fonts-dejavu-core
+APT_PACKAGES := docker-registry openssh-server openssh-client iproute2 busybox-static git curl python3 python3-venv chromium fonts-dejavu-core shellcheck
+# Infrastructure checks: Terraform and Packer parsed with python-hcl2, Terraform scanned by
+# checkov, in a venv of their own (pinned: the tests read python-hcl2's output shape).
+VENV_INFRA := .venv-infra
+INFRA_PIP := python-hcl2==8.1.4 checkov==3.3.30
 
-.PHONY: test bench demo farm-deps apt-deps venv build docker-check
+.PHONY: test bench demo farm-deps infra-deps apt-deps venv build docker-check ami
 
-test: farm-deps
+test: farm-deps infra-deps
 	cargo test --locked --all-targets
 
 build:
@@ -41,6 +45,13 @@ apt-deps:
 
 venv: $(VENV)/.installed
 
+infra-deps: apt-deps $(VENV_INFRA)/.installed
+
+$(VENV_INFRA)/.installed:
+	python3 -m venv $(VENV_INFRA)
+	$(VENV_INFRA)/bin/pip install -q --disable-pip-version-check $(INFRA_PIP)
+	touch $@
+
 $(VENV)/.installed:
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check 'moto[server]'
@@ -54,3 +65,18 @@ bench: farm-deps
 
 demo: farm-deps build
 	scripts/demo
+
+# Bakes the instance image in your AWS account (needs packer and the aws CLI), then points
+# the SSM parameter that launches resolve at it. See ami/README.md.
+#   make ami AWS_REGION=us-east-2 REPOSITORY_URL=https://github.com/acme/monorepo.git
+AMI_PARAMETER ?= /spotbuild/ami/latest
+REPOSITORY_REF ?= main
+ami:
+	@test -n "$(AWS_REGION)" || { echo "make ami: set AWS_REGION" >&2; exit 2; }
+	@test -n "$(REPOSITORY_URL)" || { echo "make ami: set REPOSITORY_URL (the monorepo to mirror)" >&2; exit 2; }
+	@command -v packer >/dev/null || { echo "make ami: packer is not installed (https://developer.hashicorp.com/packer/install)" >&2; exit 2; }
+	cargo build --locked --release
+	packer init ami
+	packer build -var region=$(AWS_REGION) -var spotbuild_binary=$(CURDIR)/target/release/spotbuild \
+	  -var repository_url=$(REPOSITORY_URL) -var repository_ref=$(REPOSITORY_REF) ami
+	sh ami/publish.sh $(AWS_REGION) $(AMI_PARAMETER)

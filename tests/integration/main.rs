@@ -7,6 +7,7 @@ mod cli;
 mod cloud;
 mod farm;
 mod hashing;
+mod infra;
 mod ledger;
 mod manifest_errors;
 mod registry;

@@ -1,0 +1,332 @@
+//! The infrastructure as code: every Terraform and Packer file parses, checkov reports no
+//! failed check (skips carry their reasons inline), the Packer template declares exactly the
+//! variables it uses, shellcheck passes on every shell script, and the launch template and
+//! the IAM policies keep the properties the design relies on. The tools come from
+//! `make infra-deps` (the infra venv and Debian's shellcheck); a missing one fails the test.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn infra_tool(name: &str) -> PathBuf {
+    let p = root().join(".venv-infra/bin").join(name);
+    assert!(p.is_file(), "{} not found: run `make infra-deps` (`make test` does)", p.display());
+    p
+}
+
+/// Files tracked by git (or, outside a checkout, found on disk) under `dir` ending in `ext`.
+fn files(dir: &str, ext: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(root().join(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| e.ok())
+        .map(|e| format!("{dir}/{}", e.file_name().to_string_lossy()))
+        .filter(|p| p.ends_with(ext))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Parses HCL files with python-hcl2; values come back as one-element lists, which `one`
+/// unwraps.
+fn hcl(paths: &[String]) -> Value {
+    let out = Command::new(root().join("scripts/hcl2json")).current_dir(root()).args(paths).output().unwrap();
+    assert!(out.status.success(), "hcl2json failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn one(v: &Value) -> &Value {
+    match v {
+        Value::Array(a) if a.len() == 1 => &a[0],
+        other => other,
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    match one(v) {
+        Value::Array(a) => a.iter().filter_map(|s| s.as_str().map(String::from)).collect(),
+        Value::String(s) => vec![s.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// `resource "TYPE" "NAME"` from a parsed file.
+fn resource<'a>(file: &'a Value, kind: &str, name: &str) -> &'a Value {
+    file["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|r| r.get(kind).and_then(|k| k.get(name)))
+        .unwrap_or_else(|| panic!("no resource {kind}.{name}"))
+}
+
+/// Every statement of a policy document, including `dynamic "statement"` contents.
+fn statements(doc: &Value) -> Vec<Value> {
+    let mut out: Vec<Value> = doc["statement"].as_array().cloned().unwrap_or_default();
+    for d in doc["dynamic"].as_array().cloned().unwrap_or_default() {
+        if let Some(c) = d["statement"]["content"].as_array() {
+            out.extend(c.iter().cloned());
+        }
+    }
+    out
+}
+
+fn policy_doc<'a>(file: &'a Value, name: &str) -> &'a Value {
+    file["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|d| d.get("aws_iam_policy_document").and_then(|k| k.get(name)))
+        .unwrap_or_else(|| panic!("no policy document {name}"))
+}
+
+fn condition(st: &Value) -> Vec<(String, String, Vec<String>)> {
+    st["condition"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| (one(&c["test"]).as_str().unwrap().to_string(), one(&c["variable"]).as_str().unwrap().to_string(), strings(&c["values"])))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_terraform_and_packer_file_parses() {
+    let mut paths = files("terraform", ".tf");
+    paths.extend(files("examples/terraform", ".tf"));
+    paths.extend(files("ami", ".pkr.hcl"));
+    assert!(paths.len() >= 7, "{paths:?}");
+    let parsed = hcl(&paths);
+    for p in &paths {
+        assert!(parsed[p].is_object(), "{p} did not parse");
+    }
+}
+
+#[test]
+fn checkov_reports_no_failed_check_and_every_skip_has_a_reason() {
+    let checkov = infra_tool("checkov");
+    for dir in ["terraform", "examples/terraform"] {
+        // --skip-download: nothing is fetched from the network.
+        let out = Command::new(&checkov)
+            .current_dir(root())
+            .args(["-d", dir, "--framework", "terraform", "--quiet", "--compact", "--skip-download", "-o", "json"])
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("checkov on {dir}: {e}\n{}", String::from_utf8_lossy(&out.stderr)));
+        let summary = &report["summary"];
+        assert_eq!(summary["parsing_errors"], 0, "{dir}: {summary}");
+        let failed: Vec<String> = report["results"]["failed_checks"]
+            .as_array()
+            .map(|a| a.iter().map(|c| format!("{} {} ({})", c["check_id"], c["resource"], c["file_path"])).collect())
+            .unwrap_or_default();
+        assert!(failed.is_empty(), "{dir}: checkov failed checks:\n{}", failed.join("\n"));
+        assert!(summary["passed"].as_u64().unwrap() > 50, "{dir}: {summary}");
+        for s in report["results"]["skipped_checks"].as_array().cloned().unwrap_or_default() {
+            let reason = s["check_result"]["suppress_comment"].as_str().unwrap_or("");
+            assert!(reason.len() > 20, "{dir}: {} on {} is skipped without a reason", s["check_id"], s["resource"]);
+        }
+    }
+}
+
+#[test]
+fn the_packer_template_declares_exactly_the_variables_it_uses() {
+    let path = "ami/spotbuild.pkr.hcl";
+    let parsed = hcl(&[path.to_string()]);
+    let declared: BTreeSet<String> = parsed[path]["variable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v.as_object().unwrap().keys().cloned())
+        .collect();
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    let used: BTreeSet<String> = regex::Regex::new(r"\bvar\.([A-Za-z_][A-Za-z0-9_-]*)")
+        .unwrap()
+        .captures_iter(&text)
+        .map(|c| c[1].to_string())
+        .collect();
+    let undeclared: Vec<_> = used.difference(&declared).collect();
+    let unused: Vec<_> = declared.difference(&used).collect();
+    assert!(undeclared.is_empty(), "used but not declared: {undeclared:?}");
+    assert!(unused.is_empty(), "declared but never used: {unused:?}");
+    // Every provisioning script it names exists.
+    for script in regex::Regex::new(r#"scripts/([a-z-]+\.sh)"#).unwrap().captures_iter(&text) {
+        assert!(root().join("ami/scripts").join(&script[1]).is_file(), "missing ami/scripts/{}", &script[1]);
+    }
+}
+
+#[test]
+fn shellcheck_passes_on_every_shell_script() {
+    let shellcheck = ["/usr/bin/shellcheck", "/bin/shellcheck"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("shellcheck not found: install Debian's shellcheck (`make test` does)");
+    let mut scripts = Vec::new();
+    let mut walk = vec![root()];
+    while let Some(dir) = walk.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()) {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().to_string();
+            if p.is_dir() {
+                if !matches!(name.as_str(), "target" | ".git" | ".venv" | ".venv-infra" | ".farm" | "node_modules") {
+                    walk.push(p);
+                }
+                continue;
+            }
+            let head = std::fs::read(&p).map(|b| b.into_iter().take(64).collect::<Vec<u8>>()).unwrap_or_default();
+            let shebang = String::from_utf8_lossy(&head);
+            let first = shebang.lines().next().unwrap_or("");
+            if name.ends_with(".sh") || (first.starts_with("#!") && (first.ends_with("/sh") || first.ends_with("bash") || first.contains("/sh ") || first.contains("env bash"))) {
+                scripts.push(p);
+            }
+        }
+    }
+    scripts.sort();
+    assert!(scripts.len() >= 10, "found only {scripts:?}");
+    let out = Command::new(shellcheck).args(&scripts).output().unwrap();
+    assert!(out.status.success(), "shellcheck:\n{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn the_launch_template_and_the_policies_keep_their_guarantees() {
+    let main = "terraform/main.tf".to_string();
+    let controller = "terraform/controller.tf".to_string();
+    let parsed = hcl(&[main.clone(), controller.clone()]);
+    let (main, controller) = (&parsed[&main], &parsed[&controller]);
+
+    // Launch template: IMDSv2 only, hop limit 1, terminate on shutdown, encrypted gp3.
+    let lt = resource(main, "aws_launch_template", "instances");
+    let md = one(&lt["metadata_options"]);
+    assert_eq!(one(&md["http_tokens"]), "required");
+    assert_eq!(one(&md["http_put_response_hop_limit"]), 1);
+    assert_eq!(one(&lt["instance_initiated_shutdown_behavior"]), "terminate");
+    let ebs = one(&one(&lt["block_device_mappings"])["ebs"]);
+    assert_eq!(one(&ebs["encrypted"]), true);
+    assert_eq!(one(&ebs["volume_type"]), "gp3");
+    assert_eq!(one(&ebs["delete_on_termination"]), true);
+
+    // No inbound rule in SSM mode: the only ingress resource is SSH, empty unless ssh.
+    let ingress: Vec<&Value> = main["resource"].as_array().unwrap().iter().filter_map(|r| r.get("aws_vpc_security_group_ingress_rule")).collect();
+    assert_eq!(ingress.len(), 1);
+    let ssh = &ingress[0]["ssh"];
+    assert!(one(&ssh["for_each"]).as_str().unwrap().contains("local.ssm_mode ? toset([])"), "{ssh}");
+    assert_eq!(one(&ssh["from_port"]), 22);
+
+    // Controller: no wildcard actions; launches need the build-id tag in the request;
+    // teardown needs it on the resource; PassRole only the instance role.
+    let docs = statements(policy_doc(controller, "controller"));
+    let tagged_request = |st: &Value| condition(st).iter().any(|(t, v, vals)| t == "Null" && v == "aws:RequestTag/${local.build_tag}" && vals == &["false"]);
+    let tagged_resource = |st: &Value, key: &str| condition(st).iter().any(|(t, v, vals)| t == "Null" && v == &format!("{key}/${{local.build_tag}}") && vals == &["false"]);
+    let mut saw = BTreeSet::new();
+    for st in &docs {
+        let actions = strings(&st["actions"]);
+        let resources = strings(&st["resources"]);
+        assert!(!actions.iter().any(|a| a == "*" || a.ends_with(":*")), "a wildcard action: {st}");
+        if actions.iter().any(|a| a == "ec2:RunInstances" || a == "ec2:CreateFleet") && resources.iter().any(|r| r.contains(":instance/")) {
+            assert!(tagged_request(st), "launching instances without the tag condition: {st}");
+            saw.insert("launch");
+        }
+        if actions.iter().any(|a| a == "ec2:TerminateInstances") {
+            assert!(tagged_resource(st, "ec2:ResourceTag"), "terminating untagged instances: {st}");
+            saw.insert("terminate");
+        }
+        if actions.iter().any(|a| a == "iam:PassRole") {
+            assert_eq!(resources, ["${aws_iam_role.instance.arn}"], "PassRole beyond the instance role: {st}");
+            saw.insert("passrole");
+        }
+        if actions.iter().any(|a| a == "ssm:SendCommand") && resources.iter().any(|r| r.contains(":instance/")) {
+            assert!(tagged_resource(st, "ssm:resourceTag"), "commands to untagged instances: {st}");
+            saw.insert("ssm");
+        }
+        if actions.iter().any(|a| a == "ec2:CreateTags") {
+            assert!(condition(st).iter().any(|(_, v, _)| v == "ec2:CreateAction"), "tagging outside a launch: {st}");
+        }
+    }
+    assert_eq!(saw, ["launch", "passrole", "ssm", "terminate"].into_iter().collect());
+
+    // Instances: S3 writes only under the two prefixes; ECR push only to the projects.
+    for st in statements(policy_doc(main, "instance")) {
+        let actions = strings(&st["actions"]);
+        let resources = strings(&st["resources"]);
+        if actions.iter().any(|a| a.starts_with("s3:")) {
+            assert_eq!(actions, ["s3:PutObject"]);
+            assert!(resources.iter().all(|r| r.ends_with("${var.ledger_prefix}/*") || r.ends_with("${var.transport_prefix}/*")), "{st}");
+        }
+        if actions.iter().any(|a| a == "ecr:PutImage") {
+            assert_eq!(resources, ["${local.repo_arns}"]);
+        }
+    }
+    // SSM core only in SSM mode.
+    let core = resource(main, "aws_iam_role_policy_attachment", "ssm_core");
+    assert_eq!(one(&core["count"]), "${local.ssm_mode ? 1 : 0}");
+
+    // Images: every image counts toward the cap, untagged ones expire.
+    let lifecycle = one(&resource(main, "aws_ecr_lifecycle_policy", "project")["policy"]).as_str().unwrap().to_string();
+    assert!(lifecycle.contains("tagStatus = \"any\"") || lifecycle.contains("'tagStatus': 'any'"), "{lifecycle}");
+    assert!(lifecycle.contains("untagged"), "{lifecycle}");
+    // Bucket: versioned, encrypted with KMS, no public access.
+    let versioning = resource(main, "aws_s3_bucket_versioning", "spotbuild");
+    assert_eq!(one(&one(&versioning["versioning_configuration"])["status"]), "Enabled");
+    let sse = resource(main, "aws_s3_bucket_server_side_encryption_configuration", "spotbuild");
+    assert_eq!(one(&one(&one(&sse["rule"])["apply_server_side_encryption_by_default"])["sse_algorithm"]), "aws:kms");
+    let block = resource(main, "aws_s3_bucket_public_access_block", "spotbuild");
+    for k in ["block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets"] {
+        assert_eq!(one(&block[k]), true, "{k}");
+    }
+}
+
+#[test]
+fn the_outputs_name_every_spotbuild_toml_key_and_the_file_they_print_parses() {
+    let path = "terraform/outputs.tf".to_string();
+    let parsed = hcl(&[path.clone()]);
+    let outputs: BTreeSet<String> = parsed[&path]["output"].as_array().unwrap().iter().flat_map(|o| o.as_object().unwrap().keys().cloned()).collect();
+    for key in ["region", "subnets", "ami", "instance_profile", "security_groups", "registry", "transport", "transport_bucket", "ledger", "spotbuild_toml"] {
+        assert!(outputs.contains(key), "no output {key}");
+    }
+    // The printed file, with placeholders for what only AWS knows, is a valid config.
+    let text = std::fs::read_to_string(root().join("terraform/outputs.tf")).unwrap();
+    let toml = text.split("<<-TOML\n").nth(1).unwrap().split("  TOML\n").next().unwrap();
+    let unindented = toml.replace("    ", "");
+    let filled = regex::Regex::new(r"\$\{[^}]*\}").unwrap().replace_all(&unindented, "x");
+    let filled = filled.replace("subnets = x", "subnets = [\"subnet-1\"]").replace("tags = x", "tags = {}").replace("root_volume_gb = x", "root_volume_gb = 200")
+        .replace("transport = \"x\"", "transport = \"ssm\"");
+    spotbuild::manifest::config::Config::parse(&filled, Path::new("spotbuild.toml")).unwrap_or_else(|e| panic!("{e}\n{filled}"));
+}
+
+#[test]
+fn the_repository_builds_its_own_ci_image_under_a_content_hash() {
+    // A clone, so commits here do not touch the checkout.
+    let dir = tempfile::tempdir().unwrap();
+    let clone = dir.path().join("spotbuild");
+    let st = Command::new("git").args(["clone", "-q", "--no-hardlinks"]).arg(root()).arg(&clone).status().unwrap();
+    assert!(st.success());
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .current_dir(&clone)
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let hash = || -> String {
+        let run = crate::support::Run::of(crate::support::spotbuild(&clone).args(["plan", "--offline", "--json"]));
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let plan = run.json();
+        let p = plan["projects"].as_array().unwrap().iter().find(|p| p["name"] == "spotbuild-ci").expect("spotbuild-ci is in the manifest").clone();
+        p["hash"].as_str().unwrap().to_string()
+    };
+    let first = hash();
+    assert_eq!(hash(), first, "the same sources give the same tag");
+    std::fs::write(clone.join("README.md"), "not an input\n").unwrap();
+    git(&["commit", "-qam", "docs"]);
+    assert_eq!(hash(), first, "a file outside the image's inputs does not change it");
+    std::fs::write(clone.join("src/main.rs"), format!("{}\n// changed\n", std::fs::read_to_string(clone.join("src/main.rs")).unwrap())).unwrap();
+    git(&["commit", "-qam", "src"]);
+    assert_ne!(hash(), first, "a source change gives a new tag");
+}
