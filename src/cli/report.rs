@@ -81,15 +81,19 @@ pub fn parse_when(s: &str, now: SystemTime) -> Result<SystemTime, String> {
 /// default file. A malformed location is a usage error; a ledger that cannot be opened
 /// is reported and skipped (`None`), never a reason to fail a build.
 pub async fn open_ledger(flag: Option<&str>, cfg: &Config) -> Result<Option<Arc<dyn LedgerStore>>, Error> {
-    let location = resolve(flag, cfg)?;
-    let endpoint = cfg.ledger.endpoint.clone().or_else(|| cfg.cloud.endpoint.clone());
-    match ledger::open(&location, cfg.cloud.region.clone(), endpoint).await {
+    match open_at(&resolve(flag, cfg)?, cfg).await {
         Ok(l) => Ok(l),
         Err(e) => {
             eprintln!("warning: the build's cost will not be recorded: {e}");
             Ok(None)
         }
     }
+}
+
+/// An `s3://` ledger uses `[ledger] endpoint`, else the cloud's.
+async fn open_at(location: &Location, cfg: &Config) -> Result<Option<Arc<dyn LedgerStore>>, ledger::LedgerError> {
+    let endpoint = cfg.ledger.endpoint.clone().or_else(|| cfg.cloud.endpoint.clone());
+    ledger::open(location, cfg.cloud.region.clone(), endpoint).await
 }
 
 fn resolve(flag: Option<&str>, cfg: &Config) -> Result<Location, Error> {
@@ -120,8 +124,7 @@ pub async fn run(repo: Option<PathBuf>, config: Option<PathBuf>, args: ReportArg
                 .hint("builds record their cost there once they run; choose another with --ledger or [ledger] url"));
         }
     }
-    let endpoint = cfg.ledger.endpoint.clone().or_else(|| cfg.cloud.endpoint.clone());
-    let store = ledger::open(&location, cfg.cloud.region.clone(), endpoint)
+    let store = open_at(&location, &cfg)
         .await
         .map_err(|e| Error::new(Exit::Failed, e.to_string()))?
         .ok_or_else(|| Error::new(Exit::Usage, "the ledger is `off`: there is nothing to report").hint("pass --ledger LOCATION"))?;

@@ -34,19 +34,24 @@ pub struct AwsCloud {
     ec2: aws_sdk_ec2::Client,
 }
 
+/// The standard AWS configuration (environment, profile, instance role), with an optional
+/// region and endpoint (or `AWS_ENDPOINT_URL`) pointing it elsewhere, e.g. at the local farm.
+/// Every AWS client spotbuild makes starts here.
+pub async fn sdk_config(region: Option<String>, endpoint: Option<String>) -> aws_config::SdkConfig {
+    let mut loader = aws_config::from_env();
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r));
+    }
+    if let Some(e) = endpoint {
+        loader = loader.endpoint_url(e);
+    }
+    loader.load().await
+}
+
 impl AwsCloud {
-    /// From the standard AWS configuration (environment, profile, instance role);
-    /// `endpoint` (or `AWS_ENDPOINT_URL`) points it elsewhere, e.g. at the local farm.
+    /// From [`sdk_config`].
     pub async fn from_env(region: Option<String>, endpoint: Option<String>) -> AwsCloud {
-        let mut loader = aws_config::from_env();
-        if let Some(r) = region {
-            loader = loader.region(aws_sdk_ec2::config::Region::new(r));
-        }
-        if let Some(e) = endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        let config = loader.load().await;
-        AwsCloud::new(&config)
+        AwsCloud::new(&sdk_config(region, endpoint).await)
     }
 
     /// From ready-made clients: `launch` should have SDK retries off.

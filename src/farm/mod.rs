@@ -227,7 +227,6 @@ impl Controller {
         let max = self.config.remote.max_attempts.max(1);
         let mut result = BuildResult::GaveUp;
         for n in 1..=max {
-            self.shared_interruptions(n).await;
             let job = match jobs.next_job(n).await {
                 Ok(Some(job)) => job,
                 Ok(None) => {
@@ -240,6 +239,8 @@ impl Controller {
                     break;
                 }
             };
+            // Only an attempt that will launch needs the breaker's history.
+            self.shared_interruptions(n).await;
             let record = self.attempt(n, job).await;
             (self.on_event)(FarmEvent::AttemptEnded(record.clone()));
             let outcome = record.outcome.clone();

@@ -100,30 +100,49 @@ fn axis(svg: &mut String, max: f64) {
     }
 }
 
-fn cost_per_day(r: &Report) -> String {
-    let colours = project_colours(r);
-    let max = r.days.iter().map(|d| d.by_project.values().sum::<f64>()).fold(0.0, f64::max).max(1e-9);
-    let n = r.days.len().max(1) as f64;
-    let slot = (W - LEFT) / n;
+/// A chart with one column per day: the axis up to `max`, the day labels, and `column`
+/// drawing each day's bars at `x` with width `bar`. The `</svg>` is left to the caller.
+fn per_day_chart(r: &Report, id: &str, caption: &str, max: f64, column: impl Fn(&mut String, &super::report::Day, f64, f64)) -> String {
+    let max = max.max(1e-9);
+    let slot = (W - LEFT) / r.days.len().max(1) as f64;
     let bar = (slot * 0.7).min(40.0);
-    let mut svg = format!(r#"<figure id="cost-per-day"><figcaption>Cost per day, by project</figcaption><svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="cost per day by project">"#);
+    let mut svg = format!(
+        r#"<figure id="{id}"><figcaption>{}</figcaption><svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="{}">"#,
+        esc(caption),
+        esc(caption)
+    );
     axis(&mut svg, max);
     for (i, d) in r.days.iter().enumerate() {
         let x = LEFT + slot * i as f64 + (slot - bar) / 2.0;
+        // Many days: label about eight of them.
+        if r.days.len() <= 16 || i % (r.days.len() / 8).max(1) == 0 {
+            let _ = write!(svg, r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="#555">{}</text>"##, x + bar / 2.0, H - BOTTOM + 14.0, esc(d.day.get(5..).unwrap_or(&d.day)));
+        }
+        column(&mut svg, d, x, bar);
+    }
+    svg
+}
+
+/// The height of `v` on a chart whose top is `max`.
+fn height(v: f64, max: f64) -> f64 {
+    (H - BOTTOM - 10.0) * v / max.max(1e-9)
+}
+
+fn cost_per_day(r: &Report) -> String {
+    let colours = project_colours(r);
+    let max = r.days.iter().map(|d| d.by_project.values().sum::<f64>()).fold(0.0, f64::max);
+    let mut svg = per_day_chart(r, "cost-per-day", "Cost per day, by project", max, |svg, d, x, bar| {
         let mut y = H - BOTTOM;
         for (name, colour) in &colours {
             let v = d.by_project.get(name).copied().unwrap_or(0.0);
             if v <= 0.0 {
                 continue;
             }
-            let h = (H - BOTTOM - 10.0) * v / max;
+            let h = height(v, max);
             y -= h;
             let _ = write!(svg, r#"<rect x="{x:.1}" y="{y:.1}" width="{bar:.1}" height="{h:.1}" fill="{colour}"><title>{} {}: {}</title></rect>"#, esc(&d.day), esc(name), esc(&usd(v)));
         }
-        if r.days.len() <= 16 || i % (r.days.len() / 8).max(1) == 0 {
-            let _ = write!(svg, r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="#555">{}</text>"##, x + bar / 2.0, H - BOTTOM + 14.0, esc(d.day.get(5..).unwrap_or(&d.day)));
-        }
-    }
+    });
     svg.push_str("</svg><div class=\"legend\">");
     for (name, colour) in &colours {
         let _ = write!(svg, r#"<span><i style="background:{colour}"></i>{}</span>"#, esc(name));
@@ -146,23 +165,13 @@ fn market_split(r: &Report) -> String {
 }
 
 fn savings_per_day(r: &Report) -> String {
-    let max = r.days.iter().map(|d| d.savings).fold(0.0, f64::max).max(1e-9);
-    let n = r.days.len().max(1) as f64;
-    let slot = (W - LEFT) / n;
-    let bar = (slot * 0.7).min(40.0);
-    let mut svg = format!(r#"<figure id="savings"><figcaption>Saved by spot, per day (against the same hours on demand)</figcaption><svg width="{W}" height="{H}" viewBox="0 0 {W} {H}" role="img" aria-label="savings per day">"#);
-    axis(&mut svg, max);
-    for (i, d) in r.days.iter().enumerate() {
-        let x = LEFT + slot * i as f64 + (slot - bar) / 2.0;
-        if r.days.len() <= 16 || i % (r.days.len() / 8).max(1) == 0 {
-            let _ = write!(svg, r##"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle" fill="#555">{}</text>"##, x + bar / 2.0, H - BOTTOM + 14.0, esc(d.day.get(5..).unwrap_or(&d.day)));
+    let max = r.days.iter().map(|d| d.savings).fold(0.0, f64::max);
+    let mut svg = per_day_chart(r, "savings", "Saved by spot, per day (against the same hours on demand)", max, |svg, d, x, bar| {
+        if d.savings > 0.0 {
+            let h = height(d.savings, max);
+            let _ = write!(svg, r#"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{h:.1}" fill="{SAVINGS_COLOUR}"><title>{}: {}</title></rect>"#, H - BOTTOM - h, esc(&d.day), esc(&usd(d.savings)));
         }
-        if d.savings <= 0.0 {
-            continue;
-        }
-        let h = (H - BOTTOM - 10.0) * d.savings / max;
-        let _ = write!(svg, r#"<rect x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{h:.1}" fill="{SAVINGS_COLOUR}"><title>{}: {}</title></rect>"#, H - BOTTOM - h, esc(&d.day), esc(&usd(d.savings)));
-    }
+    });
     svg.push_str("</svg></figure>\n");
     svg
 }

@@ -114,6 +114,15 @@ fn utc_day(ts: &str) -> String {
     ts.get(..10).unwrap_or(ts).to_string()
 }
 
+/// Adds `v` to the spot or the on-demand figure, by the attempt's market.
+fn add_by_market(market: Option<Market>, v: f64, spot: &mut f64, on_demand: &mut f64) {
+    match market {
+        Some(Market::Spot) => *spot += v,
+        Some(Market::OnDemand) => *on_demand += v,
+        None => {}
+    }
+}
+
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -141,11 +150,7 @@ impl Report {
                 let c: AttemptCost = cost::attempt_cost(a, b.volume_gb);
                 t.attempts += 1;
                 t.cost += c.total;
-                match a.market {
-                    Some(Market::Spot) => t.spot_cost += c.total,
-                    Some(Market::OnDemand) => t.on_demand_cost += c.total,
-                    None => {}
-                }
+                add_by_market(a.market, c.total, &mut t.spot_cost, &mut t.on_demand_cost);
                 if let Some(m) = a.market {
                     markets.insert(m.to_string());
                 }
@@ -178,11 +183,7 @@ impl Report {
                     seen.insert(b.build_id.clone());
                     row.attempts += 1;
                     row.cost += c.total * share;
-                    match a.market {
-                        Some(Market::Spot) => row.spot_cost += c.total * share,
-                        Some(Market::OnDemand) => row.on_demand_cost += c.total * share,
-                        None => {}
-                    }
+                    add_by_market(a.market, c.total * share, &mut row.spot_cost, &mut row.on_demand_cost);
                     row.savings += c.savings * share;
                     row.waste += c.wasted * share;
                     row.instance_hours += hours * share;
@@ -195,11 +196,7 @@ impl Report {
                 for p in &projects {
                     *day.by_project.entry(p.clone()).or_default() += c.total / projects.len() as f64;
                 }
-                match a.market {
-                    Some(Market::Spot) => day.spot_cost += c.total,
-                    Some(Market::OnDemand) => day.on_demand_cost += c.total,
-                    None => {}
-                }
+                add_by_market(a.market, c.total, &mut day.spot_cost, &mut day.on_demand_cost);
                 day.savings += c.savings;
             }
             builds.push(BuildRow {

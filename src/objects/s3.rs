@@ -22,11 +22,7 @@ impl S3Store {
     /// From the environment's credentials. With an `endpoint` (an emulator), addressing is
     /// path-style: a bucket name is not a resolvable host there.
     pub async fn from_env(bucket: impl Into<String>, region: Option<String>, endpoint: Option<String>) -> S3Store {
-        let mut loader = aws_config::from_env();
-        if let Some(r) = region {
-            loader = loader.region(aws_sdk_s3::config::Region::new(r));
-        }
-        let config = loader.load().await;
+        let config = crate::cloud::aws::sdk_config(region, None).await;
         let mut builder = aws_sdk_s3::config::Builder::from(&config);
         if let Some(e) = endpoint {
             builder = builder.endpoint_url(e).force_path_style(true);

@@ -4,7 +4,6 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_ecr::config::Region;
 use base64::Engine;
 use tokio::sync::Mutex;
 
@@ -63,11 +62,7 @@ impl EcrTokens {
     }
 
     async fn fetch(&self) -> Result<(Basic, SystemTime), RegistryError> {
-        let mut loader = aws_config::from_env();
-        if let Some(r) = &self.region {
-            loader = loader.region(Region::new(r.clone()));
-        }
-        let config = loader.load().await;
+        let config = crate::cloud::aws::sdk_config(self.region.clone(), None).await;
         let client = aws_sdk_ecr::Client::new(&config);
         let out = client
             .get_authorization_token()

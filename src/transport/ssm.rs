@@ -95,14 +95,7 @@ impl AwsCommands {
     }
 
     pub async fn from_env(region: Option<String>, endpoint: Option<String>) -> AwsCommands {
-        let mut loader = aws_config::from_env();
-        if let Some(r) = region {
-            loader = loader.region(aws_sdk_ssm::config::Region::new(r));
-        }
-        if let Some(e) = endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        AwsCommands::new(aws_sdk_ssm::Client::new(&loader.load().await))
+        AwsCommands::new(aws_sdk_ssm::Client::new(&crate::cloud::aws::sdk_config(region, endpoint).await))
     }
 }
 

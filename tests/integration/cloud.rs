@@ -13,7 +13,7 @@ use spotbuild::cloud::launch::{launch, LaunchError, ThrottleRetry};
 use spotbuild::cloud::{tags, Cloud, Image, LaunchSpec, Market, MarketPolicy, Pool};
 
 use crate::support::fault_proxy::{Fault, FaultProxy};
-use crate::support::services::{runtime, Moto};
+use crate::support::services::{runtime, sdk_config, Moto};
 use crate::support::{spotbuild, Run};
 
 const FAST: ThrottleRetry = ThrottleRetry {
@@ -30,15 +30,6 @@ struct Farm {
     cloud: AwsCloud,
     subnet: String,
     image: String,
-}
-
-async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
-        .load()
-        .await
 }
 
 /// Starts the services (synchronously: their fixtures block), then connects on `rt`.

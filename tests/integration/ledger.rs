@@ -13,7 +13,7 @@ use spotbuild::ledger::{BuildEntry, Interruption, LedgerStore};
 use spotbuild::objects::s3::S3Store;
 use spotbuild::objects::ObjectStore;
 
-use crate::support::services::{runtime, Moto};
+use crate::support::services::{runtime, s3_with_bucket, sdk_config, Moto};
 use crate::support::{spotbuild, Run};
 
 fn at(s: &str) -> SystemTime {
@@ -194,14 +194,8 @@ fn the_sqlite_ledger_keeps_entries_on_disk_and_rewrites_a_build_in_place() {
 fn the_s3_ledger_writes_one_object_per_build_under_its_day() {
     let moto = Moto::start();
     runtime().block_on(async {
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-            .endpoint_url(moto.endpoint())
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
-            .load()
-            .await;
-        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
-        s3.create_bucket().bucket("acme-ci").send().await.unwrap();
+        let config = sdk_config(&moto.endpoint()).await;
+        let s3 = s3_with_bucket(&config, "acme-ci").await;
         let objects = std::sync::Arc::new(S3Store::new(s3, "acme-ci"));
         let l = S3Ledger::new(objects.clone(), "spotbuild/ledger");
         for e in fixture() {

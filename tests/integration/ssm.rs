@@ -16,19 +16,10 @@ use spotbuild::objects::ObjectStore;
 use spotbuild::transport::ssm::{AwsCommands, CommandError, Commands, Invocation, InvocationStatus, SsmTarget, SsmTransport};
 use spotbuild::transport::{Transport, TransportError};
 
-use crate::support::services::{runtime, Moto};
+use crate::support::services::{runtime, s3_with_bucket, sdk_config, Moto};
 
 const INSTANCE: &str = "i-0a1b2c3d4e5f60718";
 const BUCKET: &str = "spotbuild-ssm-test";
-
-async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
-        .load()
-        .await
-}
 
 /// A script the stand-in ran: its outcome, or the process still running.
 enum Ran {
@@ -158,8 +149,7 @@ struct Setup {
 
 async fn setup(moto: Moto, kill_after: Option<Duration>) -> Setup {
     let config = sdk_config(&moto.endpoint()).await;
-    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
-    s3.create_bucket().bucket(BUCKET).send().await.unwrap();
+    let s3 = s3_with_bucket(&config, BUCKET).await;
     let ssm = aws_sdk_ssm::Client::new(&config);
     Setup {
         agent: Arc::new(LocalSsmAgent {

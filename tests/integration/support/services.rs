@@ -181,3 +181,21 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 }
+
+/// An SDK configuration for the emulator at `endpoint`: fixed region and credentials.
+pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new("testing", "testing", None, None, "test"))
+        .load()
+        .await
+}
+
+/// An S3 client for the emulator with `bucket` created; path-style, since a bucket name is
+/// not a host there.
+pub async fn s3_with_bucket(config: &aws_config::SdkConfig, bucket: &str) -> aws_sdk_s3::Client {
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(config).force_path_style(true).build());
+    s3.create_bucket().bucket(bucket).send().await.unwrap();
+    s3
+}
