@@ -108,7 +108,7 @@ where
     }
     let (events, writer) = Events::start(out, &events_file, secrets).map_err(io(&events_file))?;
 
-    let needs_docker = job.projects.iter().any(|p| p.build || p.tests.iter().any(|t| !t.host));
+    let needs_docker = job.projects.iter().any(|p| p.build || !p.tests.is_empty());
     let docker = if needs_docker {
         Some(docker::detect(job.cache.builder, job.cache.docker.as_deref()).await)
     } else {
@@ -518,7 +518,8 @@ impl Worker {
                 if self.halted() {
                     break;
                 }
-                if !test.host && !pulled.contains(&p.name) {
+                // Host jobs (scripts above all) get the image too: they run it themselves.
+                if !pulled.contains(&p.name) {
                     let step = format!("{}:pull", p.name);
                     let t = self.start(&step, Some(&p.name), StepKind::Pull).await;
                     let docker = self.docker.clone().expect("docker is detected for image tests");
@@ -781,8 +782,20 @@ impl Worker {
             let Some((program, args)) = test.command.split_first() else {
                 return StepResult { code: 2, layers: None };
             };
+            let dir = self.src.join(&p.project_dir);
+            // `./scripts/run_tests` names a file of the project's folder.
+            let program = if program.contains('/') { dir.join(program) } else { std::path::PathBuf::from(program) };
             let mut cmd = Command::new(program);
-            cmd.args(args).current_dir(self.src.join(&p.project_dir)).env("SPOTBUILD_IMAGE", &image);
+            // What the Aztec build-system's `run_tests` scripts expect, under their names too;
+            // the image is already pulled, so `docker run "$IMAGE_URI"` needs no login.
+            cmd.args(args)
+                .current_dir(&dir)
+                .env("SPOTBUILD_IMAGE", &image)
+                .env("IMAGE_URI", &image)
+                .env("CONTENT_HASH", &p.hash)
+                .env("COMMIT_HASH", &self.job.commit)
+                .env("ROOT_PATH", &self.src)
+                .env("PROJECT_DIR", &dir);
             self.exec(cmd, step, None).await
         } else {
             let docker = self.docker.clone().expect("docker is detected for image tests");

@@ -133,6 +133,7 @@ impl BuildArgs {
             offline: false,
             registry: self.flags.registry.as_deref(),
             registry_auth: self.registry_auth,
+            test: None,
         }
     }
 }
@@ -142,6 +143,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         return super::remote::build(repo_dir, config, args, super::remote::Scope::Build).await;
     }
     let planned = compute(args.plan_inputs(repo_dir, config)).await?;
+    let unplanned = planned.report_broken();
     let work = planned
         .plan
         .projects
@@ -150,7 +152,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         .count();
     if work == 0 {
         eprintln!("nothing to build: every image and test tag already exists");
-        return Ok(Exit::Success);
+        return Ok(unplanned);
     }
     let build_id = build_id();
     let workdir = args
@@ -168,7 +170,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         eprintln!("events: {}", events_file.display());
     }
     Ok(match outcome {
-        Some(Outcome::Success) => Exit::Success,
+        Some(Outcome::Success) => unplanned,
         Some(Outcome::Interrupted) => Exit::Interrupted,
         _ => Exit::Failed,
     })
@@ -234,14 +236,24 @@ pub fn job_projects(plan: &Plan, hashes: &crate::plan::Hashes) -> Vec<JobProject
                     .tests
                     .iter()
                     .filter(|t| t.needs_run == Some(true))
-                    .map(|t| {
-                        let spec = &m.tests[&t.job];
-                        JobTest {
+                    .map(|t| match &t.script {
+                        // Run from the project's folder on the instance.
+                        Some(script) => JobTest {
                             job: t.job.clone(),
                             tag: t.tag.clone(),
-                            command: spec.command.clone(),
-                            host: spec.host,
-                            cpus: spec.cpus,
+                            command: std::iter::once(format!("./{script}")).chain(t.args.iter().cloned()).collect(),
+                            host: true,
+                            cpus: None,
+                        },
+                        None => {
+                            let spec = &m.tests[&t.job];
+                            JobTest {
+                                job: t.job.clone(),
+                                tag: t.tag.clone(),
+                                command: spec.command.iter().chain(&t.args).cloned().collect(),
+                                host: spec.host,
+                                cpus: spec.cpus,
+                            }
                         }
                     })
                     .collect(),

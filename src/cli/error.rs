@@ -41,7 +41,8 @@ Exit codes:
   0    success
   1    a build or test failed
   2    usage error (bad arguments, unknown project, missing setting)
-  3    invalid build_manifest.json, patterns file or spotbuild.toml
+  3    invalid build_manifest.json/.yml, patterns file or spotbuild.toml (also: some
+       entries could not be planned while the others were)
   4    git error (not a repository, unknown revision, object missing from the clone)
   5    registry error where no safe fallback exists
   6    interrupted (spot interruption notice); retrying is safe
@@ -104,10 +105,16 @@ impl From<GitError> for Error {
     }
 }
 
+impl From<&ManifestError> for Error {
+    fn from(e: &ManifestError) -> Error {
+        let hint = e.hint();
+        Error::new(Exit::InvalidInput, error_chain(e)).hint_opt(hint)
+    }
+}
+
 impl From<ManifestError> for Error {
     fn from(e: ManifestError) -> Error {
-        let hint = e.hint();
-        Error::new(Exit::InvalidInput, e.to_string()).hint_opt(hint)
+        Error::from(&e)
     }
 }
 
@@ -134,7 +141,10 @@ impl From<PlanError> for Error {
             PlanError::Git(g) => g.into(),
             PlanError::Manifest(m) => m.into(),
             PlanError::NoManifest { .. } => Error::new(Exit::InvalidInput, e.to_string())
-                .hint("spotbuild plans monorepos described by a build_manifest.json at the repository root; see the README"),
+                .hint("spotbuild plans monorepos described by a build_manifest.json (or .yml) at the repository root; see the README"),
+            PlanError::TwoManifests { .. } => Error::new(Exit::InvalidInput, e.to_string())
+                .hint("keep one of the two files: spotbuild would not know which one CI meant"),
+            PlanError::BrokenProject(m) => Error::from(m.as_ref()),
             PlanError::UnknownProject { ref suggestion, .. } => {
                 let hint = suggestion
                     .as_ref()

@@ -5,6 +5,7 @@ mod agent;
 mod build;
 pub mod error;
 mod farm;
+mod manifest;
 mod plan;
 mod oneoff;
 mod reap;
@@ -26,7 +27,7 @@ const LONG_ABOUT: &str = "\
 Build farm controller for monorepos on EC2 spot instances.
 
 spotbuild decides what needs building before renting anything: each project of
-build_manifest.json gets a content hash of its inputs at a commit, and the image
+build_manifest.json (or .yml) gets a content hash of its inputs at a commit, and the image
 registry says which hashes were already built (tag cache-<hash>) or tested
 (tag cache-<hash>-<job>).";
 
@@ -51,6 +52,8 @@ pub enum Command {
     Build(build::BuildArgs),
     Test(oneoff::TestArgs),
     Run(oneoff::RunArgs),
+    Manifest(manifest::ManifestArgs),
+    Registry(manifest::RegistryArgs),
     Reap(reap::ReapArgs),
     Report(report::ReportArgs),
     Farm(farm::FarmArgs),
@@ -88,6 +91,8 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Build(args) => build::run(cli.repo, cli.config, args).await,
         Command::Test(args) => oneoff::test(cli.repo, cli.config, args).await,
         Command::Run(args) => oneoff::run(cli.repo, cli.config, args).await,
+        Command::Manifest(args) => manifest::run(cli.repo, cli.config, args).await,
+        Command::Registry(args) => manifest::registry(cli.repo, cli.config, args).await,
         Command::Reap(args) => reap::run(args).await,
         Command::Report(args) => report::run(cli.repo, cli.config, args).await,
         Command::Farm(args) => farm::run(args).await,

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
@@ -9,7 +10,8 @@ use clap::Args;
 use super::error::{Error, Exit};
 use crate::git::Repo;
 use crate::manifest::config::{AuthMode, Config};
-use crate::plan::{self, explain, Forced, Plan};
+use crate::manifest::ManifestError;
+use crate::plan::{self, explain, Forced, Plan, TestRun};
 use crate::registry::auth::Authenticator;
 use crate::registry::{Client, ImageStore, RegistryRef};
 
@@ -20,11 +22,18 @@ Examples:
   spotbuild plan --offline                hashes only; the registry is not asked
   spotbuild plan app --explain            which changed paths put app in the build set
   spotbuild plan --explain --since main   ... compared with main
+  spotbuild plan api --test e2e -- --shard 2
+                                          the success tag that invocation reads and writes
 
 A project needs building when its image repository has no tag cache-<hash>;
-a test job needs running when there is no tag cache-<hash>-<job>. Put
-[ci rebuild] or [ci rebuild <project>] in a commit message to force a build.
-If the registry cannot be asked, projects are reported as needing work.";
+a test job needs running when there is no tag cache-<hash>-<job> (with arguments,
+cache-<hash>-<job>-<digest>). Put [ci rebuild] or [ci rebuild <project>] in a commit
+message to force a build. If the registry cannot be asked, projects are reported as
+needing work.
+
+The manifest is build_manifest.json or build_manifest.yml. An entry that cannot be read
+only matters when it is asked for (or a project asked for depends on it): planning
+everything plans the other entries, lists each broken one with its error, and exits 3.";
 
 #[derive(Debug, Args)]
 #[command(
@@ -63,6 +72,15 @@ pub struct PlanArgs {
     /// How to authenticate to the registry [default: from spotbuild.toml, else auto].
     #[arg(long, value_enum, value_name = "MODE")]
     pub registry_auth: Option<AuthMode>,
+
+    /// Plan one test invocation of the named project, as `spotbuild test PROJECT JOB -- ARGS`
+    /// would run it: its success tag is shown (with ARGS, it carries their digest).
+    #[arg(long, value_name = "JOB", conflicts_with = "script")]
+    pub test: Option<String>,
+
+    /// With --test, or --script instead: the invocation, as `spotbuild test` takes it.
+    #[command(flatten)]
+    pub invocation: super::oneoff::InvocationFlags,
 }
 
 /// The inputs every command that plans shares.
@@ -74,6 +92,8 @@ pub struct PlanInputs<'a> {
     pub offline: bool,
     pub registry: Option<&'a str>,
     pub registry_auth: Option<AuthMode>,
+    /// One test invocation to plan instead of the manifest's jobs.
+    pub test: Option<&'a TestRun>,
 }
 
 /// A computed plan and what it was computed from.
@@ -83,6 +103,29 @@ pub struct Planned {
     pub hashes: plan::Hashes,
     pub plan: Plan,
     pub client: Option<Client>,
+    /// When every project was asked for: the entries that could not be planned. (A named
+    /// project that is broken, or depends on one that is, is an error instead.)
+    pub broken: Vec<Arc<ManifestError>>,
+}
+
+impl Planned {
+    /// Says on stderr what could not be planned, each with its hints, and returns the exit
+    /// code the command should end with when all else went well.
+    pub fn report_broken(&self) -> Exit {
+        if self.broken.is_empty() {
+            return Exit::Success;
+        }
+        for e in &self.broken {
+            eprint!("{}", Error::from(e.as_ref()).render());
+        }
+        let n = self.broken.len();
+        eprintln!(
+            "error: {n} project{} of {} could not be planned; the others were",
+            plural(n),
+            self.broken.len() + self.plan.projects.len()
+        );
+        Exit::InvalidInput
+    }
 }
 
 /// Opens the repository, hashes the commit and asks the registry: the first half of
@@ -98,9 +141,27 @@ pub async fn compute(input: PlanInputs<'_>) -> Result<Planned, Error> {
     let config = Config::load(input.config.as_deref(), repo.workdir())?;
     let commit = repo.resolve_commit(input.commit)?;
 
-    let hashes = plan::hash_commit(&repo, commit)?;
+    // Tree walks and `dependencies` scripts block: off the async workers.
+    let options = plan::HashOptions {
+        script_timeout: config.plan.dependencies_timeout,
+    };
+    let (repo, hashes) = tokio::task::spawn_blocking(move || {
+        let hashes = plan::hash_commit(&repo, commit, options);
+        (repo, hashes)
+    })
+    .await
+    .map_err(|e| Error::new(Exit::Failed, format!("failed to hash the commit: {e}")))?;
+    let hashes = hashes?;
     tracing::debug!(elapsed = ?started.elapsed(), projects = hashes.manifest.projects.len(), "hashed");
+    for w in &hashes.manifest.warnings {
+        eprintln!("warning: {w}");
+    }
     let selection = plan::select(&hashes, input.projects)?;
+    let broken = if input.projects.is_empty() {
+        hashes.manifest.broken.values().cloned().collect()
+    } else {
+        Vec::new()
+    };
 
     let forced = Forced::from_message(&repo.commit_message(commit)?);
     for name in &forced.projects {
@@ -114,7 +175,7 @@ pub async fn compute(input: PlanInputs<'_>) -> Result<Planned, Error> {
     } else {
         Some(open_registry(&config, input.registry, input.registry_auth)?)
     };
-    let plan = plan::decide(&hashes, &selection, &forced, client.as_ref().map(|c| c as &dyn ImageStore)).await;
+    let plan = plan::decide(&hashes, &selection, &forced, client.as_ref().map(|c| c as &dyn ImageStore), input.test).await;
     let unasked = plan
         .projects
         .iter()
@@ -133,17 +194,26 @@ pub async fn compute(input: PlanInputs<'_>) -> Result<Planned, Error> {
         hashes,
         plan,
         client,
+        broken,
     })
 }
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanArgs) -> Result<Exit, Error> {
-    let Planned {
-        repo,
-        hashes,
-        mut plan,
-        client,
-        ..
-    } = compute(PlanInputs {
+    let test = match (&args.test, &args.invocation.script) {
+        (None, None) if !args.invocation.args.is_empty() => {
+            return Err(Error::new(Exit::Usage, "arguments after `--` belong to a test invocation")
+                .hint("name it with --test JOB or --script PATH"))
+        }
+        (None, None) => None,
+        (job, _) => {
+            let [project] = args.projects.as_slice() else {
+                return Err(Error::new(Exit::Usage, "--test and --script plan one project's test")
+                    .hint("name exactly one project: `spotbuild plan api --test e2e -- --shard 1`"));
+            };
+            Some(args.invocation.run(project, job.clone())?)
+        }
+    };
+    let planned = compute(PlanInputs {
         repo_dir,
         config,
         projects: &args.projects,
@@ -151,8 +221,21 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
         offline: args.offline,
         registry: args.registry.as_deref(),
         registry_auth: args.registry_auth,
+        test: test.as_ref(),
     })
     .await?;
+    if let Some(run) = &test {
+        super::oneoff::check_test_run(&planned, run)?;
+    }
+    let exit = planned.report_broken();
+    let Planned {
+        repo,
+        hashes,
+        mut plan,
+        client,
+        broken,
+        ..
+    } = planned;
 
     if args.explain {
         let since = args.since.as_deref().map(|s| repo.resolve_commit(s)).transpose()?;
@@ -172,16 +255,27 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
     }
 
     let out = if args.json {
-        let mut s = serde_json::to_string_pretty(&plan).expect("a plan always serialises");
+        let mut v = serde_json::to_value(&plan).expect("a plan always serialises");
+        // Entries that could not be planned are listed too, each with its own error.
+        if let Some(projects) = v["projects"].as_array_mut() {
+            projects.extend(broken.iter().map(|e| {
+                serde_json::json!({
+                    "name": e.project().unwrap_or_default(),
+                    "error": Error::from(e.as_ref()).message,
+                    "hint": e.hint(),
+                })
+            }));
+        }
+        let mut s = serde_json::to_string_pretty(&v).expect("a plan always serialises");
         s.push('\n');
         s
     } else {
-        render_table(&plan)
+        render_table(&plan, &broken)
     };
     let mut stdout = std::io::stdout().lock();
     // A closed pipe (`spotbuild plan | head`) is not an error worth a message.
     let _ = stdout.write_all(out.as_bytes()).and_then(|_| stdout.flush());
-    Ok(Exit::Success)
+    Ok(exit)
 }
 
 pub fn open_registry(config: &Config, flag: Option<&str>, auth: Option<AuthMode>) -> Result<Client, Error> {
@@ -206,7 +300,7 @@ fn state_word(needs: Option<bool>, yes: &'static str, no: &'static str) -> &'sta
 }
 
 /// The readable table: one row per project, one indented row per test job, then a summary.
-fn render_table(plan: &Plan) -> String {
+fn render_table(plan: &Plan, broken: &[Arc<ManifestError>]) -> String {
     let mut rows: Vec<[String; 4]> = vec![["PROJECT".into(), "HASH".into(), "STATE".into(), "REASON".into()]];
     for p in &plan.projects {
         rows.push([
@@ -223,6 +317,14 @@ fn render_table(plan: &Plan) -> String {
                 t.reason.clone(),
             ]);
         }
+    }
+    for e in broken {
+        rows.push([
+            e.project().unwrap_or_default().to_string(),
+            "-".into(),
+            "error".into(),
+            Error::from(e.as_ref()).message,
+        ]);
     }
     let widths: Vec<usize> = (0..3)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
@@ -260,6 +362,9 @@ fn render_table(plan: &Plan) -> String {
         .count();
     let offline = plan.projects.iter().any(|p| p.needs_build.is_none());
     let n = plan.projects.len();
+    if !broken.is_empty() {
+        out.push_str(&format!("{} project{} could not be planned (see above)\n", broken.len(), plural(broken.len())));
+    }
     if offline {
         out.push_str(&format!(
             "{n} project{}, {jobs} test job{} (offline: nothing decided)\n",

@@ -13,13 +13,14 @@ use futures::FutureExt;
 
 use super::build::{build_id, local_job, BuildArgs};
 use super::error::{Error, Exit};
-use super::plan::{compute, Planned};
+use super::plan::{compute, PlanInputs, Planned};
 use super::reporter::Reporter;
 use crate::cloud::aws::AwsCloud;
 use crate::cloud::Cloud;
 use crate::farm::attempt::AttemptOutcome;
 use crate::farm::spread::{self, Node};
 use crate::farm::{BuildRecord, BuildResult, Controller, FarmEvent, Jobs, Teardown};
+use crate::plan::TestRun;
 use crate::protocol::{ImdsSettings, Job};
 
 /// What a remote command asks of the instance.
@@ -27,8 +28,8 @@ use crate::protocol::{ImdsSettings, Job};
 pub enum Scope {
     /// Build (and test) what the plan says.
     Build,
-    /// One test job of one project (building what it needs first), with extra arguments.
-    Test { project: String, job: String, args: Vec<String> },
+    /// One test invocation of one project (building what it needs first).
+    Test(TestRun),
     /// A one-off command at the commit, after no builds.
     Run { command: Vec<String> },
 }
@@ -64,14 +65,8 @@ impl Replan {
         }
         match &self.scope {
             Scope::Build => {}
-            Scope::Test { project, job: name, args } => {
-                for p in &mut job.projects {
-                    p.tests.retain(|t| &p.name == project && &t.job == name);
-                    for t in &mut p.tests {
-                        t.command.extend(args.iter().cloned());
-                    }
-                }
-            }
+            // The plan covers only the invocation asked for.
+            Scope::Test(_) => {}
             Scope::Run { command } => {
                 job.projects.clear();
                 job.run = vec![crate::protocol::JobCommand {
@@ -94,7 +89,7 @@ impl Jobs for Replan {
             if let Some(job) = self.first_job.take() {
                 return Ok(Some(job));
             }
-            let planned = compute(self.args.plan_inputs(self.repo_dir.clone(), self.config.clone()))
+            let planned = compute(plan_inputs(&self.args, &self.scope, self.repo_dir.clone(), self.config.clone()))
                 .await
                 .map_err(|e| e.message)?;
             if !work_left(&planned, &self.scope, self.only.as_deref()) {
@@ -110,24 +105,23 @@ impl Jobs for Replan {
 }
 
 pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs, scope: Scope) -> Result<Exit, Error> {
-    let planned = compute(args.plan_inputs(repo_dir.clone(), config.clone())).await?;
-    if let Scope::Test { project, job, .. } = &scope {
-        let jobs: Vec<&str> = planned.hashes.manifest.get(project).map(|m| m.tests.keys().map(|k| k.as_str()).collect()).unwrap_or_default();
-        if !jobs.contains(&job.as_str()) {
-            let known = if jobs.is_empty() { "it has no test jobs".to_string() } else { format!("its jobs: {}", jobs.join(", ")) };
-            return Err(Error::new(Exit::Usage, format!("{project} has no test job `{job}`")).hint(known));
-        }
+    let planned = compute(plan_inputs(&args, &scope, repo_dir.clone(), config.clone())).await?;
+    if let Scope::Test(run) = &scope {
+        super::oneoff::check_test_run(&planned, run)?;
     }
+    // Entries that could not be planned are said now; the rest are built, and the exit
+    // code says that not everything was.
+    let unplanned = planned.report_broken();
     // Decide before paying: no cloud call at all when everything exists.
     if !work_left(&planned, &scope, None) {
         match &scope {
-            Scope::Test { project, job, .. } => {
-                let tag = planned.plan.projects.iter().find(|p| &p.name == project).and_then(|p| p.tests.iter().find(|t| &t.job == job)).map(|t| t.tag.clone());
-                eprintln!("skipped: {project} {job} already passed at this content ({})", tag.unwrap_or_default());
+            Scope::Test(run) => {
+                let tag = planned.plan.projects.iter().find(|p| p.name == run.project).and_then(|p| p.tests.first()).map(|t| t.tag.clone());
+                eprintln!("skipped: {} {} already passed at this content ({})", run.project, run.name(), tag.unwrap_or_default());
             }
             _ => eprintln!("nothing to build: every image and test tag already exists"),
         }
-        return Ok(Exit::Success);
+        return Ok(unplanned);
     }
     let mut cfg = planned.config.clone();
     let missing = cfg.cloud.missing_for_launch();
@@ -208,7 +202,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             .collect::<Vec<_>>()
             .join(",");
         group_projects.push(match &scope {
-            Scope::Test { project, .. } => vec![project.clone()],
+            Scope::Test(run) => vec![run.project.clone()],
             Scope::Run { .. } => Vec::new(),
             Scope::Build => project.split(',').filter(|p| !p.is_empty()).map(String::from).collect(),
         });
@@ -292,7 +286,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
             projects: projects.clone(),
             kind: match &scope {
                 Scope::Build => "build",
-                Scope::Test { .. } => "test",
+                Scope::Test(_) => "test",
                 Scope::Run { .. } => "run",
             }
             .into(),
@@ -362,14 +356,24 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         Exit::Failed => 2,
         _ => 3,
     };
-    Ok(records.iter().map(|r| exit(r.result)).max_by_key(|e| rank(*e)).unwrap_or(Exit::Success))
+    let worst = records.iter().map(|r| exit(r.result)).max_by_key(|e| rank(*e)).unwrap_or(Exit::Success);
+    Ok(if worst == Exit::Success { unplanned } else { worst })
+}
+
+/// What to plan for this scope: a test scope plans its one invocation.
+fn plan_inputs<'a>(args: &'a BuildArgs, scope: &'a Scope, repo_dir: Option<PathBuf>, config: Option<PathBuf>) -> PlanInputs<'a> {
+    let mut inputs = args.plan_inputs(repo_dir, config);
+    if let Scope::Test(run) = scope {
+        inputs.test = Some(run);
+    }
+    inputs
 }
 
 /// Whether one project has work in this scope.
 fn work_left_for(p: &crate::plan::ProjectPlan, scope: &Scope) -> bool {
     match scope {
         Scope::Build => p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true)),
-        Scope::Test { project, job, .. } => &p.name == project && p.tests.iter().any(|t| &t.job == job && t.needs_run == Some(true)),
+        Scope::Test(run) => p.name == run.project && p.tests.iter().any(|t| t.needs_run == Some(true)),
         Scope::Run { .. } => true,
     }
 }

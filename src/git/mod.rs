@@ -4,6 +4,8 @@
 //! manifest names (the manifest itself and rebuild-pattern files). That is what lets the
 //! planner run on `--depth 1` and `--filter=blob:none` clones with no network.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
@@ -141,6 +143,7 @@ impl Repo {
             repo: self,
             commit,
             tree: self.tree(commit)?,
+            dirs: RefCell::new(HashMap::new()),
         })
     }
 
@@ -218,6 +221,9 @@ pub struct Snapshot<'r> {
     repo: &'r Repo,
     commit: CommitId,
     tree: Tree<'r>,
+    /// Folders already looked up by path (`a/b`), so that looking up many paths (a
+    /// Dockerfile per project) inflates each tree once: libgit2's object cache is off.
+    dirs: RefCell<HashMap<String, Option<Tree<'r>>>>,
 }
 
 impl<'r> Snapshot<'r> {
@@ -228,20 +234,10 @@ impl<'r> Snapshot<'r> {
     /// Reads the blob at `path` in `commit`'s tree. `Ok(None)` when no file is there.
     pub fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, GitError> {
         let commit = self.commit;
-        let entry = match self.tree.get_path(Path::new(path)) {
-            Ok(e) => e,
-            Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(GitError::Read {
-                    what: format!("`{path}` at commit {commit}"),
-                    source,
-                })
-            }
-        };
-        if entry.kind() != Some(ObjectType::Blob) {
+        let Some((_, id)) = self.file_entry(path)? else {
             return Ok(None);
-        }
-        match self.repo.inner.find_blob(entry.id()) {
+        };
+        match self.repo.inner.find_blob(id) {
             Ok(blob) => Ok(Some(blob.content().to_vec())),
             Err(e) if e.code() == git2::ErrorCode::NotFound => Err(GitError::MissingBlob {
                 path: path.to_string(),
@@ -255,17 +251,41 @@ impl<'r> Snapshot<'r> {
     }
 
     /// The mode and id of the file (blob or symlink) at `path`, if there is one. Reads
-    /// trees only.
+    /// trees only, each folder at most once per snapshot.
     pub fn file_entry(&self, path: &str) -> Result<Option<(FileMode, Oid)>, GitError> {
-        match self.tree.get_path(Path::new(path)) {
-            Ok(e) if e.kind() == Some(ObjectType::Blob) => Ok(Some((e.filemode() as FileMode, e.id()))),
-            Ok(_) => Ok(None),
-            Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
-            Err(source) => Err(GitError::Read {
-                what: format!("`{path}` at commit {}", self.commit),
-                source,
-            }),
+        let path = path.trim_matches('/');
+        let (dir, name) = match path.rsplit_once('/') {
+            Some((d, n)) => (d, n),
+            None => ("", path),
+        };
+        let Some(tree) = self.dir(dir)? else { return Ok(None) };
+        Ok(tree
+            .get_name(name)
+            .filter(|e| e.kind() == Some(ObjectType::Blob))
+            .map(|e| (e.filemode() as FileMode, e.id())))
+    }
+
+    /// The tree of folder `dir` (`""` is the root), or `None` when there is no such folder.
+    fn dir(&self, dir: &str) -> Result<Option<Tree<'r>>, GitError> {
+        if dir.is_empty() {
+            return Ok(Some(self.tree.clone()));
         }
+        if let Some(t) = self.dirs.borrow().get(dir) {
+            return Ok(t.clone());
+        }
+        let (parent, name) = match dir.rsplit_once('/') {
+            Some((p, n)) => (p, n),
+            None => ("", dir),
+        };
+        let found = match self.dir(parent)? {
+            None => None,
+            Some(parent) => match parent.get_name(name) {
+                Some(e) if e.kind() == Some(ObjectType::Tree) => Some(self.subtree(&e, dir.as_bytes())?),
+                _ => None,
+            },
+        };
+        self.dirs.borrow_mut().insert(dir.to_string(), found.clone());
+        Ok(found)
     }
 
     /// Visits every non-tree entry of `commit`'s tree (files, symlinks, submodules) in git

@@ -32,6 +32,29 @@ pub struct Config {
     pub remote: RemoteConfig,
     #[serde(default)]
     pub ledger: LedgerConfig,
+    #[serde(default)]
+    pub plan: PlanConfig,
+}
+
+/// How the planner reads the manifest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// Bound on one `dependencies` script of the manifest.
+    #[serde(default = "default_dependencies_timeout", with = "humantime_serde_compat")]
+    pub dependencies_timeout: Duration,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            dependencies_timeout: default_dependencies_timeout(),
+        }
+    }
+}
+
+fn default_dependencies_timeout() -> Duration {
+    crate::manifest::DEPENDENCY_SCRIPT_TIMEOUT
 }
 
 /// Where builds' costs are recorded (`--ledger` and `SPOTBUILD_LEDGER` take precedence).

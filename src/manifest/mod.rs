@@ -1,19 +1,30 @@
-//! The build manifest (`build_manifest.json`, compatible with the Aztec build-system):
-//! parsing, validation with actionable errors, dependency order, and the canonical form of
-//! each entry that feeds the content hash.
+//! The build manifest (`build_manifest.json` or `build_manifest.yml`, compatible with the
+//! Aztec build-system): parsing, validation with actionable errors, dependency order, and
+//! the canonical form of each entry that feeds the content hash.
+//!
+//! # Guarantees
+//! - One broken entry fails alone: an entry that cannot be read, or that depends (directly
+//!   or not) on one that cannot, is listed in [`Manifest::broken`] with its own error, and
+//!   every other entry is usable.
+//! - The same entries written in JSON or in YAML give the same [`Project`]s.
+//! - Nothing is silently resolved: a key repeated with another value breaks its entry, and
+//!   what is ignored (a repeat with the same value, an empty dependency name) is a warning.
 
 pub mod config;
+mod document;
 mod pattern;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub use document::{Format, SyntaxError};
 pub use pattern::{Pattern, PatternError};
 
-/// Where the manifest lives, relative to the repository root.
-pub const MANIFEST_PATH: &str = "build_manifest.json";
+/// Where the manifest may live, relative to the repository root. Exactly one may exist.
+pub const MANIFEST_FILES: [&str; 2] = ["build_manifest.json", "build_manifest.yml"];
 
 /// Keys a project entry may carry. Aztec's own keys first, then spotbuild's.
 const KNOWN_KEYS: &[&str] = &[
@@ -35,7 +46,7 @@ const KNOWN_JOB_KEYS: &[&str] = &["command", "cpus", "host"];
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("failed to parse {file}: {message} at line {line}, column {column}")]
-    Json {
+    Syntax {
         file: String,
         line: usize,
         column: usize,
@@ -58,11 +69,26 @@ pub enum ManifestError {
     },
     #[error("project `{project}`: {message}")]
     Invalid { project: String, message: String },
+    #[error("project `{project}`: {file}:{line} sets `{key}` again, to a different value than line {first_line}")]
+    RepeatedKey {
+        project: String,
+        file: String,
+        key: String,
+        first_line: usize,
+        line: usize,
+    },
     #[error("project `{project}` depends on unknown project `{dependency}`")]
     UnknownDependency {
         project: String,
         dependency: String,
         suggestion: Option<String>,
+    },
+    #[error("project `{project}` depends on `{dependency}`, whose entry is invalid")]
+    BrokenDependency {
+        project: String,
+        dependency: String,
+        #[source]
+        cause: Arc<ManifestError>,
     },
     #[error("dependency cycle: {}", cycle.join(" -> "))]
     Cycle { cycle: Vec<String> },
@@ -78,9 +104,51 @@ pub enum ManifestError {
     MissingPatternsFile { project: String, path: String },
     #[error("project `{project}`: Dockerfile `{path}` does not exist at this commit")]
     MissingDockerfile { project: String, path: String },
+    #[error("project `{project}`: dependencies script `{script}` failed")]
+    DependencyScript {
+        project: String,
+        script: String,
+        #[source]
+        failure: ScriptFailure,
+    },
+}
+
+/// Why a `dependencies` script gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptFailure {
+    #[error("it does not exist at this commit")]
+    Missing,
+    #[error("failed to start it")]
+    Spawn(#[source] std::io::Error),
+    #[error("it did not finish within {}", humantime::format_duration(*.0))]
+    Timeout(std::time::Duration),
+    #[error("it exited with {status}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Exit { status: String, stderr: String },
+    #[error("failed to check out commit {commit} to run it: {detail}")]
+    Checkout { commit: String, detail: String },
+    #[error("its output is not UTF-8")]
+    NotUtf8,
 }
 
 impl ManifestError {
+    /// The project whose entry this error is about, if it is about one.
+    pub fn project(&self) -> Option<&str> {
+        match self {
+            ManifestError::UnknownKey { project, .. }
+            | ManifestError::WrongType { project, .. }
+            | ManifestError::Invalid { project, .. }
+            | ManifestError::RepeatedKey { project, .. }
+            | ManifestError::UnknownDependency { project, .. }
+            | ManifestError::BrokenDependency { project, .. }
+            | ManifestError::InvalidPattern { project, .. }
+            | ManifestError::MissingPatternsFile { project, .. }
+            | ManifestError::MissingDockerfile { project, .. }
+            | ManifestError::DependencyScript { project, .. } => Some(project),
+            ManifestError::Cycle { cycle } => cycle.first().map(String::as_str),
+            ManifestError::Syntax { .. } | ManifestError::NotAnObject { .. } => None,
+        }
+    }
+
     /// A next step for the user, when there is a useful one.
     pub fn hint(&self) -> Option<String> {
         match self {
@@ -100,13 +168,56 @@ impl ManifestError {
                 Some("remove one of these dependencies to break the cycle".into())
             }
             ManifestError::MissingDockerfile { .. } => Some(
-                "set `dockerfile` (relative to `buildDir`) or commit the Dockerfile".into(),
+                "set `dockerfile` (relative to `buildDir`) or commit the Dockerfile; \
+                 an entry nobody builds may also be removed"
+                    .into(),
             ),
             ManifestError::MissingPatternsFile { .. } => Some(
                 "a string `rebuildPatterns` names a file relative to `projectDir`, one regex per line".into(),
             ),
+            ManifestError::RepeatedKey { .. } => Some("keep one of the two lines".into()),
+            ManifestError::BrokenDependency { cause, .. } => cause.hint(),
+            ManifestError::DependencyScript { failure, .. } => match failure {
+                ScriptFailure::Spawn(_) => Some("the script must be executable (`git update-index --chmod=+x`)".into()),
+                ScriptFailure::Timeout(_) => Some(format!(
+                    "a string `dependencies` is a script relative to `buildDir`, run with `projectDir` \
+                     as its argument; it must print one project per line within {}",
+                    humantime::format_duration(DEPENDENCY_SCRIPT_TIMEOUT)
+                )),
+                _ => Some(
+                    "a string `dependencies` is a script relative to `buildDir`, run with `projectDir` \
+                     as its argument, that prints one project per line"
+                        .into(),
+                ),
+            },
             _ => None,
         }
+    }
+}
+
+/// How long a `dependencies` script may run.
+pub const DEPENDENCY_SCRIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What the manifest reads beyond its own text, at the commit being planned.
+pub trait Inputs {
+    type Error;
+    /// A repo-relative file; `Ok(None)` when it does not exist.
+    fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, Self::Error>;
+    /// Runs the repo-relative `script` with `project_dir` as its only argument, from the
+    /// script's folder, and returns what it printed.
+    fn run_script(&mut self, script: &str, project_dir: &str) -> Result<String, ScriptFailure>;
+}
+
+/// No files and no scripts: for manifests that name neither.
+pub struct NoInputs;
+
+impl Inputs for NoInputs {
+    type Error = std::convert::Infallible;
+    fn read_file(&mut self, _: &str) -> Result<Option<Vec<u8>>, Self::Error> {
+        Ok(None)
+    }
+    fn run_script(&mut self, _: &str, _: &str) -> Result<String, ScriptFailure> {
+        Err(ScriptFailure::Missing)
     }
 }
 
@@ -165,7 +276,8 @@ impl Project {
             name: &'a str,
             build_dir: &'a str,
             project_dir: &'a str,
-            dockerfile: &'a str,
+            /// Repo-relative, so `./Dockerfile` and no `dockerfile` key are the same entry.
+            dockerfile: String,
             patterns: Vec<&'a str>,
             dependencies: Vec<&'a str>,
             run_dependencies: Vec<&'a str>,
@@ -186,7 +298,7 @@ impl Project {
             name: &self.name,
             build_dir: &self.build_dir,
             project_dir: &self.project_dir,
-            dockerfile: &self.dockerfile,
+            dockerfile: self.dockerfile_path(),
             patterns,
             dependencies,
             run_dependencies,
@@ -203,69 +315,149 @@ impl Project {
     }
 }
 
-/// A validated manifest: every dependency exists, there is no cycle, and `projects` is in
-/// dependency order (every project after all of its dependencies; ties by name).
+/// A validated manifest: `projects` are the healthy entries in dependency order (every
+/// project after all of its dependencies; ties by name), each of whose dependencies is
+/// healthy too; `broken` holds every other entry with the reason.
 #[derive(Debug, Clone)]
 pub struct Manifest {
+    /// The file it was read from (`build_manifest.json` or `build_manifest.yml`).
+    pub file: String,
     pub projects: Vec<Project>,
+    pub broken: BTreeMap<String, Arc<ManifestError>>,
+    /// What was ignored, for the user to tidy up.
+    pub warnings: Vec<String>,
     index: HashMap<String, usize>,
 }
 
 impl Manifest {
-    /// Parses and validates manifest text. `read_file` reads a repo-relative file at the
-    /// commit being planned (for rebuild-pattern files); `Ok(None)` means it does not exist.
-    pub fn parse<E>(
-        text: &[u8],
-        file: &str,
-        mut read_file: impl FnMut(&str) -> Result<Option<Vec<u8>>, E>,
-    ) -> Result<Manifest, ParseError<E>> {
-        let root: Value = serde_json::from_slice(text).map_err(|e| ManifestError::Json {
+    /// Parses and validates manifest text. Only a file that cannot be read as a whole is an
+    /// error; a bad entry goes to [`Manifest::broken`]. `inputs` reads files at the commit
+    /// being planned (rebuild-pattern files) and runs `dependencies` scripts.
+    pub fn parse<I: Inputs>(text: &[u8], file: &str, inputs: &mut I) -> Result<Manifest, ParseError<I::Error>> {
+        let doc = document::parse(text, Format::of(file)).map_err(|e| ManifestError::Syntax {
             file: file.to_string(),
-            line: e.line(),
-            column: e.column(),
-            message: json_message(&e),
+            line: e.line,
+            column: e.column,
+            message: e.message,
         })?;
-        let Value::Object(root) = root else {
+        let Value::Object(root) = &doc.root else {
             return Err(ManifestError::NotAnObject {
                 file: file.to_string(),
             }
             .into());
         };
-        let mut projects = Vec::with_capacity(root.len());
-        for (name, entry) in &root {
-            projects.push(parse_project(name, entry, &mut read_file)?);
+        let mut warnings = Vec::new();
+        let mut broken: BTreeMap<String, Arc<ManifestError>> = BTreeMap::new();
+        for r in &doc.repeats {
+            let project = r.path[0].clone();
+            let key = if r.path.len() == 1 { "(the whole entry)".to_string() } else { r.path[1..].join(".") };
+            if r.same {
+                warnings.push(format!(
+                    "{file}:{}: project `{project}` sets `{key}` again, to the same value as line {} (ignored)",
+                    r.line, r.first_line
+                ));
+            } else {
+                broken.entry(project.clone()).or_insert_with(|| {
+                    Arc::new(ManifestError::RepeatedKey {
+                        project,
+                        file: file.to_string(),
+                        key,
+                        first_line: r.first_line,
+                        line: r.line,
+                    })
+                });
+            }
         }
-        Ok(Manifest::from_projects(projects)?)
+        let mut projects = Vec::with_capacity(root.len());
+        for (name, entry) in root {
+            if broken.contains_key(name) {
+                continue;
+            }
+            match parse_project(name, entry, inputs, &mut warnings) {
+                Ok(p) => projects.push(p),
+                Err(ParseError::Manifest(e)) => {
+                    broken.insert(name.clone(), Arc::new(e));
+                }
+                Err(read) => return Err(read),
+            }
+        }
+        let mut manifest = Manifest::from_projects(projects, broken);
+        manifest.file = file.to_string();
+        manifest.warnings = warnings;
+        Ok(manifest)
     }
 
-    /// Validates dependencies and orders projects.
-    pub fn from_projects(projects: Vec<Project>) -> Result<Manifest, ManifestError> {
-        let by_name: BTreeMap<&str, &Project> =
-            projects.iter().map(|p| (p.name.as_str(), p)).collect();
-        for p in &projects {
-            for dep in p.dependencies.iter().chain(&p.run_dependencies) {
-                if !by_name.contains_key(dep.as_str()) {
-                    return Err(ManifestError::UnknownDependency {
+    /// Validates dependencies and orders projects. A project with an unknown dependency, in
+    /// a cycle, or depending on a broken one, joins `broken`.
+    pub fn from_projects(projects: Vec<Project>, mut broken: BTreeMap<String, Arc<ManifestError>>) -> Manifest {
+        let mut healthy: BTreeMap<String, Project> = BTreeMap::new();
+        let names: BTreeSet<String> = projects.iter().map(|p| p.name.clone()).chain(broken.keys().cloned()).collect();
+        for p in projects {
+            let unknown = p.dependencies.iter().chain(&p.run_dependencies).find(|d| !names.contains(*d));
+            match unknown {
+                Some(dep) => {
+                    let e = ManifestError::UnknownDependency {
                         project: p.name.clone(),
                         dependency: dep.clone(),
-                        suggestion: closest(dep, by_name.keys().copied()),
-                    });
+                        suggestion: closest(dep, names.iter().map(String::as_str)),
+                    };
+                    broken.insert(p.name.clone(), Arc::new(e));
+                }
+                None => {
+                    healthy.insert(p.name.clone(), p);
                 }
             }
         }
-        let order = dependency_order(&by_name)?;
-        let mut slots: HashMap<String, Project> =
-            projects.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let order = loop {
+            spread_breakage(&mut healthy, &mut broken);
+            let by_name: BTreeMap<&str, &Project> = healthy.iter().map(|(n, p)| (n.as_str(), p)).collect();
+            match dependency_order(&by_name) {
+                Ok(order) => break order,
+                Err(cycle) => {
+                    let e = Arc::new(ManifestError::Cycle { cycle: cycle.clone() });
+                    for member in &cycle {
+                        if let Some(p) = healthy.remove(member) {
+                            broken.insert(p.name, e.clone());
+                        }
+                    }
+                }
+            }
+        };
         let projects: Vec<Project> = order
             .iter()
-            .map(|n| slots.remove(n).expect("ordered names come from the projects"))
+            .map(|n| healthy.remove(n).expect("ordered names come from the healthy projects"))
             .collect();
         let index = projects
             .iter()
             .enumerate()
             .map(|(i, p)| (p.name.clone(), i))
             .collect();
-        Ok(Manifest { projects, index })
+        Manifest {
+            file: MANIFEST_FILES[0].to_string(),
+            projects,
+            broken,
+            warnings: Vec::new(),
+            index,
+        }
+    }
+
+    /// Moves `name` (and what depends on it) to `broken`, e.g. when its Dockerfile is not
+    /// at the commit.
+    pub fn mark_broken(&mut self, errors: Vec<ManifestError>) {
+        if errors.is_empty() {
+            return;
+        }
+        let mut broken = std::mem::take(&mut self.broken);
+        let mut projects: Vec<Project> = std::mem::take(&mut self.projects);
+        for e in errors {
+            let name = e.project().expect("entry errors name their project").to_string();
+            projects.retain(|p| p.name != name);
+            broken.insert(name, Arc::new(e));
+        }
+        let rebuilt = Manifest::from_projects(projects, broken);
+        self.projects = rebuilt.projects;
+        self.broken = rebuilt.broken;
+        self.index = rebuilt.index;
     }
 
     pub fn get(&self, name: &str) -> Option<&Project> {
@@ -278,7 +470,38 @@ impl Manifest {
 
     /// The closest project name to `name`, for did-you-mean hints.
     pub fn suggest(&self, name: &str) -> Option<String> {
-        closest(name, self.projects.iter().map(|p| p.name.as_str()))
+        closest(name, self.projects.iter().map(|p| p.name.as_str()).chain(self.broken.keys().map(String::as_str)))
+    }
+}
+
+/// Moves every healthy project that depends on a broken one to `broken`, until none is left.
+fn spread_breakage(healthy: &mut BTreeMap<String, Project>, broken: &mut BTreeMap<String, Arc<ManifestError>>) {
+    loop {
+        let newly: Vec<(String, String)> = healthy
+            .values()
+            .filter_map(|p| {
+                p.dependencies
+                    .iter()
+                    .chain(&p.run_dependencies)
+                    .find(|d| broken.contains_key(*d))
+                    .map(|d| (p.name.clone(), d.clone()))
+            })
+            .collect();
+        if newly.is_empty() {
+            return;
+        }
+        for (name, dep) in newly {
+            healthy.remove(&name);
+            let cause = broken[&dep].clone();
+            broken.insert(
+                name.clone(),
+                Arc::new(ManifestError::BrokenDependency {
+                    project: name,
+                    dependency: dep,
+                    cause,
+                }),
+            );
+        }
     }
 }
 
@@ -289,15 +512,6 @@ pub enum ParseError<E> {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Read(E),
-}
-
-/// serde_json appends " at line L column C" to its messages; we print our own.
-fn json_message(e: &serde_json::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" at line ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -311,11 +525,12 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-fn parse_project<E>(
+fn parse_project<I: Inputs>(
     name: &str,
     entry: &Value,
-    read_file: &mut impl FnMut(&str) -> Result<Option<Vec<u8>>, E>,
-) -> Result<Project, ParseError<E>> {
+    inputs: &mut I,
+    warnings: &mut Vec<String>,
+) -> Result<Project, ParseError<I::Error>> {
     let wrong = |key: &str, expected: &'static str, v: &Value| ManifestError::WrongType {
         project: name.to_string(),
         key: key.to_string(),
@@ -366,9 +581,20 @@ fn parse_project<E>(
         None => build_dir.clone(),
     };
     let dockerfile = string("dockerfile")?.unwrap_or_else(|| "Dockerfile".to_string());
+    // It may climb out of `buildDir` (Aztec manifests do), but not out of the repository.
+    if dockerfile.starts_with('/') || join_path(&build_dir, &dockerfile).starts_with("..") {
+        return Err(invalid(format!("`dockerfile` `{dockerfile}` must stay inside the repository")).into());
+    }
     let submodule_path = string("submodulePath")?;
-    let names = |key: &str| -> Result<Vec<String>, ManifestError> {
-        match obj.get(key) {
+    let mut names = |key: &str, list: Vec<String>| -> Vec<String> {
+        let (empty, names): (Vec<String>, Vec<String>) = list.into_iter().partition(|d| d.trim().is_empty());
+        if !empty.is_empty() {
+            warnings.push(format!("project `{name}`: an empty name in `{key}` is ignored"));
+        }
+        names
+    };
+    let list = |key: &str, v: Option<&Value>| -> Result<Vec<String>, ManifestError> {
+        match v {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
@@ -377,11 +603,23 @@ fn parse_project<E>(
                     other => Err(wrong(key, "an array of project names", other)),
                 })
                 .collect(),
-            Some(v) => Err(wrong(key, "an array of project names or null", v)),
+            Some(v) => Err(wrong(key, "an array of project names, a script, or null", v)),
         }
     };
-    let dependencies = names("dependencies")?;
-    let run_dependencies = names("runDependencies")?;
+    let dependencies = match obj.get("dependencies") {
+        // A script relative to `buildDir`, given `projectDir`, printing one name per line.
+        Some(Value::String(script)) => {
+            let path = join_path(&build_dir, script);
+            let out = inputs.run_script(&path, &project_dir).map_err(|failure| ManifestError::DependencyScript {
+                project: name.to_string(),
+                script: path.clone(),
+                failure,
+            })?;
+            out.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+        }
+        other => names("dependencies", list("dependencies", other)?),
+    };
+    let run_dependencies = names("runDependencies", list("runDependencies", obj.get("runDependencies"))?);
     let cpus = match obj.get("cpus") {
         None | Some(Value::Null) => None,
         Some(v) => Some(positive_u32(v).ok_or_else(|| wrong("cpus", "a positive integer", v))?),
@@ -438,7 +676,8 @@ fn parse_project<E>(
         }
         Some(Value::String(file)) => {
             let path = join_path(&project_dir, file);
-            let bytes = read_file(&path)
+            let bytes = inputs
+                .read_file(&path)
                 .map_err(ParseError::Read)?
                 .ok_or_else(|| ManifestError::MissingPatternsFile {
                     project: name.to_string(),
@@ -606,8 +845,8 @@ pub fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Opt
 }
 
 /// Orders projects so that each comes after its dependencies (depth-first, in name order, so
-/// the order is stable). Reports the first cycle found as `a -> b -> a`.
-fn dependency_order(projects: &BTreeMap<&str, &Project>) -> Result<Vec<String>, ManifestError> {
+/// the order is stable). Reports the first cycle found, as `[a, b, a]`.
+fn dependency_order(projects: &BTreeMap<&str, &Project>) -> Result<Vec<String>, Vec<String>> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
@@ -639,7 +878,7 @@ fn dependency_order(projects: &BTreeMap<&str, &Project>) -> Result<Vec<String>, 
                         let mut cycle: Vec<String> =
                             stack[start..].iter().map(|(n, _)| n.to_string()).collect();
                         cycle.push(dep.to_string());
-                        return Err(ManifestError::Cycle { cycle });
+                        return Err(cycle);
                     }
                 }
             } else {
@@ -656,12 +895,24 @@ fn dependency_order(projects: &BTreeMap<&str, &Project>) -> Result<Vec<String>, 
 mod tests {
     use super::*;
 
+    /// The manifest, or its first error (whole-file, else the first broken entry's).
     fn parse(text: &str) -> Result<Manifest, ManifestError> {
-        Manifest::parse::<std::convert::Infallible>(text.as_bytes(), MANIFEST_PATH, |_| Ok(None))
-            .map_err(|e| match e {
-                ParseError::Manifest(m) => m,
-                ParseError::Read(never) => match never {},
-            })
+        let mut m = Manifest::parse(text.as_bytes(), MANIFEST_FILES[0], &mut NoInputs).map_err(|e| match e {
+            ParseError::Manifest(m) => m,
+            ParseError::Read(never) => match never {},
+        })?;
+        match m.broken.pop_first() {
+            Some((_, e)) => Err(Arc::try_unwrap(e).unwrap_or_else(|e| rebuild(&e))),
+            None => Ok(m),
+        }
+    }
+
+    /// A copy of a shared error for assertions (messages and hints).
+    fn rebuild(e: &ManifestError) -> ManifestError {
+        match e {
+            ManifestError::Cycle { cycle } => ManifestError::Cycle { cycle: cycle.clone() },
+            other => ManifestError::Invalid { project: String::new(), message: other.to_string() },
+        }
     }
 
     #[test]
@@ -721,7 +972,7 @@ mod tests {
     #[test]
     fn malformed_json_reports_line_and_column() {
         let e = parse("{\n  \"a\": {\"buildDir\": \"a\",}\n}").unwrap_err();
-        let ManifestError::Json { line, column, .. } = e else { panic!("{e:?}") };
+        let ManifestError::Syntax { line, column, .. } = e else { panic!("{e:?}") };
         assert_eq!((line, column), (2, 25));
     }
 
@@ -760,12 +1011,85 @@ mod tests {
         assert_eq!(e.hint().as_deref(), Some("did you mean `tests.unit.command`?"));
     }
 
+    fn parse_all(text: &str, file: &str) -> Manifest {
+        Manifest::parse(text.as_bytes(), file, &mut NoInputs).unwrap()
+    }
+
+    #[test]
+    fn empty_dependency_names_are_ignored_with_a_warning() {
+        let m = parse_all(r#"{"a": {"buildDir": "a", "dependencies": [""]}, "b": {"buildDir": "b", "dependencies": ["a", ""]}}"#, "build_manifest.json");
+        assert!(m.broken.is_empty(), "{:?}", m.broken);
+        assert_eq!(m.get("b").unwrap().dependencies, ["a"]);
+        assert_eq!(m.warnings.len(), 2, "{:?}", m.warnings);
+        assert!(m.warnings[0].contains("project `a`: an empty name in `dependencies` is ignored"), "{:?}", m.warnings);
+    }
+
+    #[test]
+    fn a_broken_entry_fails_alone_and_takes_its_dependents_with_it() {
+        let m = parse_all(
+            r#"{"bad": {"buildDir": "bad", "cpus": "lots"}, "uses-bad": {"buildDir": "u", "dependencies": ["bad"]},
+                "typo": {"buildDir": "t", "dependencies": ["nope"]}, "c1": {"buildDir": "c1", "dependencies": ["c2"]},
+                "c2": {"buildDir": "c2", "dependencies": ["c1"]}, "ok": {"buildDir": "ok"}, "ok2": {"buildDir": "ok2", "dependencies": ["ok"]}}"#,
+            "build_manifest.json",
+        );
+        let names: Vec<_> = m.projects.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["ok", "ok2"]);
+        let broken: Vec<_> = m.broken.keys().map(String::as_str).collect();
+        assert_eq!(broken, ["bad", "c1", "c2", "typo", "uses-bad"]);
+        assert!(matches!(*m.broken["uses-bad"], ManifestError::BrokenDependency { ref dependency, .. } if dependency == "bad"));
+        assert!(matches!(*m.broken["c1"], ManifestError::Cycle { .. }));
+        assert!(matches!(*m.broken["typo"], ManifestError::UnknownDependency { .. }));
+        let chain = crate::plan::error_chain(m.broken["uses-bad"].as_ref());
+        assert!(chain.contains("`cpus` must be a positive integer"), "{chain}");
+    }
+
+    #[test]
+    fn dockerfiles_may_climb_out_of_the_build_dir_but_not_the_repository() {
+        let m = parse_all(r#"{"a": {"buildDir": "x/y/z", "dockerfile": "../../../d/Dockerfile"}, "b": {"buildDir": ".", "dockerfile": "../Dockerfile"}, "c": {"buildDir": "."}}"#, "build_manifest.json");
+        assert_eq!(m.get("a").unwrap().dockerfile_path(), "d/Dockerfile");
+        assert_eq!(m.get("c").unwrap().dockerfile_path(), "Dockerfile");
+        assert_eq!(m.get("c").unwrap().build_dir, "");
+        let e = m.broken["b"].to_string();
+        assert!(e.contains("must stay inside the repository"), "{e}");
+    }
+
+    #[test]
+    fn repeated_keys_warn_when_equal_and_break_the_entry_when_not() {
+        let yaml = "a:\n  buildDir: a\n  buildDir: a\nb:\n  buildDir: b\n  dockerfile: X\n  dockerfile: Y\nc:\n  buildDir: c\n";
+        let m = parse_all(yaml, "build_manifest.yml");
+        assert_eq!(m.warnings, ["build_manifest.yml:3: project `a` sets `buildDir` again, to the same value as line 2 (ignored)"]);
+        assert_eq!(
+            m.broken["b"].to_string(),
+            "project `b`: build_manifest.yml:7 sets `dockerfile` again, to a different value than line 6"
+        );
+        assert!(m.get("a").is_some() && m.get("c").is_some());
+    }
+
+    #[test]
+    fn json_and_yaml_entries_have_the_same_canonical_form() {
+        let json = r#"{"api": {"buildDir": "api", "rebuildPatterns": ["^api/", "^lib/"], "dependencies": ["base"], "cpus": 8,
+                       "tests": {"unit": {"command": ["make", "test"]}}}, "base": {"buildDir": "base"}}"#;
+        let yaml = "base:\n  buildDir: base\napi:\n  buildDir: api\n  rebuildPatterns: ['^api/', '^lib/']\n  dependencies: [base]\n  cpus: 8\n  tests:\n    unit:\n      command: [make, test]\n";
+        let (j, y) = (parse_all(json, "build_manifest.json"), parse_all(yaml, "build_manifest.yml"));
+        for name in ["api", "base"] {
+            assert_eq!(j.get(name).unwrap().canonical(), y.get(name).unwrap().canonical());
+        }
+    }
+
+    #[test]
+    fn yaml_syntax_errors_give_line_and_column() {
+        let e = Manifest::parse(b"a:\n  buildDir: a\n  - x\n", "build_manifest.yml", &mut NoInputs).unwrap_err();
+        let ParseError::Manifest(ManifestError::Syntax { line, column, .. }) = e else { panic!("{e:?}") };
+        // At the `x` of `  - x`: a sequence entry where a mapping key was expected.
+        assert_eq!((line, column), (3, 5));
+    }
+
     #[test]
     fn wrong_types_name_the_key_and_what_was_found() {
-        let e = parse(r#"{"a": {"buildDir": "a", "dependencies": "b"}}"#).unwrap_err();
+        let e = parse(r#"{"a": {"buildDir": "a", "dependencies": 5}}"#).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "project `a`: `dependencies` must be an array of project names or null, found a string"
+            "project `a`: `dependencies` must be an array of project names, a script, or null, found a number"
         );
         assert!(parse(r#"{"a": {"buildDir": "../a"}}"#).is_err());
         assert!(parse(r#"{"a": {}}"#).is_err());

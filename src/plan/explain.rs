@@ -88,19 +88,20 @@ pub async fn explain(
         };
         let old = at_base
             .entry(base)
-            .or_insert_with(|| hash_commit(repo, base).ok())
+            .or_insert_with(|| hash_commit(repo, base, current.options).ok())
             .as_ref();
         if let std::collections::hash_map::Entry::Vacant(slot) = diffs.entry(base) {
             slot.insert(repo.changed_paths(base, current.commit)?);
         }
         let name = &current.manifest.projects[i].name;
-        let mut patterns: Vec<_> = current.closures[i]
+        let closure = current.closure(i);
+        let mut patterns: Vec<_> = closure
             .iter()
             .flat_map(|&m| current.manifest.projects[m].patterns.iter())
             .collect();
         if let Some(old) = old {
             if let Some(j) = old.manifest.position(name) {
-                patterns.extend(old.closures[j].iter().flat_map(|&m| old.manifest.projects[m].patterns.iter()));
+                patterns.extend(old.closure(j).into_iter().flat_map(|m| old.manifest.projects[m].patterns.iter()));
             }
         }
         let matcher = Matcher::new(patterns.into_iter().map(|p| (0, p)));
@@ -113,7 +114,7 @@ pub async fn explain(
             })
             .collect();
         let manifest_changes = match old {
-            Some(old) => manifest_changes(&current.manifest, &current.closures[i], &old.manifest, name),
+            Some(old) => manifest_changes(&current.manifest, &closure, &old.manifest, name),
             None => vec!["the manifest could not be read at the base commit".to_string()],
         };
         out.insert(
@@ -143,7 +144,7 @@ async fn search_built_ancestors(repo: &Repo, current: &Hashes, which: &[usize], 
             break;
         }
         // An ancestor with a broken or missing manifest cannot have been built by us.
-        let Ok(old) = hash_commit(repo, anc) else { continue };
+        let Ok(old) = hash_commit(repo, anc, current.options) else { continue };
         let checks: Vec<(usize, String, String)> = pending
             .iter()
             .filter_map(|&i| {

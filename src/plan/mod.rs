@@ -15,19 +15,24 @@
 pub mod explain;
 pub mod matcher;
 
-use std::collections::{BTreeMap, BTreeSet};
+mod scripts;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::git::{CommitId, GitError, Repo, Snapshot};
-use crate::manifest::{Manifest, ManifestError, ParseError, MANIFEST_PATH};
+use crate::manifest::{Inputs, Manifest, ManifestError, ParseError, ScriptFailure, DEPENDENCY_SCRIPT_TIMEOUT, MANIFEST_FILES};
 use crate::registry::{build_tag, test_tag, ImageStore};
 use matcher::Matcher;
 
 /// Changing this string changes every hash: bump it whenever what the hash covers changes.
-pub const HASH_FORMAT: &str = "spotbuild-hash-v1";
+/// v2: a project's hash combines its own inputs with its direct dependencies' hashes (a
+/// Merkle form), so planning costs O(files + projects) whatever the graph's depth.
+pub const HASH_FORMAT: &str = "spotbuild-hash-v2";
 
 /// Length of the hex hash in tags (160 bits).
 pub const HASH_HEX_LEN: usize = 40;
@@ -38,13 +43,18 @@ pub enum PlanError {
     Git(#[from] GitError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("failed to find {MANIFEST_PATH} at the root of commit {commit}")]
+    #[error("failed to find build_manifest.json or build_manifest.yml at the root of commit {commit}")]
     NoManifest { commit: String },
+    #[error("commit {commit} has both build_manifest.json and build_manifest.yml")]
+    TwoManifests { commit: String },
     #[error("unknown project `{name}`")]
     UnknownProject {
         name: String,
         suggestion: Option<String>,
     },
+    /// A project asked for (or one it depends on) has an invalid entry.
+    #[error("{}", .0)]
+    BrokenProject(Arc<ManifestError>),
 }
 
 impl From<ParseError<GitError>> for PlanError {
@@ -56,52 +66,128 @@ impl From<ParseError<GitError>> for PlanError {
     }
 }
 
-/// Every project's content hash at one commit.
+/// How a commit is hashed.
+#[derive(Debug, Clone, Copy)]
+pub struct HashOptions {
+    /// Bound on one `dependencies` script (`[plan] dependencies_timeout`).
+    pub script_timeout: std::time::Duration,
+}
+
+impl Default for HashOptions {
+    fn default() -> Self {
+        HashOptions {
+            script_timeout: DEPENDENCY_SCRIPT_TIMEOUT,
+        }
+    }
+}
+
+/// Every healthy project's content hash at one commit.
 pub struct Hashes {
     pub commit: CommitId,
+    /// What it was hashed with, so that other commits can be hashed alike.
+    pub options: HashOptions,
     pub manifest: Manifest,
     /// Hex hashes, indexed like `manifest.projects`.
     pub hashes: Vec<String>,
-    /// For each project, itself and its transitive dependencies (indices, ascending).
-    pub closures: Vec<Vec<usize>>,
 }
 
 impl Hashes {
     pub fn hash_of(&self, project: &str) -> Option<&str> {
         self.manifest.position(project).map(|i| self.hashes[i].as_str())
     }
+
+    /// Project `i` and its transitive dependencies (indices, ascending).
+    pub fn closure(&self, i: usize) -> Vec<usize> {
+        let mut seen = BTreeSet::from([i]);
+        let mut stack = vec![i];
+        while let Some(j) = stack.pop() {
+            for d in &self.manifest.projects[j].dependencies {
+                let k = self.manifest.position(d).expect("healthy projects depend on healthy ones");
+                if seen.insert(k) {
+                    stack.push(k);
+                }
+            }
+        }
+        seen.into_iter().collect()
+    }
+}
+
+/// What the manifest reads at the commit being planned: files from its tree, and
+/// `dependencies` scripts run in a checkout of it.
+struct CommitInputs<'s, 'r> {
+    snap: &'s Snapshot<'r>,
+    repo: &'r Repo,
+    timeout: std::time::Duration,
+    checkout: Option<Result<scripts::Checkout, ScriptFailure>>,
+}
+
+impl Inputs for CommitInputs<'_, '_> {
+    type Error = GitError;
+
+    fn read_file(&mut self, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+        self.snap.read_file(path)
+    }
+
+    fn run_script(&mut self, script: &str, project_dir: &str) -> Result<String, ScriptFailure> {
+        if self.snap.file_entry(script).ok().flatten().is_none() {
+            return Err(ScriptFailure::Missing);
+        }
+        let (repo, commit) = (self.repo, self.snap.commit());
+        let checkout = self.checkout.get_or_insert_with(|| scripts::Checkout::of(repo, commit));
+        match checkout {
+            Ok(c) => scripts::run(c.root(), script, project_dir, self.timeout),
+            Err(e) => Err(e.duplicate()),
+        }
+    }
 }
 
 /// Reads and validates the manifest at `snap`'s commit.
-pub fn load_manifest(snap: &Snapshot<'_>) -> Result<Manifest, PlanError> {
-    let text = snap.read_file(MANIFEST_PATH)?.ok_or_else(|| PlanError::NoManifest {
-        commit: snap.commit().to_string(),
-    })?;
-    Ok(Manifest::parse(&text, MANIFEST_PATH, |path| snap.read_file(path))?)
+pub fn load_manifest<'r>(repo: &'r Repo, snap: &Snapshot<'r>, options: HashOptions) -> Result<Manifest, PlanError> {
+    let commit = snap.commit().to_string();
+    let mut found = Vec::new();
+    for file in MANIFEST_FILES {
+        if let Some(text) = snap.read_file(file)? {
+            found.push((file, text));
+        }
+    }
+    let (file, text) = match found.len() {
+        0 => return Err(PlanError::NoManifest { commit }),
+        1 => found.pop().expect("one"),
+        _ => return Err(PlanError::TwoManifests { commit }),
+    };
+    let mut inputs = CommitInputs {
+        snap,
+        repo,
+        timeout: options.script_timeout,
+        checkout: None,
+    };
+    Ok(Manifest::parse(&text, file, &mut inputs)?)
 }
 
 /// Computes every project's hash at `commit`: one walk over the tree, matching each path
-/// against all projects' patterns at once.
-pub fn hash_commit(repo: &Repo, commit: CommitId) -> Result<Hashes, PlanError> {
+/// against all projects' patterns at once. Entries that turn out broken here (a missing
+/// Dockerfile) join [`Manifest::broken`].
+pub fn hash_commit(repo: &Repo, commit: CommitId, options: HashOptions) -> Result<Hashes, PlanError> {
     let snap = repo.snapshot(commit)?;
-    let manifest = load_manifest(&snap)?;
-    let n = manifest.projects.len();
+    let mut manifest = load_manifest(repo, &snap, options)?;
 
     // Dockerfiles always count, even when no pattern covers them.
-    let mut dockerfiles = Vec::with_capacity(n);
+    let mut dockerfiles = HashMap::with_capacity(manifest.projects.len());
+    let mut missing = Vec::new();
     for p in &manifest.projects {
         let path = p.dockerfile_path();
         match snap.file_entry(&path)? {
-            Some((mode, id)) => dockerfiles.push((mode, id)),
-            None => {
-                return Err(ManifestError::MissingDockerfile {
-                    project: p.name.clone(),
-                    path,
-                }
-                .into())
+            Some(entry) => {
+                dockerfiles.insert(p.name.clone(), entry);
             }
+            None => missing.push(ManifestError::MissingDockerfile {
+                project: p.name.clone(),
+                path,
+            }),
         }
     }
+    manifest.mark_broken(missing);
+    let n = manifest.projects.len();
 
     let matcher = Matcher::new(
         manifest
@@ -128,55 +214,41 @@ pub fn hash_commit(repo: &Repo, commit: CommitId) -> Result<Hashes, PlanError> {
         });
         entry_no += 1;
     })?;
-    let own: Vec<[u8; 32]> = digests.into_iter().map(|d| d.finalize().into()).collect();
 
-    let closures = closures(&manifest);
-    let canonical: Vec<String> = manifest.projects.iter().map(|p| p.canonical()).collect();
-    let hashes = closures
-        .iter()
-        .map(|members| {
-            // Members in name order, so the hash does not depend on manifest order.
-            let mut members: Vec<usize> = members.clone();
-            members.sort_by(|&a, &b| manifest.projects[a].name.cmp(&manifest.projects[b].name));
-            let mut h = Sha256::new();
-            h.update(HASH_FORMAT.as_bytes());
+    // Projects are in dependency order, so each dependency's hash is ready before it is used.
+    let mut hashes: Vec<String> = Vec::with_capacity(n);
+    for (p, own) in manifest.projects.iter().zip(digests) {
+        let mut h = Sha256::new();
+        h.update(HASH_FORMAT.as_bytes());
+        h.update([0]);
+        h.update(p.name.as_bytes());
+        h.update([0]);
+        h.update(p.canonical().as_bytes());
+        h.update([0]);
+        let (mode, id) = &dockerfiles[&p.name];
+        h.update(mode.to_be_bytes());
+        h.update(id.as_bytes());
+        h.update(own.finalize());
+        // In name order, so the hash does not depend on how the manifest lists them.
+        let mut deps: Vec<&String> = p.dependencies.iter().collect();
+        deps.sort_unstable();
+        deps.dedup();
+        for d in deps {
+            let j = manifest.position(d).expect("healthy projects depend on healthy ones");
+            h.update(d.as_bytes());
             h.update([0]);
-            for m in members {
-                let p = &manifest.projects[m];
-                h.update(p.name.as_bytes());
-                h.update([0]);
-                h.update(canonical[m].as_bytes());
-                h.update([0]);
-                let (mode, id) = &dockerfiles[m];
-                h.update(mode.to_be_bytes());
-                h.update(id.as_bytes());
-                h.update(own[m]);
-            }
-            let mut hex = hex::encode(h.finalize());
-            hex.truncate(HASH_HEX_LEN);
-            hex
-        })
-        .collect();
+            h.update(hashes[j].as_bytes());
+        }
+        let mut hex = hex::encode(h.finalize());
+        hex.truncate(HASH_HEX_LEN);
+        hashes.push(hex);
+    }
     Ok(Hashes {
         commit,
+        options,
         manifest,
         hashes,
-        closures,
     })
-}
-
-/// Each project with its transitive dependencies, computed in dependency order.
-fn closures(manifest: &Manifest) -> Vec<Vec<usize>> {
-    let mut out: Vec<Vec<usize>> = Vec::with_capacity(manifest.projects.len());
-    for (i, p) in manifest.projects.iter().enumerate() {
-        let mut set: BTreeSet<usize> = BTreeSet::from([i]);
-        for d in &p.dependencies {
-            let j = manifest.position(d).expect("dependencies were validated");
-            set.extend(out[j].iter().copied());
-        }
-        out.push(set.into_iter().collect());
-    }
-    out
 }
 
 /// The projects to plan: the named ones and their dependencies, or all, in dependency order.
@@ -186,6 +258,9 @@ pub fn select(hashes: &Hashes, names: &[String]) -> Result<Vec<usize>, PlanError
     }
     let mut set = BTreeSet::new();
     for name in names {
+        if let Some(e) = hashes.manifest.broken.get(name) {
+            return Err(PlanError::BrokenProject(e.clone()));
+        }
         let i = hashes
             .manifest
             .position(name)
@@ -193,7 +268,7 @@ pub fn select(hashes: &Hashes, names: &[String]) -> Result<Vec<usize>, PlanError
                 name: name.clone(),
                 suggestion: hashes.manifest.suggest(name),
             })?;
-        set.extend(hashes.closures[i].iter().copied());
+        set.extend(hashes.closure(i));
     }
     Ok(set.into_iter().collect())
 }
@@ -240,12 +315,87 @@ impl Forced {
     }
 }
 
+/// One way of running a project's tests, and the key its success tag is named by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestRun {
+    pub project: String,
+    pub kind: TestKind,
+    /// Extra arguments: for a job, appended to its command; for a script, its arguments.
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TestKind {
+    /// A job of the project's `tests` in the manifest.
+    Job(String),
+    /// A script relative to `projectDir`, run on the instance in a checkout of the commit.
+    /// `key` (the CI job's name) names its success tag; without one, a digest does.
+    Script { path: String, key: Option<String> },
+}
+
+/// How many hex digits of a digest of the arguments go into a tag.
+const ARGS_DIGEST_LEN: usize = 12;
+
+impl TestRun {
+    /// The tag suffix after `cache-<hash>-`. Different arguments always give different
+    /// suffixes, so two shards of one job never share a success tag.
+    pub fn key(&self) -> String {
+        let digest = |parts: &mut dyn Iterator<Item = &str>| {
+            let mut h = Sha256::new();
+            for p in parts {
+                h.update(p.as_bytes());
+                h.update([0]);
+            }
+            let mut hex = hex::encode(h.finalize());
+            hex.truncate(ARGS_DIGEST_LEN);
+            hex
+        };
+        match &self.kind {
+            TestKind::Job(job) if self.args.is_empty() => job.clone(),
+            TestKind::Job(job) => format!("{job}-{}", digest(&mut self.args.iter().map(String::as_str))),
+            TestKind::Script { path, key } => {
+                let d = digest(&mut std::iter::once(path.as_str()).chain(self.args.iter().map(String::as_str)));
+                match key.as_deref().map(tag_word).filter(|k| !k.is_empty()) {
+                    Some(k) => format!("{k}-{d}"),
+                    None => format!("script-{d}"),
+                }
+            }
+        }
+    }
+
+    /// What the plan and the step names call it: the job, or the CI job, or the script.
+    pub fn name(&self) -> String {
+        match &self.kind {
+            TestKind::Job(job) => job.clone(),
+            TestKind::Script { key: Some(k), .. } if !tag_word(k).is_empty() => tag_word(k),
+            TestKind::Script { path, .. } => path.clone(),
+        }
+    }
+}
+
+/// `s` made fit for a tag: lowercase `a-z0-9_.-`, other characters as `-`, at most 40.
+fn tag_word(s: &str) -> String {
+    let w: String = s
+        .to_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c) { c } else { '-' })
+        .collect();
+    let w = w.trim_matches(|c| c == '-' || c == '.').to_string();
+    w.chars().take(40).collect::<String>().trim_end_matches(['-', '.']).to_string()
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TestPlan {
     pub job: String,
     pub tag: String,
     pub needs_run: Option<bool>,
     pub reason: String,
+    /// The invocation's extra arguments, when it has some.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// For a script run: its path relative to `projectDir`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -267,12 +417,33 @@ pub struct Plan {
     pub projects: Vec<ProjectPlan>,
 }
 
+/// The test invocations of project `i` the plan covers: the one asked for, else (when
+/// none is) every job of the manifest.
+fn test_runs(hashes: &Hashes, i: usize, asked: Option<&TestRun>) -> Vec<TestRun> {
+    let p = &hashes.manifest.projects[i];
+    match asked {
+        Some(run) if run.project == p.name => vec![run.clone()],
+        Some(_) => Vec::new(),
+        None => p
+            .tests
+            .keys()
+            .map(|job| TestRun {
+                project: p.name.clone(),
+                kind: TestKind::Job(job.clone()),
+                args: Vec::new(),
+            })
+            .collect(),
+    }
+}
+
 /// Decides what the selected projects need. With no store (offline), nothing is decided.
+/// With `asked`, the plan covers that one test invocation instead of the manifest's jobs.
 pub async fn decide(
     hashes: &Hashes,
     selection: &[usize],
     forced: &Forced,
     store: Option<&dyn ImageStore>,
+    asked: Option<&TestRun>,
 ) -> Plan {
     // Every tag we might need, looked up concurrently in one wave.
     let mut lookups: Vec<(String, String)> = Vec::new();
@@ -280,8 +451,8 @@ pub async fn decide(
         let p = &hashes.manifest.projects[i];
         let hash = &hashes.hashes[i];
         lookups.push((p.name.clone(), build_tag(hash)));
-        for job in p.tests.keys() {
-            lookups.push((p.name.clone(), test_tag(hash, job)));
+        for run in test_runs(hashes, i, asked) {
+            lookups.push((p.name.clone(), test_tag(hash, &run.key())));
         }
     }
     let found: BTreeMap<(String, String), Result<bool, String>> = match store {
@@ -318,11 +489,10 @@ pub async fn decide(
                     ),
                 },
             };
-            let tests = p
-                .tests
-                .keys()
-                .map(|job| {
-                    let ttag = test_tag(&hash, job);
+            let tests = test_runs(hashes, i, asked)
+                .into_iter()
+                .map(|run| {
+                    let ttag = test_tag(&hash, &run.key());
                     let (needs_run, reason) = match (store, needs_build) {
                         (None, _) => (None, "offline: registry not asked".to_string()),
                         (Some(_), Some(true)) => (
@@ -342,10 +512,15 @@ pub async fn decide(
                         },
                     };
                     TestPlan {
-                        job: job.clone(),
+                        job: run.name(),
                         tag: ttag,
                         needs_run,
                         reason,
+                        script: match &run.kind {
+                            TestKind::Script { path, .. } => Some(path.clone()),
+                            TestKind::Job(_) => None,
+                        },
+                        args: run.args,
                     }
                 })
                 .collect();

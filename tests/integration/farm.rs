@@ -4,7 +4,6 @@
 //! checking that no instance and no host is left.
 
 use std::io::Read;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,7 +41,7 @@ fn farm_repo(web_run: Option<&str>, test_script: &str) -> TestRepo {
 
 const PASSING_TEST: &str = "echo api unit tests: 3 passed\n";
 
-fn tags(registry: &str, repo: &str) -> Vec<String> {
+pub(crate) fn tags(registry: &str, repo: &str) -> Vec<String> {
     let url = format!("http://{registry}/v2/farm/{repo}/tags/list");
     crate::support::services::runtime().block_on(async {
         let r = reqwest::get(&url).await.unwrap();
@@ -273,17 +272,12 @@ fn a_failing_test_job_fails_the_ci_step_through_tee_with_its_logs() {
     let farm = LocalFarm::start();
     let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(None, "echo 'api unit: expected 2, got 3'\nexit 1\n");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/cond_spot_run_tests");
     let log = farm.dir.path().join("ci.log");
-    let out = Command::new("bash")
+    let out = farm
+        .env(&mut Command::new("bash"))
         .args(["-eo", "pipefail", "-c"])
-        .arg(format!("{} api unit | tee {}", script.display(), log.display()))
+        .arg(format!("{} test api unit | tee {}", env!("CARGO_BIN_EXE_spotbuild"), log.display()))
         .current_dir(repo.path())
-        .env("SPOTBUILD", env!("CARGO_BIN_EXE_spotbuild"))
-        .env("SPOTBUILD_CONFIG", farm.config())
-        .env("AWS_ACCESS_KEY_ID", "farm")
-        .env("AWS_SECRET_ACCESS_KEY", "farm")
-        .env("TMPDIR", farm.dir.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));

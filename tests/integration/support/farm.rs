@@ -113,13 +113,19 @@ impl LocalFarm {
     /// `spotbuild` for a build against this farm, from `repo`.
     pub fn spotbuild(&self, repo: &Path) -> Command {
         let mut cmd = super::spotbuild(repo);
+        self.env(&mut cmd);
+        cmd
+    }
+
+    /// What any command (spotbuild, or a CI step's shell calling it) needs to use this farm.
+    pub fn env<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
         // Through the environment, so that a test can still pass a --config of its own.
         cmd.env("SPOTBUILD_CONFIG", self.config())
+            .env("SPOTBUILD", env!("CARGO_BIN_EXE_spotbuild"))
             .env("AWS_ACCESS_KEY_ID", "farm")
             .env("AWS_SECRET_ACCESS_KEY", "farm")
             .env("AWS_REGION", "us-east-1")
-            .env("TMPDIR", self.dir.path());
-        cmd
+            .env("TMPDIR", self.dir.path())
     }
 
     pub fn hosts(&self) -> Vec<Value> {

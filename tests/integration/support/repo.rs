@@ -39,6 +39,13 @@ impl TestRepo {
         std::fs::write(full, contents).unwrap();
     }
 
+    /// Writes an executable file (a script).
+    pub fn write_executable(&self, path: &str, contents: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        self.write(path, contents);
+        std::fs::set_permissions(self.full(path.as_bytes()), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
     pub fn remove(&self, path: &str) {
         std::fs::remove_file(self.full(path.as_bytes())).unwrap();
     }
@@ -83,11 +90,13 @@ impl TestRepo {
     }
 }
 
+/// The hash of every project that could be planned.
 pub fn hashes_of(plan: &Value) -> BTreeMap<String, String> {
     plan["projects"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|p| p.get("error").is_none())
         .map(|p| (p["name"].as_str().unwrap().to_string(), p["hash"].as_str().unwrap().to_string()))
         .collect()
 }
