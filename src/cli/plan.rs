@@ -255,18 +255,33 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
     }
 
     let out = if args.json {
-        let mut v = serde_json::to_value(&plan).expect("a plan always serialises");
-        // Entries that could not be planned are listed too, each with its own error.
-        if let Some(projects) = v["projects"].as_array_mut() {
-            projects.extend(broken.iter().map(|e| {
-                serde_json::json!({
-                    "name": e.project().unwrap_or_default(),
-                    "error": Error::from(e.as_ref()).message,
-                    "hint": e.hint(),
-                })
-            }));
+        // Entries that could not be planned are listed after the others, each with its error.
+        #[derive(serde::Serialize)]
+        #[serde(untagged)]
+        enum Entry<'a> {
+            Planned(&'a plan::ProjectPlan),
+            Broken { name: &'a str, error: String, hint: Option<String> },
         }
-        let mut s = serde_json::to_string_pretty(&v).expect("a plan always serialises");
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            commit: &'a str,
+            projects: Vec<Entry<'a>>,
+        }
+        let projects = plan
+            .projects
+            .iter()
+            .map(Entry::Planned)
+            .chain(broken.iter().map(|e| Entry::Broken {
+                name: e.project().unwrap_or_default(),
+                error: Error::from(e.as_ref()).message,
+                hint: e.hint(),
+            }))
+            .collect();
+        let mut s = serde_json::to_string_pretty(&Json {
+            commit: &plan.commit,
+            projects,
+        })
+        .expect("a plan always serialises");
         s.push('\n');
         s
     } else {

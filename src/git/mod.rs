@@ -290,16 +290,21 @@ impl<'r> Snapshot<'r> {
 
     /// Visits every non-tree entry of `commit`'s tree (files, symlinks, submodules) in git
     /// tree order, which is a deterministic function of the set of paths. Submodules are not
-    /// entered: they contribute their gitlink id.
-    pub fn walk_files(&self, mut visit: impl FnMut(FileEntry<'_>)) -> Result<(), GitError> {
+    /// entered: they contribute their gitlink id. The folders in `keep` (`a/b`, each with
+    /// whether a kept folder lies below it) are kept for later lookups
+    /// ([`Snapshot::file_entry`]), which then inflate nothing again.
+    pub fn walk_files(&self, keep: &HashMap<String, bool>, mut visit: impl FnMut(FileEntry<'_>)) -> Result<(), GitError> {
         let mut path = Vec::with_capacity(256);
-        self.walk_tree(&self.tree, &mut path, &mut visit)
+        self.walk_tree(&self.tree, &mut path, keep, !keep.is_empty(), &mut visit)
     }
 
+    /// `look` says whether a subfolder of this tree may be in `keep`.
     fn walk_tree(
         &self,
         tree: &Tree<'r>,
         path: &mut Vec<u8>,
+        keep: &HashMap<String, bool>,
+        look: bool,
         visit: &mut impl FnMut(FileEntry<'_>),
     ) -> Result<(), GitError> {
         for entry in tree.iter() {
@@ -307,8 +312,15 @@ impl<'r> Snapshot<'r> {
             path.extend_from_slice(entry.name_bytes());
             if entry.kind() == Some(ObjectType::Tree) {
                 let sub = self.subtree(&entry, path)?;
+                let mut below = false;
+                if look {
+                    if let Some((dir, &deeper)) = std::str::from_utf8(path).ok().and_then(|d| keep.get_key_value(d)) {
+                        self.dirs.borrow_mut().insert(dir.clone(), Some(sub.clone()));
+                        below = deeper;
+                    }
+                }
                 path.push(b'/');
-                self.walk_tree(&sub, path, visit)?;
+                self.walk_tree(&sub, path, keep, below, visit)?;
             } else {
                 visit(FileEntry {
                     path,

@@ -116,17 +116,28 @@ impl Builder {
 // ---- JSON ----------------------------------------------------------------------------
 
 fn parse_json(text: &[u8]) -> Result<Document, SyntaxError> {
-    // serde_json first: its errors are precise. Only valid text reaches the walk below.
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(text) {
-        let s = e.to_string();
-        let message = match s.rfind(" at line ") {
-            Some(i) => s[..i].to_string(),
-            None => s,
-        };
-        return Err(SyntaxError {
-            line: e.line(),
-            column: e.column(),
-            message,
+    // One pass with serde_json, whose errors are precise, noting whether any key repeats.
+    // Only then is the text walked again, for the lines of each repeat.
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let mut repeated = false;
+    let root = serde::de::DeserializeSeed::deserialize(NoticeRepeats(&mut repeated), &mut de)
+        .and_then(|root| de.end().map(|()| root))
+        .map_err(|e| {
+            let s = e.to_string();
+            let message = match s.rfind(" at line ") {
+                Some(i) => s[..i].to_string(),
+                None => s,
+            };
+            SyntaxError {
+                line: e.line(),
+                column: e.column(),
+                message,
+            }
+        })?;
+    if !repeated {
+        return Ok(Document {
+            root,
+            repeats: Vec::new(),
         });
     }
     let text = std::str::from_utf8(text).map_err(|e| SyntaxError {
@@ -143,6 +154,66 @@ fn parse_json(text: &[u8]) -> Result<Document, SyntaxError> {
     walk.skip_ws();
     let root = walk.value();
     Ok(walk.builder.finish(root))
+}
+
+/// Deserializes any JSON value as serde_json's `Value` does, keeping the first of repeated
+/// keys and setting the flag when there is one.
+struct NoticeRepeats<'f>(&'f mut bool);
+
+impl<'de> serde::de::DeserializeSeed<'de> for NoticeRepeats<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoticeRepeats<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::Number(v.into()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(NoticeRepeats(&mut *self.0))? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut obj = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(NoticeRepeats(&mut *self.0))?;
+            if obj.contains_key(&key) {
+                *self.0 = true;
+            } else {
+                obj.insert(key, value);
+            }
+        }
+        Ok(Value::Object(obj))
+    }
 }
 
 /// A walk over JSON text that serde_json has already accepted, so it need not report errors.

@@ -21,6 +21,15 @@ pub struct Pattern {
 
 impl Pattern {
     pub fn new(text: &str) -> Result<Pattern, PatternError> {
+        // The common `^dir/` form needs no parser: a manifest may have thousands of them.
+        if let Some(rest) = text.strip_prefix('^') {
+            if !rest.chars().any(regex_syntax::is_meta_character) {
+                return Ok(Pattern {
+                    text: text.to_string(),
+                    literal_prefix: Some(rest.as_bytes().to_vec()),
+                });
+            }
+        }
         let ast = regex_syntax::ast::parse::Parser::new()
             .parse(text)
             .map_err(|e| PatternError {
@@ -93,6 +102,8 @@ mod tests {
         assert_eq!(Pattern::new(r"^a/.*\.ts$").unwrap().literal_prefix(), None);
         assert_eq!(Pattern::new("(?i)^a/").unwrap().literal_prefix(), None);
         assert_eq!(Pattern::new("(?m)^a/").unwrap().literal_prefix(), None);
+        assert_eq!(Pattern::new("^a b/é/").unwrap().literal_prefix(), Some("a b/é/".as_bytes()));
+        assert_eq!(Pattern::new("^a/^").unwrap().literal_prefix(), None);
     }
 
     #[test]

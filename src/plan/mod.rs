@@ -24,7 +24,7 @@ use futures::stream::{self, StreamExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::git::{CommitId, GitError, Repo, Snapshot};
+use crate::git::{CommitId, FileMode, GitError, Repo, Snapshot};
 use crate::manifest::{Inputs, Manifest, ManifestError, ParseError, ScriptFailure, DEPENDENCY_SCRIPT_TIMEOUT, MANIFEST_FILES};
 use crate::registry::{build_tag, test_tag, ImageStore};
 use matcher::Matcher;
@@ -170,24 +170,27 @@ pub fn load_manifest<'r>(repo: &'r Repo, snap: &Snapshot<'r>, options: HashOptio
 pub fn hash_commit(repo: &Repo, commit: CommitId, options: HashOptions) -> Result<Hashes, PlanError> {
     let snap = repo.snapshot(commit)?;
     let mut manifest = load_manifest(repo, &snap, options)?;
+    let n = manifest.projects.len();
 
-    // Dockerfiles always count, even when no pattern covers them.
-    let mut dockerfiles = HashMap::with_capacity(manifest.projects.len());
-    let mut missing = Vec::new();
-    for p in &manifest.projects {
-        let path = p.dockerfile_path();
-        match snap.file_entry(&path)? {
-            Some(entry) => {
-                dockerfiles.insert(p.name.clone(), entry);
+    // The walk keeps the folders of the Dockerfiles, so that looking them up afterwards
+    // inflates no tree a second time.
+    let dockerfile_paths: Vec<String> = manifest.projects.iter().map(|p| p.dockerfile_path()).collect();
+    // Each folder on the way to a Dockerfile, with whether another lies below it.
+    let mut keep: HashMap<String, bool> = HashMap::new();
+    for path in &dockerfile_paths {
+        let mut dir = path.as_str();
+        let mut deeper = false;
+        while let Some((parent, _)) = dir.rsplit_once('/') {
+            let seen = keep.contains_key(parent);
+            let slot = keep.entry(parent.to_string()).or_insert(false);
+            *slot |= deeper;
+            if seen && !deeper {
+                break;
             }
-            None => missing.push(ManifestError::MissingDockerfile {
-                project: p.name.clone(),
-                path,
-            }),
+            deeper = true;
+            dir = parent;
         }
     }
-    manifest.mark_broken(missing);
-    let n = manifest.projects.len();
 
     let matcher = Matcher::new(
         manifest
@@ -200,7 +203,7 @@ pub fn hash_commit(repo: &Repo, commit: CommitId, options: HashOptions) -> Resul
     // The entry number each project last saw, so two patterns matching one path count once.
     let mut last_seen = vec![u64::MAX; n];
     let mut entry_no = 0u64;
-    snap.walk_files(|e| {
+    snap.walk_files(&keep, |e| {
         matcher.for_each_match(e.path, |owner| {
             let owner = owner as usize;
             if last_seen[owner] != entry_no {
@@ -215,9 +218,28 @@ pub fn hash_commit(repo: &Repo, commit: CommitId, options: HashOptions) -> Resul
         entry_no += 1;
     })?;
 
+    // Dockerfiles always count, even when no pattern covers them. A project whose
+    // Dockerfile is not at the commit (and what depends on it) cannot be planned.
+    let mut inputs: HashMap<String, ((FileMode, git2::Oid), Sha256)> = HashMap::with_capacity(n);
+    let mut missing = Vec::new();
+    for ((p, path), digest) in manifest.projects.iter().zip(dockerfile_paths).zip(digests) {
+        match snap.file_entry(&path)? {
+            Some(entry) => {
+                inputs.insert(p.name.clone(), (entry, digest));
+            }
+            None => missing.push(ManifestError::MissingDockerfile {
+                project: p.name.clone(),
+                path,
+            }),
+        }
+    }
+    manifest.mark_broken(missing);
+    let n = manifest.projects.len();
+
     // Projects are in dependency order, so each dependency's hash is ready before it is used.
     let mut hashes: Vec<String> = Vec::with_capacity(n);
-    for (p, own) in manifest.projects.iter().zip(digests) {
+    for p in &manifest.projects {
+        let ((mode, id), own) = inputs.remove(&p.name).expect("healthy projects have their Dockerfile");
         let mut h = Sha256::new();
         h.update(HASH_FORMAT.as_bytes());
         h.update([0]);
@@ -225,7 +247,6 @@ pub fn hash_commit(repo: &Repo, commit: CommitId, options: HashOptions) -> Resul
         h.update([0]);
         h.update(p.canonical().as_bytes());
         h.update([0]);
-        let (mode, id) = &dockerfiles[&p.name];
         h.update(mode.to_be_bytes());
         h.update(id.as_bytes());
         h.update(own.finalize());

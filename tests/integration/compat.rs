@@ -1,7 +1,8 @@
 //! The Aztec build-system's CircleCI steps, unchanged, over `scripts/build-system` on the
 //! local farm: `setup_env` per CI job, `cond_spot_run_build`, `cond_spot_run_tests` with a
 //! project's own `scripts/run_tests`, skips that rent nothing, and failures that fail the
-//! step through `| tee`.
+//! step through `| tee`; and `build --all` building every healthy project past a stale
+//! entry.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,9 +33,12 @@ fn ci_repo() -> TestRepo {
         "#!/bin/sh\nset -e\necho \"run_tests: $*\"\ndocker image inspect \"$IMAGE_URI\" >/dev/null\n\
          echo \"image available: $IMAGE_URI\"\nif [ \"$1\" = fail ]; then echo 'e2e: expected 2, got 3'; exit 1; fi\n",
     );
+    repo.write("web/Dockerfile", "FROM base\nCOPY index.html /site/\n");
+    repo.write("web/index.html", &format!("<p>{id}</p>\n"));
     repo.manifest(json!({
         "base": {"buildDir": "base"},
         "api": {"buildDir": "api", "dependencies": ["base", ""]},
+        "web": {"buildDir": "web", "dependencies": ["base"]},
         "coinbase-exporter": {"buildDir": "coinbase-exporter"}
     }));
     repo.commit("initial");
@@ -109,5 +113,13 @@ fn circleci_steps_of_the_aztec_build_system_run_unchanged() {
     let shown = std::fs::read_to_string(repo.path().join("fail.log")).unwrap();
     assert!(shown.contains("e2e: expected 2, got 3"), "{shown}");
     assert!(!tags(&farm.registry(), "api").iter().any(|t| t.starts_with(&format!("cache-{hash}-e2e-failing-"))), "no tag for a failure");
+
+    // Building everything builds every healthy project (web is left), and exits 3 for
+    // the stale entry, which it names.
+    let all = Run::of(farm.spotbuild(repo.path()).args(["build", "--all"]));
+    assert_eq!(all.code, 3, "{all:?}");
+    assert!(all.stderr.contains("error: project `coinbase-exporter`: Dockerfile `coinbase-exporter/Dockerfile` does not exist"), "{}", all.stderr);
+    assert!(all.stdout.contains("web:build"), "{}", all.stdout);
+    assert!(!all.stdout.contains("api:build"), "api was built already: {}", all.stdout);
     farm.assert_nothing_left();
 }
