@@ -81,6 +81,13 @@ fn circleci_steps_of_the_aztec_build_system_run_unchanged() {
     assert_eq!(build.code, 0, "{build:?}");
     assert!(tags(&farm.registry(), "api").contains(&format!("cache-{hash}")), "api was pushed");
     let launched = farm.all_instances();
+    // The registry questions the scripts ask.
+    assert_eq!(step(&farm, &repo, &account, &format!("image_exists api cache-{hash}")).code, 0);
+    assert_eq!(step(&farm, &repo, &account, "image_exists api cache-0000").code, 1);
+    let up_to_date = step(&farm, &repo, &account, &format!("check_rebuild cache-{hash} api"));
+    assert_eq!(up_to_date.code, 0, "{up_to_date:?}");
+    assert!(up_to_date.stdout.contains("No rebuild required."), "{}", up_to_date.stdout);
+    assert_eq!(step(&farm, &repo, &account, &format!("check_rebuild cache-{hash}-e2e api")).code, 1);
 
     // Two jobs with different arguments: both run, each with its own success tag.
     let a = step(&farm, &repo, &account, "cond_spot_run_tests api ./src/e2e_account.test.ts | tee a.log");
