@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cli;
 pub mod cloud;
+pub mod errors;
 pub mod farm;
 pub mod ledger;
 pub mod git;

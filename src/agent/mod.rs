@@ -31,7 +31,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use crate::manifest::config::RegistryConfig;
-use crate::plan::error_chain;
+use crate::errors::error_chain;
 use crate::protocol::{Event, Job, JobProject, NoticeKind, Outcome, Source, StepKind, VERSION};
 use crate::registry::auth::{Authenticator, Basic};
 use crate::registry::{Client, RegistryRef};

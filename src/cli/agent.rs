@@ -130,7 +130,7 @@ async fn run_job(source: &str) -> Result<Exit, Error> {
         .map_err(|e| Error::new(Exit::InvalidInput, format!("failed to parse the job: {e}")))?;
     let outcome = agent::run(job, tokio::io::stdout(), super::signals::stop())
         .await
-        .map_err(|e| Error::new(Exit::InvalidInput, crate::plan::error_chain(&e)))?;
+        .map_err(|e| Error::new(Exit::InvalidInput, crate::errors::error_chain(&e)))?;
     Ok(match outcome.exit_code() {
         0 => Exit::Success,
         1 => Exit::Failed,

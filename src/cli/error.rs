@@ -8,7 +8,8 @@ use std::fmt::Write as _;
 use crate::git::GitError;
 use crate::manifest::config::ConfigError;
 use crate::manifest::ManifestError;
-use crate::plan::{error_chain, PlanError};
+use crate::errors::error_chain;
+use crate::plan::PlanError;
 use crate::registry::RegistryError;
 
 /// Documented exit codes. Keep in sync with `EXIT_CODES_HELP` and the README.

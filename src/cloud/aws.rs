@@ -144,7 +144,7 @@ fn failure<E: ProvideErrorMetadata + std::error::Error>(e: &E, pool: Option<Pool
     let message = e
         .message()
         .map(String::from)
-        .unwrap_or_else(|| crate::plan::error_chain(e));
+        .unwrap_or_else(|| crate::errors::error_chain(e));
     CloudFailure {
         kind: FailureKind::of_code(code),
         code: Some(code.to_string()),

@@ -697,7 +697,7 @@ impl Run<'_> {
         let thin = tokio::task::spawn_blocking(move || crate::git::create_bundle(&git_dir, &commit, have.as_deref(), &out)).await;
         let thin = match thin {
             Ok(Ok(thin)) => thin,
-            Ok(Err(e)) => return Observation::Fatal(e),
+            Ok(Err(e)) => return Observation::Fatal(crate::errors::error_chain(&e)),
             Err(e) => return Observation::Fatal(format!("bundling panicked: {e}")),
         };
         let bytes = match std::fs::read(&bundle) {

@@ -381,18 +381,31 @@ mod tests {
     }
 }
 
+/// Why a bundle could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("failed to run git")]
+    Spawn(#[source] std::io::Error),
+    #[error("failed to {what}: {stderr}")]
+    Git { what: String, stderr: String },
+}
+
 /// Writes a git bundle of `commit` to `out`, leaving out what `have` (a commit the receiving
 /// side already holds, e.g. a baked mirror's) covers when this repository knows `have`.
 /// Returns whether the bundle is thin (relies on `have`). Uses the git CLI: libgit2 has no
 /// bundle support.
-pub fn create_bundle(git_dir: &Path, commit: &str, have: Option<&str>, out: &Path) -> Result<bool, String> {
+pub fn create_bundle(git_dir: &Path, commit: &str, have: Option<&str>, out: &Path) -> Result<bool, BundleError> {
     let git = |args: &[&str]| {
         std::process::Command::new("git")
             .arg("--git-dir")
             .arg(git_dir)
             .args(args)
             .output()
-            .map_err(|e| format!("failed to run git: {e}"))
+            .map_err(BundleError::Spawn)
+    };
+    let failed = |what: String, o: &std::process::Output| BundleError::Git {
+        what,
+        stderr: String::from_utf8_lossy(&o.stderr).trim().to_string(),
     };
     let known = |c: &str| git(&["cat-file", "-e", &format!("{c}^{{commit}}")]).is_ok_and(|o| o.status.success());
     let thin = have.filter(|h| *h != commit && known(h));
@@ -400,7 +413,7 @@ pub fn create_bundle(git_dir: &Path, commit: &str, have: Option<&str>, out: &Pat
     let name = format!("refs/spotbuild/ship/{commit}");
     let o = git(&["update-ref", &name, commit])?;
     if !o.status.success() {
-        return Err(format!("failed to name commit {commit}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+        return Err(failed(format!("name commit {commit}"), &o));
     }
     let mut args = vec!["bundle", "create", "-q"];
     let out_str = out.to_string_lossy().to_string();
@@ -418,7 +431,7 @@ pub fn create_bundle(git_dir: &Path, commit: &str, have: Option<&str>, out: &Pat
         return create_bundle(git_dir, commit, None, out);
     }
     if !o.status.success() {
-        return Err(format!("failed to bundle {commit}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+        return Err(failed(format!("bundle {commit}"), &o));
     }
     Ok(thin.is_some())
 }

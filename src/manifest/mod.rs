@@ -1039,7 +1039,7 @@ mod tests {
         assert!(matches!(*m.broken["uses-bad"], ManifestError::BrokenDependency { ref dependency, .. } if dependency == "bad"));
         assert!(matches!(*m.broken["c1"], ManifestError::Cycle { .. }));
         assert!(matches!(*m.broken["typo"], ManifestError::UnknownDependency { .. }));
-        let chain = crate::plan::error_chain(m.broken["uses-bad"].as_ref());
+        let chain = crate::errors::error_chain(m.broken["uses-bad"].as_ref());
         assert!(chain.contains("`cpus` must be a positive integer"), "{chain}");
     }
 

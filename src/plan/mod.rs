@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::git::{CommitId, FileMode, GitError, Repo, Snapshot};
 use crate::manifest::{Inputs, Manifest, ManifestError, ParseError, ScriptFailure, DEPENDENCY_SCRIPT_TIMEOUT, MANIFEST_FILES};
+use crate::errors::error_chain;
 use crate::registry::{build_tag, test_tag, ImageStore};
 use matcher::Matcher;
 
@@ -563,20 +564,6 @@ pub async fn decide(
     }
 }
 
-/// An error and its causes on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(c) = source {
-        let text = c.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = c.source();
-    }
-    s
-}
 
 #[cfg(test)]
 mod tests {

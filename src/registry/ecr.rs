@@ -49,7 +49,7 @@ impl EcrTokens {
         let (basic, expires) = match self.fetch().await {
             Ok(answer) => answer,
             Err(e) => {
-                *cached = Cached::Failed(crate::plan::error_chain(&e));
+                *cached = Cached::Failed(crate::errors::error_chain(&e));
                 return Err(e);
             }
         };

@@ -484,7 +484,7 @@ fn commit(dir: &Path, model: &Model) -> Result<CommitState, TestCaseError> {
     let repo = Repo::discover(dir).unwrap();
     let id = repo.resolve_commit("HEAD").unwrap();
     let h = hash_commit(&repo, id, HashOptions::default())
-        .unwrap_or_else(|e| panic!("hash_commit failed: {}", spotbuild::plan::error_chain(&e)));
+        .unwrap_or_else(|e| panic!("hash_commit failed: {}", spotbuild::errors::error_chain(&e)));
     let commit = id.to_string();
 
     let listing = git(dir, &["ls-tree", "-r", "-z", "--full-tree", &commit]);
