@@ -88,10 +88,19 @@ async fn probe(program: &str) -> Option<Client> {
     })
 }
 
+/// Why no builder can be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectError {
+    #[error("no docker client found (tried {})", tried.join(", "))]
+    NoClient { tried: Vec<String> },
+    #[error("no docker client here supports the `{choice:?}` builder")]
+    Unsupported { choice: BuilderChoice },
+}
+
 /// Finds the best builder among the candidate clients: buildx with a registry-cache
 /// builder, else BuildKit (a client older than 23 has it built in; newer ones need the
 /// buildx plugin, even with the default `docker` driver), else classic.
-pub async fn detect(choice: BuilderChoice, program: Option<&str>) -> Result<Docker, String> {
+pub async fn detect(choice: BuilderChoice, program: Option<&str>) -> Result<Docker, DetectError> {
     let candidates: Vec<String> = match program {
         Some(p) => vec![p.to_string()],
         None => {
@@ -109,7 +118,7 @@ pub async fn detect(choice: BuilderChoice, program: Option<&str>) -> Result<Dock
         }
     }
     if clients.is_empty() {
-        return Err(format!("no docker client found (tried {})", candidates.join(", ")));
+        return Err(DetectError::NoClient { tried: candidates });
     }
     let pick = |kind: BuilderKind| -> Option<Docker> {
         clients
@@ -134,7 +143,7 @@ pub async fn detect(choice: BuilderChoice, program: Option<&str>) -> Result<Dock
     order
         .iter()
         .find_map(|&k| pick(k))
-        .ok_or_else(|| format!("no docker client here supports the `{choice:?}` builder"))
+        .ok_or(DetectError::Unsupported { choice })
 }
 
 /// One `docker build` invocation.
