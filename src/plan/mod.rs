@@ -119,7 +119,7 @@ struct CommitInputs<'s, 'r> {
     snap: &'s Snapshot<'r>,
     repo: &'r Repo,
     timeout: std::time::Duration,
-    checkout: Option<Result<scripts::Checkout, ScriptFailure>>,
+    checkout: Option<Result<scripts::Checkout, scripts::CheckoutFailed>>,
 }
 
 impl Inputs for CommitInputs<'_, '_> {
@@ -137,7 +137,10 @@ impl Inputs for CommitInputs<'_, '_> {
         let checkout = self.checkout.get_or_insert_with(|| scripts::Checkout::of(repo, commit));
         match checkout {
             Ok(c) => scripts::run(c.root(), script, project_dir, self.timeout),
-            Err(e) => Err(e.duplicate()),
+            Err(failed) => Err(ScriptFailure::Checkout {
+                commit: commit.to_string(),
+                detail: failed.0.clone(),
+            }),
         }
     }
 }
@@ -173,10 +176,9 @@ pub fn hash_commit(repo: &Repo, commit: CommitId, options: HashOptions) -> Resul
     let mut manifest = load_manifest(repo, &snap, options)?;
     let n = manifest.projects.len();
 
-    // The walk keeps the folders of the Dockerfiles, so that looking them up afterwards
-    // inflates no tree a second time.
     let dockerfile_paths: Vec<String> = manifest.projects.iter().map(|p| p.dockerfile_path()).collect();
-    // Each folder on the way to a Dockerfile, with whether another lies below it.
+    // Each folder on the way to a Dockerfile, with whether another lies below it: the walk
+    // keeps them, so that looking the Dockerfiles up afterwards inflates no tree again.
     let mut keep: HashMap<String, bool> = HashMap::new();
     for path in &dockerfile_paths {
         let mut dir = path.as_str();

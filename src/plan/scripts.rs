@@ -16,6 +16,11 @@ use std::time::{Duration, Instant};
 use crate::git::{CommitId, Repo};
 use crate::manifest::ScriptFailure;
 
+/// Why the commit could not be checked out for its scripts.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CheckoutFailed(pub String);
+
 /// Where scripts run: a folder holding the commit's files.
 pub enum Checkout {
     /// The repository's own work tree, which has the commit checked out.
@@ -25,20 +30,18 @@ pub enum Checkout {
 }
 
 impl Checkout {
-    pub fn of(repo: &Repo, commit: CommitId) -> Result<Checkout, ScriptFailure> {
+    /// The checkout of `commit`, or why it could not be made (kept, and reported for each
+    /// script that needed it, as [`ScriptFailure::Checkout`]).
+    pub fn of(repo: &Repo, commit: CommitId) -> Result<Checkout, CheckoutFailed> {
         if let Some(dir) = repo.workdir() {
             if repo.resolve_commit("HEAD").ok() == Some(commit) {
                 return Ok(Checkout::WorkTree(dir.to_path_buf()));
             }
         }
-        let fail = |detail: String| ScriptFailure::Checkout {
-            commit: commit.to_string(),
-            detail,
-        };
         let dir = tempfile::Builder::new()
             .prefix("spotbuild-deps-")
             .tempdir()
-            .map_err(|e| fail(format!("failed to make a folder: {e}")))?;
+            .map_err(|e| CheckoutFailed(format!("failed to make a folder: {e}")))?;
         // `git archive | tar -x`: the repository itself is only read.
         let mut archive = Command::new("git")
             .arg("--git-dir")
@@ -47,7 +50,7 @@ impl Checkout {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| fail(format!("failed to run git archive: {e}")))?;
+            .map_err(|e| CheckoutFailed(format!("failed to run git archive: {e}")))?;
         let stdout = archive.stdout.take().expect("piped");
         let tar = Command::new("tar")
             .arg("-x")
@@ -55,11 +58,11 @@ impl Checkout {
             .arg(dir.path())
             .stdin(stdout)
             .output()
-            .map_err(|e| fail(format!("failed to run tar: {e}")))?;
-        let git = archive.wait_with_output().map_err(|e| fail(format!("git archive: {e}")))?;
+            .map_err(|e| CheckoutFailed(format!("failed to run tar: {e}")))?;
+        let git = archive.wait_with_output().map_err(|e| CheckoutFailed(format!("git archive: {e}")))?;
         if !git.status.success() || !tar.status.success() {
             let why = String::from_utf8_lossy(if git.status.success() { &tar.stderr } else { &git.stderr });
-            return Err(fail(why.trim().to_string()));
+            return Err(CheckoutFailed(why.trim().to_string()));
         }
         Ok(Checkout::Export(dir))
     }
@@ -126,21 +129,4 @@ pub fn run(root: &Path, script: &str, project_dir: &str, timeout: Duration) -> R
         });
     }
     String::from_utf8(stdout).map_err(|_| ScriptFailure::NotUtf8)
-}
-
-impl ScriptFailure {
-    /// The same failure again, for each further script of the plan (the first one's cause
-    /// is reported in full).
-    pub fn duplicate(&self) -> ScriptFailure {
-        match self {
-            ScriptFailure::Checkout { commit, detail } => ScriptFailure::Checkout {
-                commit: commit.clone(),
-                detail: detail.clone(),
-            },
-            other => ScriptFailure::Checkout {
-                commit: String::new(),
-                detail: other.to_string(),
-            },
-        }
-    }
 }
