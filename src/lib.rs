@@ -20,4 +20,5 @@ pub mod objects;
 pub mod plan;
 pub mod protocol;
 pub mod registry;
+pub mod settings;
 pub mod transport;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::manifest::config::RegistryConfig;
+use crate::settings::RegistryConfig;
 use crate::errors::error_chain;
 use crate::protocol::{Event, Job, JobProject, NoticeKind, Outcome, Source, StepKind, VERSION};
 use crate::registry::auth::{Authenticator, Basic};

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use super::error::{Error, Exit};
 use super::plan::{compute, PlanInputs, Planned};
 use super::reporter::Reporter;
-use crate::manifest::config::AuthMode;
+use crate::settings::AuthMode;
 use crate::plan::Plan;
 use crate::protocol::{
     BuilderChoice, CacheSettings, Envelope, ImdsSettings, Job, JobProject, JobRegistry, JobTest, Outcome, Source,

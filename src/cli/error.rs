@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use crate::git::GitError;
-use crate::manifest::config::ConfigError;
+use crate::settings::ConfigError;
 use crate::manifest::ManifestError;
 use crate::errors::error_chain;
 use crate::plan::PlanError;
@@ -14,27 +14,48 @@ use crate::registry::RegistryError;
 
 /// Documented exit codes. Keep in sync with `EXIT_CODES_HELP` and the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Exit {
-    Success = 0,
+    Success,
     /// A build or test failed (the work ran and said no).
-    Failed = 1,
+    Failed,
     /// The command line was wrong: unknown flag or project, missing setting.
-    Usage = 2,
+    Usage,
     /// `build_manifest.json`, a patterns file, or `spotbuild.toml` is invalid.
-    InvalidInput = 3,
+    InvalidInput,
     /// The repository, a revision, or an object could not be read.
-    Git = 4,
+    Git,
     /// The registry was needed and could not be used.
-    Registry = 5,
+    Registry,
     /// The work was interrupted (a spot reclaim) and may be retried.
-    Interrupted = 6,
+    Interrupted,
     /// The cloud API refused or failed a request that has no safe fallback.
-    Cloud = 7,
+    Cloud,
     /// Stopped by SIGINT (instances were terminated first).
-    Sigint = 130,
+    Sigint,
     /// Stopped by SIGTERM, e.g. a cancelled CI job (instances were terminated first).
-    Sigterm = 143,
+    Sigterm,
+    /// A command run on the user's behalf ended with this code, passed on as it is
+    /// (`agent fetch -- CMD`).
+    Command(u8),
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::Failed => 1,
+            Exit::Usage => 2,
+            Exit::InvalidInput => 3,
+            Exit::Git => 4,
+            Exit::Registry => 5,
+            Exit::Interrupted => 6,
+            Exit::Cloud => 7,
+            Exit::Sigint => 130,
+            Exit::Sigterm => 143,
+            Exit::Command(code) => code,
+        }
+    }
 }
 
 pub const EXIT_CODES_HELP: &str = "\

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::error::{Error, Exit};
 use super::plan::{compute, open_registry, PlanInputs};
-use crate::manifest::config::{AuthMode, Config};
+use crate::settings::{AuthMode, Config};
 use crate::registry::ImageStore;
 
 const MANIFEST_AFTER_HELP: &str = "\

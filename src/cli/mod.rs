@@ -72,15 +72,15 @@ pub fn main() -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprint!("{}", Error::new(Exit::Failed, format!("failed to start the async runtime: {e}")).render());
-            return std::process::ExitCode::from(Exit::Failed as u8);
+            return std::process::ExitCode::from(Exit::Failed.code());
         }
     };
     let result = runtime.block_on(run(cli));
     match result {
-        Ok(exit) => std::process::ExitCode::from(exit as u8),
+        Ok(exit) => std::process::ExitCode::from(exit.code()),
         Err(e) => {
             eprint!("{}", e.render());
-            std::process::ExitCode::from(e.exit as u8)
+            std::process::ExitCode::from(e.exit.code())
         }
     }
 }

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::error::{Error, Exit};
 use crate::git::Repo;
-use crate::manifest::config::{AuthMode, Config};
+use crate::settings::{AuthMode, Config};
 use crate::manifest::ManifestError;
 use crate::plan::{self, explain, Forced, Plan, TestRun};
 use crate::registry::auth::Authenticator;

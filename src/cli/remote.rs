@@ -488,8 +488,8 @@ fn ci_job_url() -> Option<String> {
 
 
 /// The SSM API and bucket, when the config asks for the SSM transport.
-async fn ssm_clients(cfg: &crate::manifest::config::Config) -> Result<Option<crate::farm::SsmClients>, Error> {
-    use crate::manifest::config::TransportKind;
+async fn ssm_clients(cfg: &crate::settings::Config) -> Result<Option<crate::farm::SsmClients>, Error> {
+    use crate::settings::TransportKind;
     if cfg.remote.transport != TransportKind::Ssm {
         return Ok(None);
     }

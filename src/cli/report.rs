@@ -11,7 +11,7 @@ use clap::{Args, ValueEnum};
 use super::error::{Error, Exit};
 use crate::ledger::report::{GroupBy, Report};
 use crate::ledger::{self, LedgerStore, Location};
-use crate::manifest::config::Config;
+use crate::settings::Config;
 
 const REPORT_AFTER_HELP: &str = "\
 WHEN is a time ago (`7d`, `36h`, `90m`), a date (`2026-11-01`, UTC midnight) or an

@@ -27,9 +27,9 @@ use crate::cloud::breaker::{self, Breaker, BreakerSettings};
 use crate::cloud::launch::{self, ThrottleRetry, WaitError};
 use crate::cloud::userdata::UserData;
 use crate::cloud::{Cloud, LaunchSpec, Market, MarketPolicy};
-use crate::manifest::config::Config;
+use crate::settings::Config;
 use crate::protocol::{Envelope, Event, Job, Source};
-use crate::manifest::config::TransportKind;
+use crate::settings::TransportKind;
 use crate::objects::ObjectStore;
 use crate::transport::ssh::{SshTarget, SshTransport};
 use crate::transport::ssm::{Commands, SsmTarget, SsmTransport};
@@ -431,7 +431,7 @@ impl Run<'_> {
         self.launched.as_ref().map(|l| l.instance_id.clone())
     }
 
-    fn remote(&self) -> &crate::manifest::config::RemoteConfig {
+    fn remote(&self) -> &crate::settings::RemoteConfig {
         &self.c.config.remote
     }
 

@@ -10,7 +10,6 @@
 //! - Nothing is silently resolved: a key repeated with another value breaks its entry, and
 //!   what is ignored (a repeat with the same value, an empty dependency name) is a warning.
 
-pub mod config;
 mod document;
 mod pattern;
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::config::AuthMode;
+use crate::settings::AuthMode;
 
 /// The version of both the job spec and the event stream.
 pub const VERSION: u32 = 1;
@@ -202,6 +202,17 @@ impl Default for ImdsSettings {
             stop_on_rebalance: false,
         }
     }
+}
+
+/// What `spotbuild agent info` answers: what this machine offers a controller before it
+/// ships anything. A malformed answer is an error, never "no mirror".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's spotbuild version.
+    pub version: String,
+    /// The commit of the git mirror baked into the image, if it has one: only what it
+    /// lacks is shipped.
+    pub mirror_commit: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 
 use super::ecr::EcrTokens;
 use super::RegistryError;
-use crate::manifest::config::AuthMode;
+use crate::settings::AuthMode;
 
 pub const USERNAME_ENV: &str = "SPOTBUILD_REGISTRY_USERNAME";
 pub const PASSWORD_ENV: &str = "SPOTBUILD_REGISTRY_PASSWORD";

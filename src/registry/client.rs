@@ -11,7 +11,7 @@ use reqwest::{Method, StatusCode};
 
 use super::auth::{Authenticator, Challenge};
 use super::{ImageStore, RegistryError, RegistryRef};
-use crate::manifest::config::RegistryConfig;
+use crate::settings::RegistryConfig;
 
 /// Every manifest media type we are willing to see, so that a tag pointing at a
 /// multi-arch index or an OCI manifest is found, and copied byte for byte.

@@ -295,7 +295,7 @@ fn the_outputs_name_every_spotbuild_toml_key_and_the_file_they_print_parses() {
     let filled = regex::Regex::new(r"\$\{[^}]*\}").unwrap().replace_all(&unindented, "x");
     let filled = filled.replace("subnets = x", "subnets = [\"subnet-1\"]").replace("tags = x", "tags = {}").replace("root_volume_gb = x", "root_volume_gb = 200")
         .replace("transport = \"x\"", "transport = \"ssm\"");
-    spotbuild::manifest::config::Config::parse(&filled, Path::new("spotbuild.toml")).unwrap_or_else(|e| panic!("{e}\n{filled}"));
+    spotbuild::settings::Config::parse(&filled, Path::new("spotbuild.toml")).unwrap_or_else(|e| panic!("{e}\n{filled}"));
 }
 
 #[test]
