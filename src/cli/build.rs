@@ -10,15 +10,13 @@ use clap::Args;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::error::{Error, Exit};
-use super::plan::{compute, PlanInputs, Planned};
+use super::plan::{compute, PlannedExt};
+use super::remote::{Remote, Scope};
 use super::reporter::Reporter;
+use crate::farm::job::{self, JobOptions};
+use crate::plan::planner::PlanRequest;
+use crate::protocol::{BuilderChoice, Envelope, Job, Outcome};
 use crate::settings::AuthMode;
-use crate::plan::Plan;
-use crate::protocol::{
-    BuilderChoice, CacheSettings, Envelope, ImdsSettings, Job, JobProject, JobRegistry, JobTest, Outcome, Source,
-    VERSION,
-};
-use crate::registry::auth::Basic;
 
 const BUILD_AFTER_HELP: &str = "\
 Examples:
@@ -123,34 +121,37 @@ pub struct BuildArgs {
 }
 
 impl BuildArgs {
-    /// What `plan` needs to plan this build.
-    pub fn plan_inputs(&self, repo_dir: Option<PathBuf>, config: Option<PathBuf>) -> PlanInputs<'_> {
-        PlanInputs {
-            repo_dir,
-            config,
-            projects: &self.projects,
-            commit: &self.flags.commit,
-            offline: false,
-            registry: self.flags.registry.as_deref(),
+    /// What the farm is asked, for a remote build.
+    fn remote(&self) -> Remote<'_> {
+        Remote {
+            projects: self.projects.clone(),
+            flags: &self.flags,
+            scope: Scope::Build,
             registry_auth: self.registry_auth,
-            test: None,
+            branch: self.branch.clone(),
+            builder: self.builder,
+            max_instances: self.max_instances,
         }
     }
 }
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs) -> Result<Exit, Error> {
     if !args.local {
-        return super::remote::build(repo_dir, config, args, super::remote::Scope::Build).await;
+        return super::remote::build(repo_dir, config, args.remote()).await;
     }
-    let planned = compute(args.plan_inputs(repo_dir, config)).await?;
+    let planned = compute(&PlanRequest {
+        repo_dir,
+        settings: config,
+        projects: args.projects.clone(),
+        commit: args.flags.commit.clone(),
+        offline: false,
+        registry: args.flags.registry.clone(),
+        registry_auth: args.registry_auth,
+        test: None,
+    })
+    .await?;
     let unplanned = planned.report_broken();
-    let work = planned
-        .plan
-        .projects
-        .iter()
-        .filter(|p| p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true)))
-        .count();
-    if work == 0 {
+    if !job::work(&planned, &Scope::Build, &options(&args, String::new())).any_left(None) {
         eprintln!("nothing to build: every image and test tag already exists");
         return Ok(unplanned);
     }
@@ -159,8 +160,8 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         .workdir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("spotbuild-{build_id}")));
-    let job = local_job(&planned, &args, &build_id, &workdir)?;
-    let events_file = job.events_file.clone().expect("set for local jobs");
+    let job = job::local(&planned, &options(&args, build_id), &workdir);
+    let events_file = job.events_file.clone().unwrap_or_else(|| workdir.join("events.ndjson"));
     let outcome = run_agent(&job, args.flags.json).await?;
     if !args.keep_workdir {
         let _ = std::fs::remove_dir_all(workdir.join("src"));
@@ -174,6 +175,16 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         Some(Outcome::Interrupted) => Exit::Interrupted,
         _ => Exit::Failed,
     })
+}
+
+fn options(args: &BuildArgs, build_id: String) -> JobOptions {
+    JobOptions {
+        build_id,
+        registry_auth: args.registry_auth,
+        branch: args.branch.clone(),
+        builder: args.builder,
+        timeout: args.flags.timeout,
+    }
 }
 
 /// A short, sortable, unique-enough id: time in milliseconds and the process id, base 36.
@@ -194,115 +205,6 @@ fn radix36(mut n: u64) -> String {
     }
     out.reverse();
     String::from_utf8(out).expect("ascii")
-}
-
-/// The CI's branch, else the checked-out one.
-pub fn current_branch(repo_dir: &std::path::Path) -> Option<String> {
-    for var in ["CIRCLE_BRANCH", "GITHUB_HEAD_REF", "GITHUB_REF_NAME", "CI_COMMIT_REF_NAME", "BRANCH_NAME"] {
-        if let Ok(v) = std::env::var(var) {
-            if !v.is_empty() {
-                return Some(v);
-            }
-        }
-    }
-    let out = std::process::Command::new("git")
-        .arg("-C")
-        .arg(repo_dir)
-        .args(["symbolic-ref", "--short", "-q", "HEAD"])
-        .output()
-        .ok()?;
-    let b = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (!b.is_empty()).then_some(b)
-}
-
-/// The job for this machine: every planned project (so `FROM` can be pinned), those that
-/// need it built, and the test jobs that need running.
-pub fn job_projects(plan: &Plan, hashes: &crate::plan::Hashes) -> Vec<JobProject> {
-    plan.projects
-        .iter()
-        .map(|p| {
-            let m = hashes.manifest.get(&p.name).expect("planned projects are in the manifest");
-            JobProject {
-                name: p.name.clone(),
-                hash: p.hash.clone(),
-                tag: p.tag.clone(),
-                build: p.needs_build == Some(true),
-                build_dir: m.build_dir.clone(),
-                dockerfile: m.dockerfile_path(),
-                project_dir: m.project_dir.clone(),
-                dependencies: m.dependencies.clone(),
-                build_args: m.build_args.clone(),
-                tests: p
-                    .tests
-                    .iter()
-                    .filter(|t| t.needs_run == Some(true))
-                    .map(|t| match &t.script {
-                        // Run from the project's folder on the instance.
-                        Some(script) => JobTest {
-                            job: t.job.clone(),
-                            tag: t.tag.clone(),
-                            command: std::iter::once(format!("./{script}")).chain(t.args.iter().cloned()).collect(),
-                            host: true,
-                            cpus: None,
-                        },
-                        None => {
-                            let spec = &m.tests[&t.job];
-                            JobTest {
-                                job: t.job.clone(),
-                                tag: t.tag.clone(),
-                                command: spec.command.iter().chain(&t.args).cloned().collect(),
-                                host: spec.host,
-                                cpus: spec.cpus,
-                            }
-                        }
-                    })
-                    .collect(),
-            }
-        })
-        .collect()
-}
-
-pub fn local_job(planned: &Planned, args: &BuildArgs, build_id: &str, workdir: &std::path::Path) -> Result<Job, Error> {
-    let repo_dir = planned.repo.workdir().unwrap_or_else(|| std::path::Path::new("."));
-    let git_dir = planned.repo.git_dir().to_path_buf();
-    // Only `spotbuild run` plans without a registry: it builds and pushes nothing.
-    let registry = planned.client.as_ref().map(|c| c.reference().to_string()).unwrap_or_default();
-    let basic = Basic::from_env();
-    let deadline = SystemTime::now() + args.flags.timeout;
-    let imds_endpoint = std::env::var(crate::agent::imds::ENDPOINT_ENV).ok().filter(|s| !s.is_empty());
-    Ok(Job {
-        v: VERSION,
-        build_id: build_id.to_string(),
-        commit: planned.plan.commit.clone(),
-        source: Source::Repository(git_dir),
-        workdir: workdir.to_path_buf(),
-        events_file: Some(workdir.join("events.ndjson")),
-        registry: JobRegistry {
-            url: registry,
-            auth: args.registry_auth.unwrap_or(planned.config.registry.auth),
-            username: basic.as_ref().map(|b| b.username.clone()),
-            password: basic.map(|b| b.password),
-            region: planned.config.registry.region.clone(),
-        },
-        branch: args.branch.clone().or_else(|| current_branch(repo_dir)),
-        main_branch: "main".into(),
-        projects: job_projects(&planned.plan, &planned.hashes),
-        run: Vec::new(),
-        cache: CacheSettings {
-            builder: args.builder,
-            docker: None,
-        },
-        deadline: Some(humantime::format_rfc3339_seconds(deadline).to_string()),
-        // This machine is nobody's disposable instance: never shut it down.
-        shutdown_command: Some(Vec::new()),
-        // Only a metadata endpoint someone set up explicitly is watched here.
-        imds: ImdsSettings {
-            enabled: imds_endpoint.is_some(),
-            endpoint: imds_endpoint,
-            ..ImdsSettings::default()
-        },
-        heartbeat_secs: 5,
-    })
 }
 
 /// Runs this binary as the agent with `job` on stdin, showing or passing through its

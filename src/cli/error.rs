@@ -9,10 +9,13 @@ use crate::git::GitError;
 use crate::settings::ConfigError;
 use crate::manifest::ManifestError;
 use crate::errors::error_chain;
+use crate::farm::{BuildError, BuildRecord, BuildResult, StopSignal};
+use crate::plan::planner::PlanningError;
 use crate::plan::PlanError;
 use crate::registry::RegistryError;
 
-/// Documented exit codes. Keep in sync with `EXIT_CODES_HELP` and the README.
+/// Documented exit codes: [`EXIT_TABLE`] says what each means, and the README's table and
+/// `EXIT_CODES_HELP` are tested against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     Success,
@@ -58,6 +61,30 @@ impl Exit {
     }
 }
 
+/// Every documented exit code and what it means (Markdown), in the README's order: the
+/// README's "Exit codes" table is exactly this (a test checks it).
+pub const EXIT_TABLE: &[(&str, &str)] = &[
+    ("0", "success"),
+    ("1", "a build or test failed"),
+    ("2", "usage error (bad arguments, unknown project, missing setting)"),
+    ("3", "invalid `build_manifest.json`/`.yml`, patterns file or `spotbuild.toml`; or, planning everything, some entries could not be planned (the others were)"),
+    ("4", "git error (not a repository, unknown revision, object missing from the clone), wherever it happens, also when re-planning between attempts"),
+    ("5", "registry error where no safe fallback exists, wherever it happens, also when re-planning between attempts"),
+    ("6", "interrupted by a spot interruption notice (remote: on every attempt); retrying is safe"),
+    ("7", "cloud API error (permissions, configuration, unreachable), or a remote build ended by an error another attempt would not fix"),
+    ("101", "internal error (a bug: please report it)"),
+    ("130, 143", "stopped by SIGINT, SIGTERM (the build's instances were terminated first)"),
+];
+
+/// The README's exit-code table, as [`EXIT_TABLE`] renders it.
+pub fn exit_table_markdown() -> String {
+    let mut s = String::from("| code | meaning |\n|---|---|\n");
+    for (code, meaning) in EXIT_TABLE {
+        let _ = writeln!(s, "| {code} | {meaning} |");
+    }
+    s
+}
+
 pub const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0    success
@@ -78,6 +105,20 @@ pub struct Error {
     pub exit: Exit,
     pub message: String,
     pub hints: Vec<String>,
+    /// The library error this came from, kept for `SPOTBUILD_LOG=debug` and for callers.
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl Error {
@@ -86,7 +127,15 @@ impl Error {
             exit,
             message: message.into(),
             hints: Vec::new(),
+            source: None,
         }
+    }
+
+    /// An error for `source`, its message the whole chain of causes.
+    pub fn of(exit: Exit, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        let mut e = Error::new(exit, error_chain(&source));
+        e.source = Some(Box::new(source));
+        e
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Error {
@@ -123,7 +172,7 @@ impl From<GitError> for Error {
             ),
             GitError::Read { .. } => None,
         };
-        Error::new(Exit::Git, error_chain(&e)).hint_opt(hint)
+        Error::of(Exit::Git, e).hint_opt(hint)
     }
 }
 
@@ -136,24 +185,22 @@ impl From<&ManifestError> for Error {
 
 impl From<ManifestError> for Error {
     fn from(e: ManifestError) -> Error {
-        Error::from(&e)
+        let hint = e.hint();
+        Error::of(Exit::InvalidInput, e).hint_opt(hint)
     }
 }
 
 impl From<ConfigError> for Error {
     fn from(e: ConfigError) -> Error {
-        Error::new(Exit::InvalidInput, error_chain(&e))
+        Error::of(Exit::InvalidInput, e)
     }
 }
 
 impl From<RegistryError> for Error {
     fn from(e: RegistryError) -> Error {
-        let exit = match e {
-            RegistryError::InvalidReference { .. } | RegistryError::MissingCredentials { .. } => Exit::Usage,
-            _ => Exit::Registry,
-        };
+        let exit = Exit::of_registry(&e);
         let hint = e.hint();
-        Error::new(exit, error_chain(&e)).hint_opt(hint)
+        Error::of(exit, e).hint_opt(hint)
     }
 }
 
@@ -162,9 +209,9 @@ impl From<PlanError> for Error {
         match e {
             PlanError::Git(g) => g.into(),
             PlanError::Manifest(m) => m.into(),
-            PlanError::NoManifest { .. } => Error::new(Exit::InvalidInput, e.to_string())
+            PlanError::NoManifest { .. } => Error::of(Exit::InvalidInput, e)
                 .hint("spotbuild plans monorepos described by a build_manifest.json (or .yml) at the repository root; see the README"),
-            PlanError::TwoManifests { .. } => Error::new(Exit::InvalidInput, e.to_string())
+            PlanError::TwoManifests { .. } => Error::of(Exit::InvalidInput, e)
                 .hint("keep one of the two files: spotbuild would not know which one CI meant"),
             PlanError::BrokenProject(m) => Error::from(m.as_ref()),
             PlanError::UnknownProject { ref suggestion, .. } => {
@@ -172,8 +219,103 @@ impl From<PlanError> for Error {
                     .as_ref()
                     .map(|s| format!("did you mean `{s}`?"))
                     .unwrap_or_else(|| "`spotbuild plan --offline` lists every project".into());
-                Error::new(Exit::Usage, e.to_string()).hint(hint)
+                Error::of(Exit::Usage, e).hint(hint)
             }
+        }
+    }
+}
+
+impl From<PlanningError> for Error {
+    fn from(e: PlanningError) -> Error {
+        match e {
+            PlanningError::Git(g) => g.into(),
+            PlanningError::Settings(c) => c.into(),
+            PlanningError::Plan(p) => p.into(),
+            PlanningError::Registry(r) => r.into(),
+            PlanningError::NoRegistry => Error::of(Exit::Usage, e)
+                .hint("pass --registry HOST[:PORT][/PREFIX], set SPOTBUILD_REGISTRY, or set `[registry] url` in spotbuild.toml")
+                .hint("or plan with --offline to compute hashes only"),
+            PlanningError::CurrentDir(_) => Error::of(Exit::Usage, e),
+            PlanningError::Task(_) => Error::of(Exit::Failed, e),
+        }
+    }
+}
+
+impl From<BuildError> for Error {
+    fn from(e: BuildError) -> Error {
+        match e {
+            BuildError::MissingSettings(_) => Error::of(Exit::Usage, e)
+                .hint("set them (see `terraform output spotbuild_toml`), or build here with --local"),
+            BuildError::NoTypeWithCpus(_) => Error::of(Exit::Usage, e).hint("add types of that size to [cloud] instance_types"),
+            BuildError::LocalDir(_) => Error::of(Exit::Failed, e),
+            BuildError::Replan { source, .. } => source.into(),
+        }
+    }
+}
+
+impl Exit {
+    /// A build stopped by a signal exits as a shell reports it.
+    pub fn of_signal(s: StopSignal) -> Exit {
+        match s {
+            StopSignal::Interrupt => Exit::Sigint,
+            StopSignal::Terminate => Exit::Sigterm,
+        }
+    }
+
+    /// The one table from a build's results to its exit code: the worst group decides
+    /// (success < interrupted on every attempt < failed < error), and an error keeps the
+    /// code of what caused it (a git failure while re-planning is 4, a registry one 5).
+    pub fn of_build<'a>(records: impl Iterator<Item = &'a BuildRecord>) -> Exit {
+        let exit = |r: &BuildRecord| match r.result {
+            BuildResult::Success => Exit::Success,
+            BuildResult::Failed => Exit::Failed,
+            BuildResult::GaveUp => Exit::Interrupted,
+            BuildResult::Error => Exit::of_build_error(r.error.as_deref()),
+        };
+        let rank = |e: Exit| match e {
+            Exit::Success => 0,
+            Exit::Interrupted => 1,
+            Exit::Failed => 2,
+            _ => 3,
+        };
+        records.map(exit).max_by_key(|e| rank(*e)).unwrap_or(Exit::Success)
+    }
+
+    /// The exit code a remote build error stands for: what a re-plan failed on keeps its
+    /// own code (git 4, registry 5, …); anything else another attempt would not fix is 7.
+    pub fn of_build_error(e: Option<&BuildError>) -> Exit {
+        match e {
+            Some(BuildError::Replan { source, .. }) => Exit::of_planning(source),
+            _ => Exit::Cloud,
+        }
+    }
+
+    /// The one table from planning errors to exit codes.
+    pub fn of_planning(e: &PlanningError) -> Exit {
+        match e {
+            PlanningError::Git(_) => Exit::Git,
+            PlanningError::Settings(_) => Exit::InvalidInput,
+            PlanningError::Plan(p) => Exit::of_plan(p),
+            PlanningError::Registry(r) => Exit::of_registry(r),
+            PlanningError::NoRegistry | PlanningError::CurrentDir(_) => Exit::Usage,
+            PlanningError::Task(_) => Exit::Failed,
+        }
+    }
+
+    pub fn of_plan(e: &PlanError) -> Exit {
+        match e {
+            PlanError::Git(_) => Exit::Git,
+            PlanError::UnknownProject { .. } => Exit::Usage,
+            PlanError::Manifest(_) | PlanError::NoManifest { .. } | PlanError::TwoManifests { .. } | PlanError::BrokenProject(_) => {
+                Exit::InvalidInput
+            }
+        }
+    }
+
+    pub fn of_registry(e: &RegistryError) -> Exit {
+        match e {
+            RegistryError::InvalidReference { .. } | RegistryError::MissingCredentials { .. } => Exit::Usage,
+            _ => Exit::Registry,
         }
     }
 }

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::error::{Error, Exit};
-use super::plan::{compute, open_registry, PlanInputs};
+use super::plan::{compute, open_registry};
+use crate::plan::planner::PlanRequest;
 use crate::settings::{AuthMode, Config};
 use crate::registry::ImageStore;
 
@@ -74,12 +75,11 @@ pub enum Field {
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: ManifestArgs) -> Result<Exit, Error> {
     let ManifestCommand::Query { field, project, commit } = args.command;
-    let projects = vec![project.clone()];
-    let planned = compute(PlanInputs {
+    let planned = compute(&PlanRequest {
         repo_dir,
-        config,
-        projects: &projects,
-        commit: &commit,
+        settings: config,
+        projects: vec![project.clone()],
+        commit,
         offline: true,
         registry: None,
         registry_auth: None,

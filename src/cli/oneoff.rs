@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::build::{BuildArgs, RemoteFlags};
+use super::build::RemoteFlags;
 use super::error::{Error, Exit};
 use super::plan::Planned;
-use super::remote::Scope;
+use super::remote::{Remote, Scope};
 use crate::plan::{TestKind, TestRun};
 use crate::protocol::BuilderChoice;
 
@@ -151,27 +151,25 @@ pub struct RunArgs {
     pub flags: RemoteFlags,
 }
 
-fn build_args(projects: Vec<String>, flags: RemoteFlags) -> BuildArgs {
-    BuildArgs {
-        projects,
-        all: false,
-        local: false,
-        flags,
-        registry_auth: None,
-        branch: None,
-        builder: BuilderChoice::Auto,
-        workdir: None,
-        keep_workdir: false,
-        max_instances: None,
-    }
-}
-
 pub async fn test(repo: Option<PathBuf>, config: Option<PathBuf>, args: TestArgs) -> Result<Exit, Error> {
     let run = args.invocation.run(&args.project, args.job)?;
-    super::remote::build(repo, config, build_args(vec![args.project], args.flags), Scope::Test(run)).await
+    super::remote::build(repo, config, remote(vec![args.project], &args.flags, Scope::Test(run))).await
 }
 
 pub async fn run(repo: Option<PathBuf>, config: Option<PathBuf>, args: RunArgs) -> Result<Exit, Error> {
     let scope = Scope::Run { command: args.command };
-    super::remote::build(repo, config, build_args(Vec::new(), args.flags), scope).await
+    super::remote::build(repo, config, remote(Vec::new(), &args.flags, scope)).await
+}
+
+/// `test` and `run` use the defaults `build` has flags for.
+fn remote(projects: Vec<String>, flags: &RemoteFlags, scope: Scope) -> Remote<'_> {
+    Remote {
+        projects,
+        flags,
+        scope,
+        registry_auth: None,
+        branch: None,
+        builder: BuilderChoice::Auto,
+        max_instances: None,
+    }
 }

@@ -3,17 +3,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use clap::Args;
 
 use super::error::{Error, Exit};
-use crate::git::Repo;
 use crate::settings::{AuthMode, Config};
 use crate::manifest::ManifestError;
-use crate::plan::{self, explain, Forced, Plan, TestRun};
-use crate::registry::auth::Authenticator;
-use crate::registry::{Client, ImageStore, RegistryRef};
+use crate::plan::{self, explain, Plan};
+use crate::registry::ImageStore;
 
 const PLAN_AFTER_HELP: &str = "\
 Examples:
@@ -83,35 +80,17 @@ pub struct PlanArgs {
     pub invocation: super::oneoff::InvocationFlags,
 }
 
-/// The inputs every command that plans shares.
-pub struct PlanInputs<'a> {
-    pub repo_dir: Option<PathBuf>,
-    pub config: Option<PathBuf>,
-    pub projects: &'a [String],
-    pub commit: &'a str,
-    pub offline: bool,
-    pub registry: Option<&'a str>,
-    pub registry_auth: Option<AuthMode>,
-    /// One test invocation to plan instead of the manifest's jobs.
-    pub test: Option<&'a TestRun>,
+pub use crate::plan::planner::{PlanRequest, Planned};
+
+/// What the CLI adds to a plan.
+pub trait PlannedExt {
+    fn report_broken(&self) -> Exit;
 }
 
-/// A computed plan and what it was computed from.
-pub struct Planned {
-    pub repo: Repo,
-    pub config: Config,
-    pub hashes: plan::Hashes,
-    pub plan: Plan,
-    pub client: Option<Client>,
-    /// When every project was asked for: the entries that could not be planned. (A named
-    /// project that is broken, or depends on one that is, is an error instead.)
-    pub broken: Vec<Arc<ManifestError>>,
-}
-
-impl Planned {
+impl PlannedExt for Planned {
     /// Says on stderr what could not be planned, each with its hints, and returns the exit
     /// code the command should end with when all else went well.
-    pub fn report_broken(&self) -> Exit {
+    fn report_broken(&self) -> Exit {
         if self.broken.is_empty() {
             return Exit::Success;
         }
@@ -130,72 +109,12 @@ impl Planned {
 
 /// Opens the repository, hashes the commit and asks the registry: the first half of
 /// `plan`, `build` and `test`. Warnings go to stderr.
-pub async fn compute(input: PlanInputs<'_>) -> Result<Planned, Error> {
-    let started = Instant::now();
-    let cwd = match input.repo_dir {
-        Some(d) => d,
-        None => std::env::current_dir()
-            .map_err(|e| Error::new(Exit::Usage, format!("failed to read the current directory: {e}")))?,
-    };
-    let repo = Repo::discover(&cwd)?;
-    let config = Config::load(input.config.as_deref(), repo.workdir())?;
-    let commit = repo.resolve_commit(input.commit)?;
-
-    // Tree walks and `dependencies` scripts block: off the async workers.
-    let options = plan::HashOptions {
-        script_timeout: config.plan.dependencies_timeout,
-    };
-    let (repo, hashes) = tokio::task::spawn_blocking(move || {
-        let hashes = plan::hash_commit(&repo, commit, options);
-        (repo, hashes)
-    })
-    .await
-    .map_err(|e| Error::new(Exit::Failed, format!("failed to hash the commit: {e}")))?;
-    let hashes = hashes?;
-    tracing::debug!(elapsed = ?started.elapsed(), projects = hashes.manifest.projects.len(), "hashed");
-    for w in &hashes.manifest.warnings {
+pub async fn compute(request: &PlanRequest) -> Result<Planned, Error> {
+    let planned = crate::plan::planner::plan(request).await?;
+    for w in &planned.warnings {
         eprintln!("warning: {w}");
     }
-    let selection = plan::select(&hashes, input.projects)?;
-    let broken = if input.projects.is_empty() {
-        hashes.manifest.broken.values().cloned().collect()
-    } else {
-        Vec::new()
-    };
-
-    let forced = Forced::from_message(&repo.commit_message(commit)?);
-    for name in &forced.projects {
-        if hashes.manifest.get(name).is_none() {
-            eprintln!("warning: the commit message forces a rebuild of `{name}`, which is not in the manifest");
-        }
-    }
-
-    let client = if input.offline {
-        None
-    } else {
-        Some(open_registry(&config, input.registry, input.registry_auth)?)
-    };
-    let plan = plan::decide(&hashes, &selection, &forced, client.as_ref().map(|c| c as &dyn ImageStore), input.test).await;
-    let unasked = plan
-        .projects
-        .iter()
-        .filter(|p| p.reason.starts_with("registry could not be asked"))
-        .count();
-    if unasked > 0 {
-        eprintln!(
-            "warning: the registry could not be asked about {unasked} project{}; they are treated as needing a build",
-            if unasked == 1 { "" } else { "s" }
-        );
-    }
-    tracing::debug!(elapsed = ?started.elapsed(), "planned");
-    Ok(Planned {
-        repo,
-        config,
-        hashes,
-        plan,
-        client,
-        broken,
-    })
+    Ok(planned)
 }
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanArgs) -> Result<Exit, Error> {
@@ -213,15 +132,15 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
             Some(args.invocation.run(project, job.clone())?)
         }
     };
-    let planned = compute(PlanInputs {
+    let planned = compute(&PlanRequest {
         repo_dir,
-        config,
-        projects: &args.projects,
-        commit: &args.commit,
+        settings: config,
+        projects: args.projects.clone(),
+        commit: args.commit.clone(),
         offline: args.offline,
-        registry: args.registry.as_deref(),
+        registry: args.registry.clone(),
         registry_auth: args.registry_auth,
-        test: test.as_ref(),
+        test: test.clone(),
     })
     .await?;
     if let Some(run) = &test {
@@ -293,17 +212,8 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
     Ok(exit)
 }
 
-pub fn open_registry(config: &Config, flag: Option<&str>, auth: Option<AuthMode>) -> Result<Client, Error> {
-    let url = flag.or(config.registry.url.as_deref()).ok_or_else(|| {
-        Error::new(Exit::Usage, "no registry is configured")
-            .hint("pass --registry HOST[:PORT][/PREFIX], set SPOTBUILD_REGISTRY, or set `[registry] url` in spotbuild.toml")
-            .hint("or plan with --offline to compute hashes only")
-    })?;
-    let reference = RegistryRef::parse(url)?;
-    let mode = auth.unwrap_or(config.registry.auth);
-    let region = reference.ecr_region().or_else(|| config.registry.region.clone());
-    let auth = Authenticator::new(mode, region)?;
-    Ok(Client::new(reference, &config.registry, auth)?)
+pub fn open_registry(config: &Config, flag: Option<&str>, auth: Option<AuthMode>) -> Result<crate::registry::Client, Error> {
+    Ok(crate::plan::planner::open_registry(config, flag, auth)?)
 }
 
 fn state_word(needs: Option<bool>, yes: &'static str, no: &'static str) -> &'static str {

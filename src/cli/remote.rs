@@ -1,120 +1,80 @@
-//! `spotbuild build` on a rented instance: plan, and only if something needs doing, hand
-//! the job to the controller ([`crate::farm`]), show its events, and make sure that every
-//! instance it launched is terminated however this process ends (success, failure, error,
-//! panic, SIGINT, SIGTERM).
+//! `spotbuild build`, `test` and `run` on rented instances: arguments become a
+//! [`BuildRequest`], [`crate::farm::run`] does the build, its events are shown as they
+//! come, and its outcome becomes the exit code ([`Exit::of_build`]). Nothing here
+//! orchestrates.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use futures::future::LocalBoxFuture;
-use futures::FutureExt;
-
-use super::build::{build_id, local_job, BuildArgs};
+use super::build::RemoteFlags;
 use super::error::{Error, Exit};
-use super::plan::{compute, PlanInputs, Planned};
+use super::plan::{compute, PlannedExt};
 use super::reporter::Reporter;
 use crate::cloud::aws::AwsCloud;
-use crate::cloud::Cloud;
 use crate::farm::attempt::AttemptOutcome;
-use crate::farm::spread::{self, Node};
-use crate::farm::{BuildRecord, BuildResult, Controller, FarmEvent, Jobs, Teardown};
-use crate::plan::TestRun;
-use crate::protocol::{ImdsSettings, Job};
+use crate::farm::build::PlanAgain;
+use crate::farm::connect::{Connectors, SsmClients};
+use crate::farm::job::{self, JobOptions};
+use crate::farm::{BuildOutcome, BuildRecord, BuildRequest, Deps, FarmEvent, GroupOutcome, Origin};
+use crate::plan::planner::PlanRequest;
+use crate::protocol::BuilderChoice;
+use crate::settings::AuthMode;
 
-/// What a remote command asks of the instance.
-#[derive(Debug, Clone)]
-pub enum Scope {
-    /// Build (and test) what the plan says.
-    Build,
-    /// One test invocation of one project (building what it needs first).
-    Test(TestRun),
-    /// A one-off command at the commit, after no builds.
-    Run { command: Vec<String> },
+pub use crate::farm::job::Scope;
+
+/// What `build`, `test` and `run` ask of the farm; they differ only in this.
+pub struct Remote<'a> {
+    pub projects: Vec<String>,
+    pub flags: &'a RemoteFlags,
+    pub scope: Scope,
+    pub registry_auth: Option<AuthMode>,
+    pub branch: Option<String>,
+    pub builder: BuilderChoice,
+    pub max_instances: Option<u32>,
 }
 
-/// Re-plans before each attempt, so what an interrupted attempt pushed is skipped.
-struct Replan {
-    repo_dir: Option<PathBuf>,
-    config: Option<PathBuf>,
-    args: BuildArgs,
-    build_id: String,
-    /// The first attempt's job, made from the plan the command started with.
-    first_job: Option<Job>,
-    scope: Scope,
-    /// With `--max-instances`: the projects this instance's share of the build covers.
-    only: Option<Vec<String>>,
-}
-
-fn work_left(planned: &Planned, scope: &Scope, only: Option<&[String]>) -> bool {
-    matches!(scope, Scope::Run { .. })
-        || planned
-            .plan
-            .projects
-            .iter()
-            .filter(|p| only.is_none_or(|o| o.contains(&p.name)))
-            .any(|p| work_left_for(p, scope))
-}
-
-impl Replan {
-    fn job(&self, planned: &Planned) -> Result<Job, Error> {
-        let mut job = local_job(planned, &self.args, &self.build_id, std::path::Path::new("/"))?;
-        if let Some(only) = &self.only {
-            job.projects.retain(|p| only.contains(&p.name));
+impl Remote<'_> {
+    fn plan_request(&self, repo_dir: Option<PathBuf>, config: Option<PathBuf>) -> PlanRequest {
+        PlanRequest {
+            repo_dir,
+            settings: config,
+            projects: self.projects.clone(),
+            commit: self.flags.commit.clone(),
+            // `run` builds and pushes nothing; a registry is still asked when configured.
+            offline: false,
+            registry: self.flags.registry.clone(),
+            registry_auth: self.registry_auth,
+            test: match &self.scope {
+                Scope::Test(run) => Some(run.clone()),
+                _ => None,
+            },
         }
-        match &self.scope {
-            Scope::Build => {}
-            // The plan covers only the invocation asked for.
-            Scope::Test(_) => {}
-            Scope::Run { command } => {
-                job.projects.clear();
-                job.run = vec![crate::protocol::JobCommand {
-                    name: "command".into(),
-                    command: command.clone(),
-                }];
-            }
-        }
-        // On a rented instance: its own metadata service, and its deadline powers it off
-        // (unless the settings say otherwise, as the local farm's do).
-        job.imds = ImdsSettings::default();
-        job.shutdown_command = planned.config.remote.shutdown_command.clone();
-        Ok(job)
     }
 }
 
-impl Jobs for Replan {
-    fn next_job(&mut self, attempt: u32) -> LocalBoxFuture<'_, Result<Option<Job>, String>> {
-        async move {
-            if let Some(job) = self.first_job.take() {
-                return Ok(Some(job));
-            }
-            let planned = compute(plan_inputs(&self.args, &self.scope, self.repo_dir.clone(), self.config.clone()))
-                .await
-                .map_err(|e| e.message)?;
-            if !work_left(&planned, &self.scope, self.only.as_deref()) {
-                if attempt > 1 {
-                    eprintln!("nothing left to do: earlier attempts pushed everything");
-                }
-                return Ok(None);
-            }
-            self.job(&planned).map(Some).map_err(|e| e.message)
-        }
-        .boxed_local()
-    }
-}
-
-pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: BuildArgs, scope: Scope) -> Result<Exit, Error> {
-    let planned = compute(plan_inputs(&args, &scope, repo_dir.clone(), config.clone())).await?;
-    if let Scope::Test(run) = &scope {
+pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: Remote<'_>) -> Result<Exit, Error> {
+    let request = remote.plan_request(repo_dir, config);
+    let planned = compute(&request).await?;
+    if let Scope::Test(run) = &remote.scope {
         super::oneoff::check_test_run(&planned, run)?;
     }
     // Entries that could not be planned are said now; the rest are built, and the exit
     // code says that not everything was.
     let unplanned = planned.report_broken();
+    let build_id = super::build::build_id();
+    let options = JobOptions {
+        build_id: build_id.clone(),
+        registry_auth: remote.registry_auth,
+        branch: remote.branch.clone(),
+        builder: remote.builder,
+        timeout: remote.flags.timeout,
+    };
+    let work = job::work(&planned, &remote.scope, &options);
     // Decide before paying: no cloud call at all when everything exists.
-    if !work_left(&planned, &scope, None) {
-        match &scope {
+    if !work.any_left(None) {
+        match &remote.scope {
             Scope::Test(run) => {
                 let tag = planned.plan.projects.iter().find(|p| p.name == run.project).and_then(|p| p.tests.first()).map(|t| t.tag.clone());
                 eprintln!("skipped: {} {} already passed at this content ({})", run.project, run.name(), tag.unwrap_or_default());
@@ -123,277 +83,139 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Bui
         }
         return Ok(unplanned);
     }
-    let mut cfg = planned.config.clone();
-    let missing = cfg.cloud.missing_for_launch();
-    if !missing.is_empty() {
-        return Err(Error::new(Exit::Usage, format!("cannot rent an instance: [cloud] {} not set in spotbuild.toml", missing.join(", ")))
-            .hint("set them (see `terraform output spotbuild_toml`), or build here with --local"));
-    }
-    if let Some(n) = args.flags.cpus {
-        let fit: Vec<String> =
-            cfg.cloud.instance_types.iter().filter(|t| crate::cloud::aws::vcpus(t) == Some(n)).cloned().collect();
-        if fit.is_empty() {
-            return Err(Error::new(Exit::Usage, format!("no configured instance type has {n} vCPUs"))
-                .hint("add types of that size to [cloud] instance_types"));
-        }
-        cfg.cloud.instance_types = fit;
-    }
-    let build_id = build_id();
-    let commit = planned.plan.commit.clone();
-    let git_dir = planned.repo.git_dir().to_path_buf();
-    // Independent parts of the graph may go to separate instances.
-    let max_instances = args.max_instances.unwrap_or(cfg.remote.max_instances).max(1) as usize;
-    let nodes: Vec<Node> = planned
-        .plan
-        .projects
-        .iter()
-        .map(|p| Node {
-            name: p.name.clone(),
-            dependencies: p.dependencies.clone(),
-            work: work_left_for(p, &scope),
-        })
-        .collect();
-    let groups: Vec<Option<Vec<String>>> = match (&scope, spread::groups(&nodes, max_instances)) {
-        (Scope::Build, g) if g.len() > 1 => g.into_iter().map(Some).collect(),
-        _ => vec![None],
+    let settings = planned.config.clone();
+    let ssm = ssm_clients(&settings).await?;
+    let ledger = super::report::open_ledger(remote.flags.ledger.as_deref(), &settings).await?;
+    let cloud = Arc::new(AwsCloud::from_env(settings.cloud.region.clone(), settings.cloud.endpoint.clone()).await);
+    let deps = Deps {
+        cloud,
+        connector: Arc::new(Connectors { settings: settings.clone(), ssm }),
+        ledger,
+        planner: Arc::new(PlanAgain {
+            request,
+            scope: remote.scope.clone(),
+            options,
+        }),
     };
-    let ssm = ssm_clients(&cfg).await?;
-    let ledger = super::report::open_ledger(args.flags.ledger.as_deref(), &cfg).await?;
-    let started_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-    let branch = super::build::current_branch(planned.repo.workdir().unwrap_or(planned.repo.git_dir()));
-    let cloud: Arc<dyn Cloud> = Arc::new(AwsCloud::from_env(cfg.cloud.region.clone(), cfg.cloud.endpoint.clone()).await);
-    let teardown = Teardown::default();
-    let json = args.flags.json;
-    let market = args.flags.market.unwrap_or(cfg.cloud.market);
-    let deadline = tokio::time::Instant::now() + args.flags.timeout;
-    let record_path = args.flags.record.clone();
-    if !json {
-        eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);
-        if groups.len() > 1 {
-            for (i, g) in groups.iter().enumerate() {
-                eprintln!("  instance {}: {}", i + 1, g.as_deref().unwrap_or_default().join(", "));
-            }
-        }
-    }
-    let mut runs = Vec::new();
-    let mut reporters = Vec::new();
-    let mut dirs = Vec::new();
-    let mut group_projects = Vec::new();
-    for (i, only) in groups.iter().enumerate() {
-        let group = (groups.len() > 1).then_some(i as u32 + 1);
-        let id = match group {
-            Some(g) => format!("{build_id}-{g}"),
-            None => build_id.clone(),
-        };
-        // The SSH control socket lives in here: a Unix socket path must stay short.
-        let mut local_dir = std::env::temp_dir().join(format!("spotbuild-{id}"));
-        if !crate::transport::ssh::short_enough(&local_dir) {
-            local_dir = PathBuf::from("/tmp").join(format!("spotbuild-{id}"));
-        }
-        crate::transport::keys::private_dir(&local_dir).map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
-        dirs.push(local_dir.clone());
-        // What this instance builds, for its spotbuild:project tag.
-        let project = planned
-            .plan
-            .projects
-            .iter()
-            .filter(|p| p.needs_build == Some(true) && only.as_ref().is_none_or(|o| o.contains(&p.name)))
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        group_projects.push(match &scope {
-            Scope::Test(run) => vec![run.project.clone()],
-            Scope::Run { .. } => Vec::new(),
-            Scope::Build => project.split(',').filter(|p| !p.is_empty()).map(String::from).collect(),
-        });
-        let reporter = Arc::new(Mutex::new(Reporter::default()));
-        reporters.push(reporter.clone());
-        let controller = Controller {
-            cloud: cloud.clone(),
-            config: cfg.clone(),
-            build_id: id.clone(),
-            project,
-            commit: commit.clone(),
-            owner: ci_job_url(),
-            git_dir: git_dir.clone(),
-            local_dir,
-            teardown: teardown.clone(),
-            deadline,
-            interruptions: Vec::new(),
-            breaker: Default::default(),
-            market,
-            ssm: ssm.clone(),
-            ledger: ledger.clone(),
-            on_event: Box::new(move |e| show(&reporter, &e, json, group)),
-        };
-        let mut jobs = Replan {
-            repo_dir: repo_dir.clone(),
-            config: config.clone(),
-            args: args.clone(),
-            build_id: id,
-            first_job: None,
-            scope: scope.clone(),
-            only: only.clone(),
-        };
-        // Every instance's first job comes from the one plan already made.
-        jobs.first_job = Some(jobs.job(&planned)?);
-        runs.push((controller, jobs));
-    }
-    let work = std::panic::AssertUnwindSafe(futures::future::join_all(
-        runs.iter_mut().map(|(controller, jobs)| controller.run(jobs)),
-    ))
-    .catch_unwind();
-    let signal = super::signals::stopped_with();
-    let ended = tokio::select! {
-        r = work => Ended::Done(r),
-        code = signal => Ended::Signal(code),
+    let build = BuildRequest {
+        build_id,
+        work,
+        settings,
+        git_dir: planned.repo.git_dir().to_path_buf(),
+        cpus: remote.flags.cpus,
+        max_instances: remote.max_instances,
+        market: remote.flags.market,
+        timeout: remote.flags.timeout,
+        owner: ci_job_url(),
+        branch: job::branch(&planned),
     };
-    // Whatever happened, nothing launched stays up.
-    if let Ended::Signal(code) = &ended {
-        eprintln!("received {}: terminating this build's instances", if *code == 130 { "SIGINT" } else { "SIGTERM" });
-    }
-    let left = teardown.pending();
-    if !left.is_empty() {
-        match teardown.all(&*cloud).await {
-            Ok(ids) => eprintln!("terminated {}", ids.join(", ")),
-            Err(e) => eprintln!("error: {e} (hint: run `spotbuild reap`; the instances also end at their TTL)"),
-        }
-    }
-    for d in &dirs {
-        let _ = std::fs::remove_dir_all(d);
-    }
-    let records = match ended {
-        Ended::Signal(code) => return Ok(if code == 130 { Exit::Sigint } else { Exit::Sigterm }),
-        Ended::Done(Err(panic)) => std::panic::resume_unwind(panic),
-        Ended::Done(Ok(records)) => records,
+    drop(planned);
+    let json = remote.flags.json;
+    let view = View::new(json);
+    let outcome = crate::farm::run(build, deps, &|e| view.show(&e), super::signals::stopped_with()).await?;
+    let (groups, recorded) = match outcome {
+        BuildOutcome::Stopped(s) => return Ok(Exit::of_signal(s)),
+        BuildOutcome::Panicked(panic) => std::panic::resume_unwind(panic),
+        BuildOutcome::Finished { groups, recorded } => (groups, recorded),
     };
-    if let Some(path) = &record_path {
-        // One instance: the record itself; several: one record per instance.
-        let bytes = match records.as_slice() {
-            [one] => serde_json::to_vec_pretty(one),
-            many => serde_json::to_vec_pretty(many),
-        };
-        if let Err(e) = std::fs::write(path, bytes.expect("serialisable")) {
-            eprintln!("warning: failed to write the record to {}: {e}", path.display());
-        }
+    if let Some(path) = &remote.flags.record {
+        write_record(path, &groups);
     }
-    let entries: Vec<crate::ledger::BuildEntry> = records
-        .iter()
-        .zip(&group_projects)
-        .map(|(r, projects)| crate::ledger::BuildEntry {
-            schema: crate::ledger::SCHEMA,
-            build_id: r.build_id.clone(),
-            projects: projects.clone(),
-            kind: match &scope {
-                Scope::Build => "build",
-                Scope::Test(_) => "test",
-                Scope::Run { .. } => "run",
-            }
-            .into(),
-            commit: r.commit.clone(),
-            branch: branch.clone(),
-            ci_job_url: ci_job_url(),
-            started_at: started_at.clone(),
-            ended_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            result: serde_json::to_value(r.result).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-            region: cfg.cloud.region.clone(),
-            volume_gb: cfg.cloud.root_volume_gb,
-            attempts: r.attempts.iter().map(|a| a.to_entry()).collect(),
-        })
-        .collect();
-    // Recording never fails a build; a failure to record is reported.
-    let mut recorded = None;
-    if let Some(ledger) = &ledger {
-        let mut ok = true;
-        for e in &entries {
-            match tokio::time::timeout(std::time::Duration::from_secs(30), ledger.put(e)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    ok = false;
-                    eprintln!("warning: the build's cost was not recorded: {err}");
-                }
-                Err(_) => {
-                    ok = false;
-                    eprintln!("warning: the build's cost was not recorded: {} did not answer within 30s", ledger.place());
-                }
-            }
-        }
-        if ok {
-            recorded = Some(ledger.place());
-        }
-    }
-    let mut out = std::io::stdout().lock();
-    for (i, record) in records.iter().enumerate() {
-        if json {
-            let mut line = serde_json::json!({ "type": "build_record", "record": record });
-            if records.len() > 1 {
-                line["group"] = (i + 1).into();
-            }
-            let _ = writeln!(out, "{line}");
-        } else {
-            if records.len() > 1 {
-                let _ = writeln!(out, "\n== instance {} of {}", i + 1, records.len());
-            }
-            let _ = reporters[i].lock().expect("not poisoned").summary(&mut out);
-            let _ = summary(record, &entries[i], &mut out);
-        }
-    }
-    if !json {
-        if let Some(place) = &recorded {
-            let _ = writeln!(out, "recorded in {place} (see `spotbuild report`)");
-        }
-    }
-    // The worst result decides the exit code.
-    let exit = |r: BuildResult| match r {
-        BuildResult::Success => Exit::Success,
-        BuildResult::Failed => Exit::Failed,
-        BuildResult::GaveUp => Exit::Interrupted,
-        BuildResult::Error => Exit::Cloud,
-    };
-    let rank = |e: Exit| match e {
-        Exit::Success => 0,
-        Exit::Interrupted => 1,
-        Exit::Failed => 2,
-        _ => 3,
-    };
-    let worst = records.iter().map(|r| exit(r.result)).max_by_key(|e| rank(*e)).unwrap_or(Exit::Success);
+    view.finish(&groups, recorded.as_deref());
+    let worst = Exit::of_build(groups.iter().map(|g| &g.record));
     Ok(if worst == Exit::Success { unplanned } else { worst })
 }
 
-/// What to plan for this scope: a test scope plans its one invocation.
-fn plan_inputs<'a>(args: &'a BuildArgs, scope: &'a Scope, repo_dir: Option<PathBuf>, config: Option<PathBuf>) -> PlanInputs<'a> {
-    let mut inputs = args.plan_inputs(repo_dir, config);
-    if let Scope::Test(run) = scope {
-        inputs.test = Some(run);
-    }
-    inputs
-}
-
-/// Whether one project has work in this scope.
-fn work_left_for(p: &crate::plan::ProjectPlan, scope: &Scope) -> bool {
-    match scope {
-        Scope::Build => p.needs_build == Some(true) || p.tests.iter().any(|t| t.needs_run == Some(true)),
-        Scope::Test(run) => p.name == run.project && p.tests.iter().any(|t| t.needs_run == Some(true)),
-        Scope::Run { .. } => true,
+/// One instance: the record itself; several: one record per instance.
+fn write_record(path: &std::path::Path, groups: &[GroupOutcome]) {
+    let records: Vec<&BuildRecord> = groups.iter().map(|g| &g.record).collect();
+    let bytes = match records.as_slice() {
+        [one] => serde_json::to_vec_pretty(one),
+        many => serde_json::to_vec_pretty(many),
+    };
+    let written = bytes.map_err(std::io::Error::other).and_then(|b| std::fs::write(path, b));
+    if let Err(e) = written {
+        eprintln!("warning: failed to write the record to {}: {e}", path.display());
     }
 }
 
-enum Ended {
-    Done(std::thread::Result<Vec<BuildRecord>>),
-    Signal(u8),
+/// Shows a build's events: readable lines, or NDJSON with `--json`. A reporter per
+/// instance group keeps what its closing summary needs.
+struct View {
+    json: bool,
+    reporters: Mutex<std::collections::BTreeMap<Option<u32>, Reporter>>,
 }
 
-fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool, group: Option<u32>) {
+impl View {
+    fn new(json: bool) -> View {
+        View {
+            json,
+            reporters: Mutex::new(Default::default()),
+        }
+    }
+
+    fn show(&self, e: &FarmEvent) {
+        let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match e {
+            FarmEvent::Started { build_id, commit, groups } => {
+                if !self.json {
+                    eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);
+                    for (i, g) in groups.iter().enumerate() {
+                        eprintln!("  instance {}: {}", i + 1, g.join(", "));
+                    }
+                }
+            }
+            FarmEvent::Note { message, .. } => eprintln!("{message}"),
+            FarmEvent::Agent { origin, .. } | FarmEvent::Phase { origin, .. } => {
+                show(reporters.entry(origin.group).or_default(), e, self.json, origin.group)
+            }
+            FarmEvent::AttemptEnded { group, .. } => show(reporters.entry(*group).or_default(), e, self.json, *group),
+        }
+    }
+
+    /// The closing lines: one record line per group with `--json`, else each group's
+    /// summary and cost table.
+    fn finish(&self, groups: &[GroupOutcome], recorded: Option<&str>) {
+        let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out = std::io::stdout().lock();
+        let several = groups.len() > 1;
+        for (i, g) in groups.iter().enumerate() {
+            let group = several.then_some(i as u32 + 1);
+            if self.json {
+                let mut line = serde_json::json!({ "type": "build_record", "record": g.record });
+                if let Some(n) = group {
+                    line["group"] = n.into();
+                }
+                let _ = writeln!(out, "{line}");
+            } else {
+                if several {
+                    let _ = writeln!(out, "\n== instance {} of {}", i + 1, groups.len());
+                }
+                let _ = reporters.entry(group).or_default().summary(&mut out);
+                let _ = summary(&g.record, &g.entry, &mut out);
+            }
+        }
+        if !self.json {
+            if let Some(place) = recorded {
+                let _ = writeln!(out, "recorded in {place} (see `spotbuild report`)");
+            }
+        }
+    }
+}
+
+fn show(r: &mut Reporter, e: &FarmEvent, json: bool, group: Option<u32>) {
     let mut out = std::io::stdout().lock();
     let tag = |attempt: &u32| match group {
         Some(g) => format!("[instance {g} attempt {attempt}]"),
         None => format!("[attempt {attempt}]"),
     };
     match e {
-        FarmEvent::Agent { envelope, attempt } => {
-            let mut r = reporter.lock().expect("not poisoned");
+        FarmEvent::Agent {
+            envelope,
+            origin: Origin { attempt, .. },
+        } => {
             if json {
-                let mut v = serde_json::to_value(envelope).expect("serialisable");
+                let mut v = serde_json::to_value(envelope).unwrap_or_default();
                 v["attempt"] = (*attempt).into();
                 if let Some(g) = group {
                     v["group"] = g.into();
@@ -404,7 +226,11 @@ fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool, group: Option<u32
                 let _ = r.show(envelope, &mut out);
             }
         }
-        FarmEvent::Phase { attempt, phase, detail } => {
+        FarmEvent::Phase {
+            origin: Origin { attempt, .. },
+            phase,
+            detail,
+        } => {
             if json {
                 let mut v = serde_json::json!({ "type": "controller", "attempt": attempt, "phase": phase, "detail": detail, "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string() });
                 if let Some(g) = group {
@@ -413,10 +239,10 @@ fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool, group: Option<u32
                 let _ = writeln!(out, "{v}");
             } else {
                 let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-                let _ = writeln!(out, "{} {} {:<11} {detail}", t.get(11..19).unwrap_or(&t), tag(attempt), format!("{phase:?}").to_lowercase());
+                let _ = writeln!(out, "{} {} {:<11} {detail}", t.get(11..19).unwrap_or(&t), tag(attempt), phase.name());
             }
         }
-        FarmEvent::AttemptEnded(a) => {
+        FarmEvent::AttemptEnded { record: a, .. } => {
             if json {
                 let mut v = serde_json::json!({ "type": "attempt_ended", "attempt": a });
                 if let Some(g) = group {
@@ -427,6 +253,8 @@ fn show(reporter: &Mutex<Reporter>, e: &FarmEvent, json: bool, group: Option<u32
                 let _ = writeln!(out, "{} ended: {}", tag(&a.attempt), describe(&a.outcome));
             }
         }
+        // Build-level events are shown by `View::show`.
+        FarmEvent::Started { .. } | FarmEvent::Note { .. } => {}
     }
 }
 
@@ -456,9 +284,9 @@ fn summary(r: &BuildRecord, entry: &crate::ledger::BuildEntry, out: &mut impl Wr
             out,
             "{:<8} {:<20} {:<14} {:<10} {:>9} {:>10}  {}",
             a.attempt,
-            a.instance_id.as_deref().unwrap_or("-"),
-            a.instance_type.as_deref().unwrap_or("-"),
-            a.market.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
+            a.rental.instance_id.as_deref().unwrap_or("-"),
+            a.rental.instance_type.as_deref().unwrap_or("-"),
+            a.rental.market.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
             format!("{:.1}s", a.instance_seconds().unwrap_or(0.0)),
             if c.priced { usd(c.total) } else { "unknown".into() },
             describe(&a.outcome),
@@ -488,7 +316,7 @@ fn ci_job_url() -> Option<String> {
 
 
 /// The SSM API and bucket, when the config asks for the SSM transport.
-async fn ssm_clients(cfg: &crate::settings::Config) -> Result<Option<crate::farm::SsmClients>, Error> {
+async fn ssm_clients(cfg: &crate::settings::Config) -> Result<Option<SsmClients>, Error> {
     use crate::settings::TransportKind;
     if cfg.remote.transport != TransportKind::Ssm {
         return Ok(None);
@@ -507,7 +335,7 @@ async fn ssm_clients(cfg: &crate::settings::Config) -> Result<Option<crate::farm
     let s3_endpoint = ssm.s3_endpoint.clone().or_else(|| cfg.cloud.endpoint.clone());
     let commands = crate::transport::ssm::AwsCommands::from_env(region.clone(), endpoint).await;
     let objects = crate::objects::s3::S3Store::from_env(bucket, region, s3_endpoint).await;
-    Ok(Some(crate::farm::SsmClients {
+    Ok(Some(SsmClients {
         commands: Arc::new(commands),
         objects: Arc::new(objects),
     }))

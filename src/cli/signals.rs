@@ -3,6 +3,8 @@
 
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::farm::StopSignal;
+
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn stop() {
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
@@ -15,14 +17,14 @@ pub async fn stop() {
     }
 }
 
-/// Resolves on the first SIGINT or SIGTERM with the exit code a shell gives for it (130
-/// or 143), so that a cancelled CI job reports as cancelled.
-pub async fn stopped_with() -> u8 {
+/// Resolves on the first SIGINT or SIGTERM, saying which, so that a cancelled CI job
+/// reports as cancelled (130 or 143).
+pub async fn stopped_with() -> StopSignal {
     let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = int.recv() => 130,
-        _ = term.recv() => 143,
+        _ = int.recv() => StopSignal::Interrupt,
+        _ = term.recv() => StopSignal::Terminate,
     }
 }

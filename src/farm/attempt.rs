@@ -22,6 +22,22 @@ pub enum Phase {
     Done,
 }
 
+impl Phase {
+    /// The phase's one name: in progress lines, `--json` events and the ledger's seconds.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Launching => "launching",
+            Phase::Booting => "booting",
+            Phase::Connecting => "connecting",
+            Phase::Shipping => "shipping",
+            Phase::Running => "running",
+            Phase::Collecting => "collecting",
+            Phase::Terminating => "terminating",
+            Phase::Done => "done",
+        }
+    }
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case", tag = "outcome", content = "reason")]

@@ -103,6 +103,15 @@ impl Repo {
         self.inner.workdir()
     }
 
+    /// The checked-out branch's short name; `None` on a detached HEAD or an unborn branch.
+    pub fn current_branch(&self) -> Option<String> {
+        let head = self.inner.head().ok()?;
+        if !head.is_branch() {
+            return None;
+        }
+        head.shorthand().map(String::from)
+    }
+
     /// Resolves any revision expression (`HEAD`, a branch, a short sha, `HEAD~3`) to a commit.
     pub fn resolve_commit(&self, rev: &str) -> Result<CommitId, GitError> {
         let obj = self

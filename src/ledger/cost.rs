@@ -43,7 +43,7 @@ pub struct AttemptCost {
 
 /// Whether EC2 ended this attempt's spot instance (not spotbuild).
 pub fn interrupted_by_ec2(a: &AttemptEntry) -> bool {
-    a.market == Some(Market::Spot) && a.outcome == "interrupted"
+    a.rental.market == Some(Market::Spot) && a.outcome == "interrupted"
 }
 
 /// Instance cost in USD for `seconds` at `hourly`.
@@ -63,20 +63,20 @@ pub fn storage_cost(volume_gb: u32, seconds: f64) -> f64 {
 
 pub fn attempt_cost(a: &AttemptEntry, volume_gb: u32) -> AttemptCost {
     // An attempt that never got an instance cost nothing.
-    if a.instance_id.is_none() {
+    if a.rental.instance_id.is_none() {
         return AttemptCost { priced: true, ..Default::default() };
     }
     let seconds = a.instance_seconds();
     let by_ec2 = interrupted_by_ec2(a);
     let storage = storage_cost(volume_gb, seconds);
-    let instance = a.hourly_price.map(|p| instance_cost(p, seconds, by_ec2));
+    let instance = a.rental.hourly_price.map(|p| instance_cost(p, seconds, by_ec2));
     let total = instance.unwrap_or(0.0) + storage;
-    let on_demand_equivalent = a.on_demand_hourly.map(|p| instance_cost(p, seconds, false) + storage);
-    let savings = match (a.market, on_demand_equivalent, instance) {
+    let on_demand_equivalent = a.rental.on_demand_hourly.map(|p| instance_cost(p, seconds, false) + storage);
+    let savings = match (a.rental.market, on_demand_equivalent, instance) {
         (Some(Market::Spot), Some(od), Some(_)) => od - total,
         _ => 0.0,
     };
-    let fallback_premium = match (a.market, a.hourly_price, a.spot_reference_hourly) {
+    let fallback_premium = match (a.rental.market, a.rental.hourly_price, a.rental.spot_reference_hourly) {
         (Some(Market::OnDemand), Some(od), Some(spot)) => instance_cost(od, seconds, false) - instance_cost(spot, seconds, false),
         _ => 0.0,
     };
@@ -108,18 +108,20 @@ mod tests {
         let start = humantime::parse_rfc3339("2026-11-02T10:00:00Z").unwrap();
         AttemptEntry {
             attempt: 1,
-            instance_id: Some("i-1".into()),
-            instance_type: Some("m7a.16xlarge".into()),
-            availability_zone: Some("us-east-1a".into()),
-            market: Some(market),
-            hourly_price: Some(price),
-            on_demand_hourly: Some(od),
-            spot_reference_hourly: None,
+            rental: crate::ledger::Rental {
+                instance_id: Some("i-1".into()),
+                instance_type: Some("m7a.16xlarge".into()),
+                availability_zone: Some("us-east-1a".into()),
+                market: Some(market),
+                hourly_price: Some(price),
+                on_demand_hourly: Some(od),
+                spot_reference_hourly: None,
+                market_reason: None,
+            },
             started_at: humantime::format_rfc3339(start).to_string(),
             ended_at: humantime::format_rfc3339(start + std::time::Duration::from_secs(seconds)).to_string(),
             outcome: outcome.into(),
             reason: None,
-            market_reason: None,
             seconds: BTreeMap::new(),
         }
     }
@@ -167,7 +169,7 @@ mod tests {
         assert!(close(spot.savings, 2.0));
         assert_eq!(spot.fallback_premium, 0.0);
         let mut od = attempt(Market::OnDemand, 3.0, 3.0, 1800, "success");
-        od.spot_reference_hourly = Some(1.0);
+        od.rental.spot_reference_hourly = Some(1.0);
         let od = attempt_cost(&od, 0);
         assert_eq!(od.savings, 0.0, "on demand saves nothing");
         assert!(close(od.fallback_premium, 1.0));
@@ -186,10 +188,10 @@ mod tests {
     #[test]
     fn an_attempt_without_an_instance_or_a_price_costs_nothing_and_says_so() {
         let mut a = attempt(Market::Spot, 1.0, 3.0, 100, "error");
-        a.instance_id = None;
+        a.rental.instance_id = None;
         assert_eq!(attempt_cost(&a, 200).total, 0.0);
         let mut a = attempt(Market::Spot, 1.0, 3.0, 100, "success");
-        a.hourly_price = None;
+        a.rental.hourly_price = None;
         assert!(!attempt_cost(&a, 0).priced);
     }
 }

@@ -49,10 +49,10 @@ pub struct BuildEntry {
     pub attempts: Vec<AttemptEntry>,
 }
 
-/// One attempt: one instance, from the launch request to verified termination.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AttemptEntry {
-    pub attempt: u32,
+/// The instance one attempt rented and what it cost per hour: the controller's attempt
+/// record and the ledger's entry share it, so neither copies the other field by field.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rental {
     pub instance_id: Option<String>,
     pub instance_type: Option<String>,
     pub availability_zone: Option<String>,
@@ -65,13 +65,21 @@ pub struct AttemptEntry {
     /// For an on-demand attempt, the spot price of the same pool at launch: what the
     /// fallback cost extra.
     pub spot_reference_hourly: Option<f64>,
+    /// Why this market (e.g. every spot pool failed; the breaker was open).
+    pub market_reason: Option<String>,
+}
+
+/// One attempt: one instance, from the launch request to verified termination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptEntry {
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub rental: Rental,
     pub started_at: String,
     pub ended_at: String,
     /// `success`, `failed`, `interrupted`, `lost` or `error`.
     pub outcome: String,
     pub reason: Option<String>,
-    /// Why this market (e.g. every spot pool failed; the breaker was open).
-    pub market_reason: Option<String>,
     /// Seconds per phase: launching, booting, connecting, shipping, running, collecting,
     /// terminating; and, within running, building and testing (from the agent's steps).
     pub seconds: BTreeMap<String, f64>,

@@ -150,8 +150,8 @@ impl Report {
                 let c: AttemptCost = cost::attempt_cost(a, b.volume_gb);
                 t.attempts += 1;
                 t.cost += c.total;
-                add_by_market(a.market, c.total, &mut t.spot_cost, &mut t.on_demand_cost);
-                if let Some(m) = a.market {
+                add_by_market(a.rental.market, c.total, &mut t.spot_cost, &mut t.on_demand_cost);
+                if let Some(m) = a.rental.market {
                     markets.insert(m.to_string());
                 }
                 // Without a price paid there is nothing to compare: count it as it is.
@@ -163,9 +163,9 @@ impl Report {
                     t.wasted_attempts += 1;
                 }
                 t.boot_overhead += c.overhead;
-                let hours = if a.instance_id.is_some() { a.instance_seconds() / 3600.0 } else { 0.0 };
+                let hours = if a.rental.instance_id.is_some() { a.instance_seconds() / 3600.0 } else { 0.0 };
                 t.instance_hours += hours;
-                if a.instance_id.is_some() && !c.priced {
+                if a.rental.instance_id.is_some() && !c.priced {
                     t.unpriced_attempts += 1;
                 }
                 build_cost += c.total;
@@ -175,15 +175,15 @@ impl Report {
                 let keys: Vec<(String, f64)> = match by {
                     GroupBy::Project => projects.iter().map(|p| (p.clone(), 1.0 / projects.len() as f64)).collect(),
                     GroupBy::Day => vec![(utc_day(&a.started_at), 1.0)],
-                    GroupBy::InstanceType => vec![(a.instance_type.clone().unwrap_or_else(|| "(none)".into()), 1.0)],
-                    GroupBy::Market => vec![(a.market.map(|m| m.to_string()).unwrap_or_else(|| "(none)".into()), 1.0)],
+                    GroupBy::InstanceType => vec![(a.rental.instance_type.clone().unwrap_or_else(|| "(none)".into()), 1.0)],
+                    GroupBy::Market => vec![(a.rental.market.map(|m| m.to_string()).unwrap_or_else(|| "(none)".into()), 1.0)],
                 };
                 for (key, share) in keys {
                     let (row, seen) = rows.entry(key.clone()).or_insert_with(|| (Row { key, ..Default::default() }, BTreeSet::new()));
                     seen.insert(b.build_id.clone());
                     row.attempts += 1;
                     row.cost += c.total * share;
-                    add_by_market(a.market, c.total * share, &mut row.spot_cost, &mut row.on_demand_cost);
+                    add_by_market(a.rental.market, c.total * share, &mut row.spot_cost, &mut row.on_demand_cost);
                     row.savings += c.savings * share;
                     row.waste += c.wasted * share;
                     row.instance_hours += hours * share;
@@ -196,7 +196,7 @@ impl Report {
                 for p in &projects {
                     *day.by_project.entry(p.clone()).or_default() += c.total / projects.len() as f64;
                 }
-                add_by_market(a.market, c.total, &mut day.spot_cost, &mut day.on_demand_cost);
+                add_by_market(a.rental.market, c.total, &mut day.spot_cost, &mut day.on_demand_cost);
                 day.savings += c.savings;
             }
             builds.push(BuildRow {

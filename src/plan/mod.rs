@@ -14,6 +14,7 @@
 
 pub mod explain;
 pub mod matcher;
+pub mod planner;
 
 mod scripts;
 

@@ -66,9 +66,20 @@ pub struct Cidr {
     len: u8,
 }
 
+/// Why a text is not a network.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CidrError(String);
+
 impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Cidr, String> {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
+        Cidr::parse(s).map_err(CidrError)
+    }
+}
+
+impl Cidr {
+    fn parse(s: &str) -> Result<Cidr, String> {
         let (a, l) = s.split_once('/').ok_or_else(|| format!("`{s}` is not ADDR/LEN"))?;
         let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` is not an IP address"))?;
         let len: u8 = l.parse().map_err(|_| format!("`{l}` is not a prefix length"))?;

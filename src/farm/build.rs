@@ -1,0 +1,376 @@
+//! A whole remote build as one call: [`run`] spreads the work over instance groups, runs
+//! attempts (re-planning before each retry, so what an interrupted attempt pushed is not
+//! built twice), feeds the spot breaker, tears everything down, and writes the ledger.
+//!
+//! # Guarantees
+//! - Every instance launched is terminated (verified) before `run` returns, whether the
+//!   build succeeded, failed, was stopped by `shutdown`, or panicked in one group (the
+//!   other groups' instances are torn down too).
+//! - Recording never fails a build: a ledger write is bounded by
+//!   [`LEDGER_WRITE_TIMEOUT`], and a failure is a [`FarmEvent::Note`].
+//!
+//! # Assumptions
+//! - The instance runs the same spotbuild version as the agent (`[remote] agent`), and its
+//!   sshd uses the host key that user data installs.
+//!
+//! # Caveats
+//! - A controller killed with SIGKILL leaves its instances to their on-instance TTL and
+//!   `spotbuild reap`.
+
+use std::any::Any;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use super::connect::Connector;
+use super::driver::{self, Group};
+use super::events::FarmEvent;
+use super::job::{JobOptions, Scope, Work};
+use super::record::{now_rfc3339, BuildRecord, BuildResult, EntryContext};
+use super::retry::{self, Decision};
+use super::shared;
+use super::spread;
+use super::teardown::Teardown;
+use crate::cloud::breaker::BreakerSettings;
+use crate::cloud::{Cloud, MarketPolicy};
+use crate::errors::error_chain;
+use crate::ledger::{BuildEntry, Interruption, LedgerStore};
+use crate::plan::planner::{PlanRequest, PlanningError};
+use crate::settings::Config;
+
+/// Bound on writing one build's entry to the ledger.
+pub const LEDGER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What to build, with what the first plan found.
+pub struct BuildRequest {
+    pub build_id: String,
+    /// The first plan's work (the caller planned to decide whether to rent at all).
+    pub work: Work,
+    pub settings: Config,
+    /// The repository's git dir, to bundle the commit from.
+    pub git_dir: PathBuf,
+    /// Only instance types with this many vCPUs.
+    pub cpus: Option<u32>,
+    /// Spread over up to this many instances [default: `[remote] max_instances`].
+    pub max_instances: Option<u32>,
+    /// [default: `[cloud] market`]
+    pub market: Option<MarketPolicy>,
+    /// The whole build's bound.
+    pub timeout: Duration,
+    /// The CI job's URL, for the instance's `spotbuild:owner` tag and the ledger.
+    pub owner: Option<String>,
+    /// The branch, for the ledger.
+    pub branch: Option<String>,
+}
+
+/// Plans the build again, for the attempts after the first.
+pub trait Planner: Send + Sync {
+    fn plan(&self) -> BoxFuture<'_, Result<Work, PlanningError>>;
+}
+
+/// The real planner: the same request as the first plan, at the same commit.
+pub struct PlanAgain {
+    pub request: PlanRequest,
+    pub scope: Scope,
+    pub options: JobOptions,
+}
+
+impl Planner for PlanAgain {
+    fn plan(&self) -> BoxFuture<'_, Result<Work, PlanningError>> {
+        Box::pin(async move {
+            let planned = crate::plan::planner::plan(&self.request).await?;
+            Ok(super::job::work(&planned, &self.scope, &self.options))
+        })
+    }
+}
+
+/// What a build talks to.
+pub struct Deps {
+    pub cloud: Arc<dyn Cloud>,
+    pub connector: Arc<dyn Connector>,
+    /// Where the cost is recorded and interruptions are shared, if anywhere.
+    pub ledger: Option<Arc<dyn LedgerStore>>,
+    pub planner: Arc<dyn Planner>,
+}
+
+/// A signal that stops a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopSignal {
+    Interrupt,
+    Terminate,
+}
+
+impl StopSignal {
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+}
+
+/// Why a build could not start, or could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot rent an instance: [cloud] {} not set in spotbuild.toml", .0.join(", "))]
+    MissingSettings(Vec<&'static str>),
+    #[error("no configured instance type has {0} vCPUs")]
+    NoTypeWithCpus(u32),
+    #[error(transparent)]
+    LocalDir(#[from] crate::transport::keys::KeyError),
+    #[error("failed to plan again before attempt {attempt}")]
+    Replan {
+        attempt: u32,
+        #[source]
+        source: PlanningError,
+    },
+}
+
+/// One instance group's share of the build, and its ledger entry.
+#[derive(Debug)]
+pub struct GroupOutcome {
+    pub record: BuildRecord,
+    pub entry: BuildEntry,
+}
+
+/// How a build ended. Every instance is torn down by then, whichever it is.
+pub enum BuildOutcome {
+    Finished {
+        groups: Vec<GroupOutcome>,
+        /// Where the ledger recorded it, if it did.
+        recorded: Option<String>,
+    },
+    Stopped(StopSignal),
+    /// A group panicked (a bug); the caller resumes the panic.
+    Panicked(Box<dyn Any + Send>),
+}
+
+/// Runs the build. `shutdown` resolving stops it (after teardown).
+pub async fn run(
+    request: BuildRequest,
+    deps: Deps,
+    on_event: &(dyn Fn(FarmEvent) + Send + Sync),
+    shutdown: impl Future<Output = StopSignal>,
+) -> Result<BuildOutcome, BuildError> {
+    let mut settings = request.settings.clone();
+    let missing = settings.cloud.missing_for_launch();
+    if !missing.is_empty() {
+        return Err(BuildError::MissingSettings(missing));
+    }
+    if let Some(n) = request.cpus {
+        settings.cloud.instance_types.retain(|t| crate::cloud::aws::vcpus(t) == Some(n));
+        if settings.cloud.instance_types.is_empty() {
+            return Err(BuildError::NoTypeWithCpus(n));
+        }
+    }
+    let work = &request.work;
+    // Independent parts of the graph may go to separate instances.
+    let max_instances = request.max_instances.unwrap_or(settings.remote.max_instances).max(1) as usize;
+    let groups: Vec<Option<Vec<String>>> = match (&work.scope, spread::groups(&work.nodes, max_instances)) {
+        (Scope::Build, g) if g.len() > 1 => g.into_iter().map(Some).collect(),
+        _ => vec![None],
+    };
+    let started_at = now_rfc3339();
+    let teardown = Teardown::default();
+    let deadline = tokio::time::Instant::now() + request.timeout;
+    let market = request.market.unwrap_or(settings.cloud.market);
+    on_event(FarmEvent::Started {
+        build_id: request.build_id.clone(),
+        commit: work.commit.clone(),
+        groups: if groups.len() > 1 { groups.iter().flatten().cloned().collect() } else { Vec::new() },
+    });
+    let mut plans = Vec::new();
+    for (i, only) in groups.iter().enumerate() {
+        let group = (groups.len() > 1).then_some(i as u32 + 1);
+        let id = match group {
+            Some(g) => format!("{}-{g}", request.build_id),
+            None => request.build_id.clone(),
+        };
+        let local_dir = private_dir(&id)?;
+        plans.push(Group {
+            cloud: &*deps.cloud,
+            connector: &*deps.connector,
+            settings: &settings,
+            build_id: id,
+            group,
+            project: work.builds_for(only.as_deref()).join(","),
+            commit: work.commit.clone(),
+            owner: request.owner.clone(),
+            git_dir: request.git_dir.clone(),
+            local_dir,
+            teardown: teardown.clone(),
+            deadline,
+            market,
+            on_event,
+        });
+    }
+    let runs = plans.iter().zip(&groups).map(|(g, only)| run_group(g, &deps, work, only.as_deref()));
+    let all = std::panic::AssertUnwindSafe(futures::future::join_all(runs)).catch_unwind();
+    let ended = tokio::select! {
+        r = all => Ended::Done(r),
+        signal = shutdown => Ended::Signal(signal),
+    };
+    // Whatever happened, nothing launched stays up.
+    if let Ended::Signal(s) = &ended {
+        on_event(FarmEvent::Note {
+            group: None,
+            message: format!("received {}: terminating this build's instances", s.name()),
+        });
+    }
+    if !teardown.pending().is_empty() {
+        let message = match teardown.all(&*deps.cloud).await {
+            Ok(ids) => format!("terminated {}", ids.join(", ")),
+            Err(e) => format!("error: {} (hint: run `spotbuild reap`; the instances also end at their TTL)", error_chain(&e)),
+        };
+        on_event(FarmEvent::Note { group: None, message });
+    }
+    for g in &plans {
+        let _ = tokio::fs::remove_dir_all(&g.local_dir).await;
+    }
+    let records = match ended {
+        Ended::Signal(s) => return Ok(BuildOutcome::Stopped(s)),
+        Ended::Done(Err(panic)) => return Ok(BuildOutcome::Panicked(panic)),
+        Ended::Done(Ok(records)) => records,
+    };
+    let outcomes: Vec<GroupOutcome> = records
+        .into_iter()
+        .zip(&groups)
+        .map(|(record, only)| {
+            let cx = EntryContext {
+                kind: work.scope.kind(),
+                projects: work.projects_for(only.as_deref()),
+                branch: request.branch.clone(),
+                ci_job_url: request.owner.clone(),
+                started_at: started_at.clone(),
+                region: settings.cloud.region.clone(),
+                volume_gb: settings.cloud.root_volume_gb,
+            };
+            let entry = record.to_entry(&cx);
+            GroupOutcome { record, entry }
+        })
+        .collect();
+    let recorded = match &deps.ledger {
+        Some(ledger) => record_all(&**ledger, &outcomes, on_event).await,
+        None => None,
+    };
+    Ok(BuildOutcome::Finished { groups: outcomes, recorded })
+}
+
+enum Ended {
+    Done(std::thread::Result<Vec<BuildRecord>>),
+    Signal(StopSignal),
+}
+
+/// This group's private directory on this machine. The SSH control socket lives in it,
+/// and a Unix socket path must stay short.
+fn private_dir(id: &str) -> Result<PathBuf, BuildError> {
+    let mut dir = std::env::temp_dir().join(format!("spotbuild-{id}"));
+    if !crate::transport::ssh::short_enough(&dir) {
+        dir = PathBuf::from("/tmp").join(format!("spotbuild-{id}"));
+    }
+    crate::transport::keys::private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// Writes every group's entry; returns the ledger's place if all were written.
+async fn record_all(ledger: &dyn LedgerStore, outcomes: &[GroupOutcome], on_event: &(dyn Fn(FarmEvent) + Send + Sync)) -> Option<String> {
+    let mut ok = true;
+    for o in outcomes {
+        let why = match tokio::time::timeout(LEDGER_WRITE_TIMEOUT, ledger.put(&o.entry)).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => error_chain(&e),
+            Err(_) => format!("{} did not answer within {}s", ledger.place(), LEDGER_WRITE_TIMEOUT.as_secs()),
+        };
+        ok = false;
+        on_event(FarmEvent::Note {
+            group: None,
+            message: format!("warning: the build's cost was not recorded: {why}"),
+        });
+    }
+    ok.then(|| ledger.place())
+}
+
+/// One group's attempts, until [`retry::after_attempt`] says the build is done.
+async fn run_group(g: &Group<'_>, deps: &Deps, work: &Work, only: Option<&[String]>) -> BuildRecord {
+    let mut attempts = Vec::new();
+    let mut interruptions: Vec<SystemTime> = Vec::new();
+    let max = g.settings.remote.max_attempts.max(1);
+    let mut error = None;
+    let mut n = 1;
+    let result = loop {
+        let job = if n == 1 {
+            work.job_for(only, &g.build_id)
+        } else {
+            match deps.planner.plan().await {
+                Ok(again) => {
+                    for w in &again.warnings {
+                        (g.on_event)(FarmEvent::Note { group: g.group, message: format!("warning: {w}") });
+                    }
+                    if !again.any_left(only) {
+                        (g.on_event)(FarmEvent::Note {
+                            group: g.group,
+                            message: "nothing left to do: earlier attempts pushed everything".into(),
+                        });
+                        break BuildResult::Success;
+                    }
+                    again.job_for(only, &g.build_id)
+                }
+                Err(source) => {
+                    let e = BuildError::Replan { attempt: n, source };
+                    g.say(n, super::attempt::Phase::Done, format!("error: {}", error_chain(&e)));
+                    error = Some(Arc::new(e));
+                    break BuildResult::Error;
+                }
+            }
+        };
+        // Only an attempt that will launch needs the breaker's history.
+        if let Some(ledger) = &deps.ledger {
+            match shared::recent(&**ledger, BreakerSettings::default()).await {
+                Ok(times) => {
+                    for t in times {
+                        if !interruptions.contains(&t) {
+                            interruptions.push(t);
+                        }
+                    }
+                }
+                Err(e) => g.say(n, super::attempt::Phase::Launching, format!("warning: could not read shared interruptions: {}", error_chain(&e))),
+            }
+        }
+        let record = driver::run(g, n, job, Arc::new(interruptions.clone())).await;
+        (g.on_event)(FarmEvent::AttemptEnded { group: g.group, record: record.clone() });
+        if record.outcome == super::attempt::AttemptOutcome::Interrupted {
+            // At the ledger's precision, so reading it back does not count it twice.
+            let at = now_rfc3339();
+            interruptions.push(humantime::parse_rfc3339(&at).unwrap_or_else(|_| SystemTime::now()));
+            if let Some(ledger) = &deps.ledger {
+                let i = Interruption {
+                    at,
+                    build_id: g.build_id.clone(),
+                    attempt: record.attempt,
+                    instance_type: record.rental.instance_type.clone(),
+                    availability_zone: record.rental.availability_zone.clone(),
+                };
+                if let Err(e) = shared::record(&**ledger, &i).await {
+                    g.say(n, super::attempt::Phase::Done, format!("warning: could not share the interruption: {}", error_chain(&e)));
+                }
+            }
+        }
+        let decision = retry::after_attempt(&record.outcome, n, max, tokio::time::Instant::now() >= g.deadline);
+        attempts.push(record);
+        match decision {
+            Decision::Retry => n += 1,
+            Decision::Finish(result) => break result,
+        }
+    };
+    BuildRecord {
+        build_id: g.build_id.clone(),
+        commit: g.commit.clone(),
+        attempts,
+        result,
+        error,
+    }
+}
