@@ -600,7 +600,7 @@ impl Run<'_> {
     async fn connect_ssh(&mut self) -> Observation {
         let remote = self.remote().clone();
         let address = self.address.clone().expect("running");
-        let allowed: Result<Vec<Cidr>, String> = remote.allow_cidrs.iter().map(|c| c.parse()).collect();
+        let allowed: Result<Vec<Cidr>, crate::transport::CidrError> = remote.allow_cidrs.iter().map(|c| c.parse()).collect();
         let allowed = match allowed {
             Ok(a) => a,
             Err(e) => return Observation::Fatal(format!("bad [remote] allow_cidrs: {e}")),
