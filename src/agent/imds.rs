@@ -22,6 +22,29 @@ pub struct Imds {
     token: Option<String>,
 }
 
+/// Why a metadata request got no answer. Never fatal: the watcher reports it once.
+#[derive(Debug, thiserror::Error)]
+pub enum ImdsError {
+    #[error("failed to reach IMDS at {endpoint}")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("failed to read an answer from IMDS at {endpoint}")]
+    Read {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("IMDS refused a session token: HTTP {0}")]
+    TokenRefused(u16),
+    #[error("IMDS answered HTTP {status} for {path}")]
+    Status { status: u16, path: String },
+    #[error("IMDS kept refusing its own token")]
+    TokenRejected,
+}
+
 /// A notice that stops the job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
@@ -47,24 +70,24 @@ impl Imds {
         }
     }
 
-    async fn fetch_token(&mut self) -> Result<String, String> {
+    async fn fetch_token(&mut self) -> Result<String, ImdsError> {
         let resp = self
             .http
             .put(format!("{}/latest/api/token", self.endpoint))
             .header("X-aws-ec2-metadata-token-ttl-seconds", TOKEN_TTL_SECS.to_string())
             .send()
             .await
-            .map_err(|e| format!("failed to reach IMDS at {}: {}", self.endpoint, e.without_url()))?;
+            .map_err(|e| self.unreachable(e))?;
         if !resp.status().is_success() {
-            return Err(format!("IMDS refused a session token: HTTP {}", resp.status().as_u16()));
+            return Err(ImdsError::TokenRefused(resp.status().as_u16()));
         }
-        let token = resp.text().await.map_err(|e| e.to_string())?;
+        let token = resp.text().await.map_err(|e| self.unreadable(e))?;
         self.token = Some(token.clone());
         Ok(token)
     }
 
     /// GETs a metadata path; `Ok(None)` on 404 (no such notice).
-    pub async fn get(&mut self, path: &str) -> Result<Option<String>, String> {
+    pub async fn get(&mut self, path: &str) -> Result<Option<String>, ImdsError> {
         for attempt in 0..2 {
             let token = match &self.token {
                 Some(t) => t.clone(),
@@ -76,16 +99,36 @@ impl Imds {
                 .header("X-aws-ec2-metadata-token", token)
                 .send()
                 .await
-                .map_err(|e| format!("failed to reach IMDS at {}: {}", self.endpoint, e.without_url()))?;
+                .map_err(|e| self.unreachable(e))?;
             match resp.status().as_u16() {
-                200 => return Ok(Some(resp.text().await.map_err(|e| e.to_string())?)),
+                200 => return Ok(Some(resp.text().await.map_err(|e| self.unreadable(e))?)),
                 404 => return Ok(None),
                 // An expired token: get a new one once.
                 401 if attempt == 0 => self.token = None,
-                s => return Err(format!("IMDS answered HTTP {s} for {path}")),
+                status => {
+                    return Err(ImdsError::Status {
+                        status,
+                        path: path.to_string(),
+                    })
+                }
             }
         }
-        Err("IMDS kept refusing its own token".into())
+        Err(ImdsError::TokenRejected)
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> ImdsError {
+        ImdsError::Unreachable {
+            endpoint: self.endpoint.clone(),
+            // The endpoint is already in the message.
+            source: e.without_url(),
+        }
+    }
+
+    fn unreadable(&self, e: reqwest::Error) -> ImdsError {
+        ImdsError::Read {
+            endpoint: self.endpoint.clone(),
+            source: e.without_url(),
+        }
     }
 
     pub async fn instance_id(&mut self) -> Option<String> {
@@ -122,6 +165,7 @@ impl Imds {
                 Ok(None) => {}
                 Err(e) if !said_unreachable => {
                     said_unreachable = true;
+                    let e = crate::errors::error_chain(&e);
                     events.say("agent", format!("warning: {e}; interruption notices may be missed")).await;
                 }
                 Err(_) => {}

@@ -2,13 +2,14 @@
 //! The EC2 API is emulated; instances are real hosts (network namespaces running sshd and
 //! the agent), images go to a registry on loopback and are built by this machine's Docker.
 
-use std::io::Write;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
 use super::error::{Error, Exit};
+use crate::errors::error_chain;
 use crate::localfarm::{self, FarmState, Settings};
 
 const FARM_AFTER_HELP: &str = "\
@@ -115,31 +116,45 @@ pub async fn run(args: FarmArgs) -> Result<Exit, Error> {
     }
 }
 
-fn find_moto(explicit: Option<PathBuf>) -> PathBuf {
+async fn find_moto(explicit: Option<PathBuf>) -> PathBuf {
     if let Some(p) = explicit.or_else(|| std::env::var_os("SPOTBUILD_MOTO_SERVER").map(PathBuf::from)) {
         return p;
     }
     let venv = PathBuf::from(".venv/bin/moto_server");
-    if venv.is_file() {
-        return std::fs::canonicalize(&venv).unwrap_or(venv);
+    if is_file(&venv).await {
+        return tokio::fs::canonicalize(&venv).await.unwrap_or(venv);
     }
-    which("moto_server").unwrap_or(venv)
+    which("moto_server").await.unwrap_or(venv)
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+async fn which(name: &str) -> Option<PathBuf> {
+    for dir in std::env::split_paths(&std::env::var_os("PATH")?) {
+        let p = dir.join(name);
+        if is_file(&p).await {
+            return Some(p);
+        }
+    }
+    None
+}
+
+async fn is_file(p: &Path) -> bool {
+    tokio::fs::metadata(p).await.is_ok_and(|m| m.is_file())
+}
+
+async fn create_dir(dir: &Path) -> Result<(), Error> {
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", dir.display())))
 }
 
 async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, region: String, mirror: Option<PathBuf>) -> Result<Exit, Error> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", dir.display())))?;
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    create_dir(dir).await?;
+    let dir = tokio::fs::canonicalize(dir).await.unwrap_or_else(|_| dir.to_path_buf());
     let settings = Settings {
         dir: dir.clone(),
         subnet,
-        moto_server: find_moto(moto),
-        registry_server: which("docker-registry").unwrap_or_else(|| "/usr/bin/docker-registry".into()),
+        moto_server: find_moto(moto).await,
+        registry_server: which("docker-registry").await.unwrap_or_else(|| "/usr/bin/docker-registry".into()),
         sshd: PathBuf::from("/usr/sbin/sshd"),
         agent: std::env::current_exe().map_err(|e| Error::new(Exit::Failed, format!("failed to find this program: {e}")))?,
         region,
@@ -156,7 +171,7 @@ async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, regio
             localfarm::FarmError::Missing(_) => Some("run `make farm-deps` to install the farm's tools"),
             _ => None,
         };
-        let err = Error::new(Exit::Failed, format!("failed to run the local farm: {e}"));
+        let err = Error::new(Exit::Failed, format!("failed to run the local farm: {}", error_chain(&e)));
         match hint {
             Some(h) => err.hint(h),
             None => err,
@@ -173,25 +188,27 @@ async fn up_background(
     timeout: Duration,
     mirror: Option<PathBuf>,
 ) -> Result<Exit, Error> {
-    use std::os::unix::process::CommandExt;
-    if let Some(s) = localfarm::read_state(dir).filter(|s| localfarm::pid_alive(s.pid)) {
+    if let Some(s) = localfarm::read_state(dir).await.filter(|s| localfarm::pid_alive(s.pid)) {
         eprintln!("the farm is already up (pid {}); config: {}", s.pid, s.config.display());
         return Ok(Exit::Success);
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", dir.display())))?;
+    create_dir(dir).await?;
     let log_path = dir.join("farm.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", log_path.display())))?;
+    let log_err = |e: std::io::Error| Error::new(Exit::Failed, format!("failed to create {}: {e}", log_path.display()));
+    let log = tokio::fs::File::create(&log_path).await.map_err(log_err)?.into_std().await;
     let exe = std::env::current_exe().map_err(|e| Error::new(Exit::Failed, format!("failed to find this program: {e}")))?;
-    let mut cmd = std::process::Command::new(exe);
+    // tokio's Command, so the wait below polls the child without blocking the runtime.
+    let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("farm").arg("--dir").arg(dir).args(["up", "--foreground", "--subnet", &subnet.to_string(), "--region", region]);
     if let Some(m) = moto {
         cmd.arg("--moto-server").arg(m);
     }
     if let Some(m) = mirror {
-        cmd.arg("--mirror").arg(std::fs::canonicalize(&m).unwrap_or(m));
+        let m = tokio::fs::canonicalize(&m).await.unwrap_or(m);
+        cmd.arg("--mirror").arg(m);
     }
     cmd.stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(|e| Error::new(Exit::Failed, e.to_string()))?)
+        .stdout(log.try_clone().map_err(log_err)?)
         .stderr(log);
     // SAFETY: setsid(2) before exec, so the farm outlives this terminal's session.
     unsafe {
@@ -204,19 +221,21 @@ async fn up_background(
     let started = std::time::Instant::now();
     let mut said = false;
     loop {
-        if let Some(s) = localfarm::read_state(dir) {
+        if let Some(s) = localfarm::read_state(dir).await {
             eprintln!("farm up (pid {}): EC2 {} · registry {} · subnet {}", s.pid, s.ec2_endpoint, s.registry, s.subnet_cidr);
             eprintln!("config: {}", s.config.display());
             return Ok(Exit::Success);
         }
         if let Ok(Some(status)) = child.try_wait() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let log = tokio::fs::read_to_string(&log_path).await.unwrap_or_default();
             return Err(Error::new(Exit::Failed, format!("the farm stopped while starting ({status}):\n{}", log.trim_end()))
                 .hint(format!("its log is {}", log_path.display())));
         }
         if started.elapsed() > timeout {
-            // SAFETY: kill(2) on the child we just started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on the child we just started, which has not been reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
             return Err(Error::new(Exit::Failed, format!("the farm was not ready within {}", humantime::format_duration(timeout)))
                 .hint(format!("its log is {}", log_path.display())));
         }
@@ -229,7 +248,7 @@ async fn up_background(
 }
 
 async fn down(dir: &Path, timeout: Duration) -> Result<Exit, Error> {
-    let Some(state) = localfarm::read_state(dir) else {
+    let Some(state) = localfarm::read_state(dir).await else {
         eprintln!("no farm is running in {}", dir.display());
         return Ok(Exit::Success);
     };
@@ -244,19 +263,20 @@ async fn down(dir: &Path, timeout: Duration) -> Result<Exit, Error> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = std::fs::remove_file(dir.join(localfarm::STATE_FILE));
+    let _ = tokio::fs::remove_file(dir.join(localfarm::STATE_FILE)).await;
     eprintln!("farm down");
     Ok(Exit::Success)
 }
 
-fn state_or_err(dir: &Path) -> Result<FarmState, Error> {
+async fn state_or_err(dir: &Path) -> Result<FarmState, Error> {
     localfarm::read_state(dir)
+        .await
         .filter(|s| localfarm::pid_alive(s.pid))
         .ok_or_else(|| Error::new(Exit::Usage, format!("no farm is running in {}", dir.display())).hint("start one with `spotbuild farm up`"))
 }
 
 async fn status(dir: &Path, json: bool) -> Result<Exit, Error> {
-    let state = state_or_err(dir)?;
+    let state = state_or_err(dir).await?;
     let hosts: serde_json::Value = reqwest::get(format!("{}/hosts", state.control))
         .await
         .and_then(|r| r.error_for_status())
@@ -264,10 +284,10 @@ async fn status(dir: &Path, json: bool) -> Result<Exit, Error> {
         .json()
         .await
         .map_err(|e| Error::new(Exit::Failed, format!("failed to read the farm's answer: {e}")))?;
-    let mut out = std::io::stdout().lock();
+    let mut out = String::new();
     if json {
         let _ = writeln!(out, "{}", serde_json::json!({ "farm": state, "hosts": hosts }));
-        return Ok(Exit::Success);
+        return print(&out).await;
     }
     let _ = writeln!(out, "farm pid {} · EC2 {} · registry {} · subnet {}", state.pid, state.ec2_endpoint, state.registry, state.subnet_cidr);
     let _ = writeln!(out, "config: {}", state.config.display());
@@ -285,11 +305,20 @@ async fn status(dir: &Path, json: bool) -> Result<Exit, Error> {
             if h["interrupted"].as_bool() == Some(true) { "  (interruption notice posted)" } else { "" }
         );
     }
+    print(&out).await
+}
+
+/// Writes to stdout through the runtime (a full pipe must not stall a worker thread).
+async fn print(text: &str) -> Result<Exit, Error> {
+    use tokio::io::AsyncWriteExt;
+    let mut stdout = tokio::io::stdout();
+    let _ = stdout.write_all(text.as_bytes()).await;
+    let _ = stdout.flush().await;
     Ok(Exit::Success)
 }
 
 async fn control(dir: &Path, path: &str) -> Result<Exit, Error> {
-    let state = state_or_err(dir)?;
+    let state = state_or_err(dir).await?;
     let resp = reqwest::Client::new()
         .post(format!("{}{path}", state.control))
         .send()

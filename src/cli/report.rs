@@ -63,8 +63,18 @@ pub struct ReportArgs {
     pub ledger: Option<String>,
 }
 
+/// A WHEN that is none of the three forms.
+#[derive(Debug, thiserror::Error)]
+#[error("`{when}` is not a time ago (7d), a date (2026-11-01) or an RFC 3339 time")]
+pub struct WhenError {
+    when: String,
+    /// Why it is not an RFC 3339 time, the last form tried.
+    #[source]
+    source: humantime::TimestampError,
+}
+
 /// Parses WHEN relative to `now`.
-pub fn parse_when(s: &str, now: SystemTime) -> Result<SystemTime, String> {
+pub fn parse_when(s: &str, now: SystemTime) -> Result<SystemTime, WhenError> {
     let s = s.trim();
     if let Ok(ago) = humantime::parse_duration(s) {
         return Ok(now.checked_sub(ago).unwrap_or(SystemTime::UNIX_EPOCH));
@@ -74,7 +84,10 @@ pub fn parse_when(s: &str, now: SystemTime) -> Result<SystemTime, String> {
             return Ok(t);
         }
     }
-    humantime::parse_rfc3339_weak(s).map_err(|_| format!("`{s}` is not a time ago (7d), a date (2026-11-01) or an RFC 3339 time"))
+    humantime::parse_rfc3339_weak(s).map_err(|source| WhenError {
+        when: s.to_string(),
+        source,
+    })
 }
 
 /// The ledger location: the flag (or `SPOTBUILD_LEDGER`), then `[ledger] url`, then the
@@ -119,7 +132,7 @@ pub async fn run(repo: Option<PathBuf>, config: Option<PathBuf>, args: ReportArg
     }
     let location = resolve(args.ledger.as_deref(), &cfg)?;
     if let Location::Sqlite(path) = &location {
-        if !path.exists() {
+        if !tokio::fs::try_exists(path).await.unwrap_or(false) {
             return Err(Error::new(Exit::Usage, format!("no ledger at {}", path.display()))
                 .hint("builds record their cost there once they run; choose another with --ledger or [ledger] url"));
         }
@@ -143,12 +156,16 @@ pub async fn run(repo: Option<PathBuf>, config: Option<PathBuf>, args: ReportArg
     .map_err(|e| Error::new(Exit::Failed, format!("failed to render the report: {e}")))?;
     match &args.output {
         Some(path) => {
-            std::fs::write(path, &buf).map_err(|e| Error::new(Exit::Failed, format!("failed to write {}: {e}", path.display())))?;
+            tokio::fs::write(path, &buf)
+                .await
+                .map_err(|e| Error::new(Exit::Failed, format!("failed to write {}: {e}", path.display())))?;
             eprintln!("wrote {} ({} builds)", path.display(), report.totals.builds);
         }
         None => {
-            use std::io::Write;
-            let _ = std::io::stdout().lock().write_all(&buf);
+            use tokio::io::AsyncWriteExt;
+            let mut out = tokio::io::stdout();
+            let _ = out.write_all(&buf).await;
+            let _ = out.flush().await;
         }
     }
     Ok(Exit::Success)

@@ -209,7 +209,14 @@ pub fn default_location() -> Location {
 pub async fn open(location: &Location, region: Option<String>, endpoint: Option<String>) -> Result<Option<std::sync::Arc<dyn LedgerStore>>, LedgerError> {
     Ok(match location {
         Location::Off => None,
-        Location::Sqlite(path) => Some(std::sync::Arc::new(sqlite::SqliteLedger::open(path)?)),
+        Location::Sqlite(path) => {
+            // Creating the file, migrating it and waiting out another writer's lock block.
+            let owned = path.clone();
+            let opened = tokio::task::spawn_blocking(move || sqlite::SqliteLedger::open(&owned))
+                .await
+                .map_err(|e| sqlite::store_error(path, e))??;
+            Some(std::sync::Arc::new(opened))
+        }
         Location::S3 { bucket, prefix } => {
             let store = crate::objects::s3::S3Store::from_env(bucket.clone(), region, endpoint).await;
             Some(std::sync::Arc::new(s3::S3Ledger::new(std::sync::Arc::new(store), prefix.clone())))

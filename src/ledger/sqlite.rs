@@ -16,7 +16,7 @@ pub struct SqliteLedger {
     conn: Arc<Mutex<Connection>>,
 }
 
-fn store_error(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> LedgerError {
+pub(super) fn store_error(path: &Path, e: impl std::error::Error + Send + Sync + 'static) -> LedgerError {
     LedgerError::Store {
         place: format!("sqlite:{}", path.display()),
         message: e.to_string(),

@@ -65,7 +65,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> HostError {
 
 impl Host {
     pub async fn start(spec: HostSpec<'_>) -> Result<Host, HostError> {
-        netns::create_host(&spec.ns, spec.bridge, (&spec.veth.0, &spec.veth.1), spec.address, spec.prefix)?;
+        netns::create_host(&spec.ns, spec.bridge, (&spec.veth.0, &spec.veth.1), spec.address, spec.prefix).await?;
         let mut host = Host {
             instance_id: spec.instance_id.to_string(),
             ns: spec.ns.clone(),
@@ -87,9 +87,12 @@ impl Host {
     }
 
     async fn boot(&mut self, spec: &HostSpec<'_>) -> Result<(), HostError> {
-        std::fs::create_dir_all(&spec.dir).map_err(io(format!("create {}", spec.dir.display())))?;
+        tokio::fs::create_dir_all(&spec.dir)
+            .await
+            .map_err(io(format!("create {}", spec.dir.display())))?;
         // The metadata service, inside the host.
         let imds = netns::listen_in(&spec.ns, SocketAddr::from(([169, 254, 169, 254], 80)))
+            .await
             .map_err(io("listen on 169.254.169.254:80 inside the host"))?;
         let imds = tokio::net::TcpListener::from_std(imds).map_err(io("serve the metadata endpoint"))?;
         let router = axum::Router::new().fallback(metadata).with_state(Metadata {
@@ -101,6 +104,7 @@ impl Host {
         }));
         // The registry, at the same loopback address as on the farm's side.
         let fwd = netns::listen_in(&spec.ns, SocketAddr::from(([127, 0, 0, 1], spec.registry_port)))
+            .await
             .map_err(io("listen for the registry inside the host"))?;
         let fwd = tokio::net::TcpListener::from_std(fwd).map_err(io("forward the registry"))?;
         let port = spec.registry_port;
@@ -119,11 +123,11 @@ impl Host {
             return Ok(());
         };
         let key = spec.dir.join("ssh_host_ed25519_key");
-        write_private(&key, &boot.host_private_key)?;
+        write_private(&key, &boot.host_private_key).await?;
         let authorized = spec.dir.join("authorized_keys");
-        write_private(&authorized, &format!("{}\n", boot.authorized_key))?;
+        write_private(&authorized, &format!("{}\n", boot.authorized_key)).await?;
         let config = spec.dir.join("sshd_config");
-        std::fs::write(
+        tokio::fs::write(
             &config,
             format!(
                 "ListenAddress {addr}:22\nHostKey {key}\nAuthorizedKeysFile {authorized}\nPidFile none\n\
@@ -136,9 +140,14 @@ impl Host {
                 user = boot.user,
             ),
         )
+        .await
         .map_err(io("write sshd_config"))?;
-        std::fs::create_dir_all("/run/sshd").map_err(io("create /run/sshd"))?;
-        let log = std::fs::File::create(spec.dir.join("sshd.log")).map_err(io("create sshd.log"))?;
+        tokio::fs::create_dir_all("/run/sshd").await.map_err(io("create /run/sshd"))?;
+        let log = tokio::fs::File::create(spec.dir.join("sshd.log"))
+            .await
+            .map_err(io("create sshd.log"))?
+            .into_std()
+            .await;
         let child = tokio::process::Command::new("ip")
             .args(["netns", "exec", &spec.ns])
             .arg(spec.sshd)
@@ -164,13 +173,13 @@ impl Host {
     }
 
     /// Cuts every SSH connection to the host (the listening sshd stays): a network blip.
-    pub fn cut_connections(&self) -> usize {
+    pub async fn cut_connections(&self) -> usize {
         let mut cut = 0;
-        for pid in netns::pids_in(&self.ns) {
+        for pid in netns::pids_in(&self.ns).await {
             if Some(pid as u32) == self.sshd_pid {
                 continue;
             }
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let comm = tokio::fs::read_to_string(format!("/proc/{pid}/comm")).await.unwrap_or_default();
             if comm.trim() == "sshd" || comm.trim().starts_with("sshd-") {
                 // SAFETY: kill(2) on an sshd session process inside this host.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -188,23 +197,27 @@ impl Host {
         if let Some(mut c) = self.sshd.take() {
             let _ = c.kill().await;
         }
-        let (ns, veth) = (self.ns.clone(), self.outer_veth.clone());
-        let _ = tokio::task::spawn_blocking(move || netns::delete_host(&ns, &veth)).await;
-        let _ = std::fs::remove_dir_all(&self.dir);
+        netns::delete_host(&self.ns, &self.outer_veth).await;
+        let _ = tokio::fs::remove_dir_all(&self.dir).await;
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), HostError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(io(format!("write {}", path.display())))
+async fn write_private(path: &Path, text: &str) -> Result<(), HostError> {
+    use tokio::io::AsyncWriteExt;
+    let written = async {
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .await?;
+        f.write_all(text.as_bytes()).await?;
+        // tokio's File finishes writes in the background; flush so the key is on disk
+        // before sshd reads it.
+        f.flush().await
+    };
+    written.await.map_err(io(format!("write {}", path.display())))
 }
 
 #[derive(Clone)]

@@ -73,16 +73,52 @@ pub enum FarmError {
     Missing(PathBuf),
     #[error("another farm is using subnet {0} (bridge {1}); stop it with `spotbuild farm down`, or pick another --subnet")]
     SubnetInUse(String, String),
-    #[error("failed to {what}: {message}")]
-    Start { what: String, message: String },
+    #[error("failed to {what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request to the EC2 emulator; the SDK's error types differ per operation.
+    #[error("failed to {what}")]
+    Ec2 {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("failed to bake the git mirror: {stderr}")]
+    Mirror { stderr: String },
+    #[error("failed to find an image: the emulator has none")]
+    NoImage,
+    #[error("failed to start {what}: not answering at {url} after {}", humantime::format_duration(*.waited))]
+    NotAnswering {
+        what: String,
+        url: String,
+        waited: Duration,
+    },
+    #[error("{address} is outside the farm's subnet {subnet}")]
+    OutsideSubnet { address: Ipv4Addr, subnet: String },
     #[error(transparent)]
     Net(#[from] netns::NetError),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
 }
 
-fn start_err(what: &str, e: impl std::fmt::Display) -> FarmError {
-    FarmError::Start {
+fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> FarmError + '_ {
+    move |source| FarmError::Io {
         what: what.to_string(),
-        message: e.to_string(),
+        source,
+    }
+}
+
+fn ec2_err<E, R>(what: &str) -> impl FnOnce(aws_sdk_ec2::error::SdkError<E, R>) -> FarmError + '_
+where
+    E: std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    move |e| FarmError::Ec2 {
+        what: what.to_string(),
+        source: Box::new(e),
     }
 }
 
@@ -132,13 +168,17 @@ struct Farm {
 
 /// Runs the farm until `shutdown` resolves, then removes everything it started. `ready`
 /// is called once the state file is written.
+///
+/// Cleanup is awaited on the way out rather than done by guards in `Drop`, which could
+/// only block; after a panic or a SIGKILL the next `farm up` on the subnet removes what
+/// is left.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: impl FnOnce(&FarmState)) -> Result<(), FarmError> {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Err(FarmError::NotRoot);
     }
     for p in [&settings.moto_server, &settings.registry_server, &settings.sshd] {
-        if !p.is_file() {
+        if !is_file(p).await {
             return Err(FarmError::Missing(p.clone()));
         }
     }
@@ -147,31 +187,50 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
     // One farm per subnet on this machine, whatever its directory: the owner's pid is
     // kept under /run, and a live owner is never disturbed.
     let owner = PathBuf::from(format!("/run/spotbuild-{prefix}.pid"));
-    let other = std::fs::read_to_string(&owner).ok().and_then(|p| p.trim().parse::<u32>().ok());
+    let other = tokio::fs::read_to_string(&owner).await.ok().and_then(|p| p.trim().parse::<u32>().ok());
     if other.is_some_and(|p| p != std::process::id() && pid_alive(p)) {
         return Err(FarmError::SubnetInUse(format!("{}/24", settings.subnet), bridge));
     }
-    std::fs::write(&owner, std::process::id().to_string()).map_err(|e| start_err("record the farm's owner", e))?;
-    let _owner = RemoveOnDrop(owner);
+    tokio::fs::write(&owner, std::process::id().to_string())
+        .await
+        .map_err(io_err("record the farm's owner"))?;
+    let result = run_owned(&settings, prefix, bridge, shutdown, ready).await;
+    let _ = tokio::fs::remove_file(&owner).await;
+    result
+}
+
+/// The farm's services and bridge, once this process owns the subnet.
+async fn run_owned(
+    settings: &Settings,
+    prefix: String,
+    bridge: String,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&FarmState),
+) -> Result<(), FarmError> {
     // What a killed farm on this subnet left behind.
-    for ns in netns::namespaces_with_prefix(&format!("{prefix}-")) {
-        netns::delete_host(&ns, "");
+    for ns in netns::namespaces_with_prefix(&format!("{prefix}-")).await {
+        netns::delete_host(&ns, "").await;
     }
-    if netns::link_exists(&bridge) {
-        netns::delete_link(&bridge);
+    if netns::link_exists(&bridge).await {
+        netns::delete_link(&bridge).await;
     }
-    std::fs::create_dir_all(settings.dir.join("hosts")).map_err(|e| start_err("create the farm directory", e))?;
+    tokio::fs::create_dir_all(settings.dir.join("hosts"))
+        .await
+        .map_err(io_err("create the farm directory"))?;
     let mirror = settings.dir.join("mirror.git");
-    let _ = std::fs::remove_dir_all(&mirror);
+    let _ = tokio::fs::remove_dir_all(&mirror).await;
     if let Some(repo) = &settings.mirror_of {
-        let out = std::process::Command::new("git")
+        let out = tokio::process::Command::new("git")
             .args(["clone", "-q", "--mirror"])
             .arg(repo)
             .arg(&mirror)
             .output()
-            .map_err(|e| start_err("run git", e))?;
+            .await
+            .map_err(io_err("run git"))?;
         if !out.status.success() {
-            return Err(start_err("bake the git mirror", String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(FarmError::Mirror {
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
     }
 
@@ -179,22 +238,25 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
     let _moto = spawn(
         tokio::process::Command::new(&settings.moto_server).args(["-H", "127.0.0.1", "-p", &moto_port.to_string()]),
         &settings.dir.join("moto.log"),
-    )?;
+    )
+    .await?;
     let registry_port = free_port();
     let registry_dir = settings.dir.join("registry");
     let registry_config = settings.dir.join("registry.yml");
-    std::fs::write(
+    tokio::fs::write(
         &registry_config,
         format!(
             "version: 0.1\nlog: {{level: error, accesslog: {{disabled: true}}}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{registry_port}}}\n",
             registry_dir.display()
         ),
     )
-    .map_err(|e| start_err("write the registry configuration", e))?;
+    .await
+    .map_err(io_err("write the registry configuration"))?;
     let _registry = spawn(
         tokio::process::Command::new(&settings.registry_server).arg("serve").arg(&registry_config),
         &settings.dir.join("registry.log"),
-    )?;
+    )
+    .await?;
     let ec2_endpoint = format!("http://127.0.0.1:{moto_port}");
     wait_http(&format!("{ec2_endpoint}/moto-api/"), Duration::from_secs(60), "the EC2 emulator (moto_server)").await?;
     wait_http(&format!("http://127.0.0.1:{registry_port}/v2/"), Duration::from_secs(30), "the registry").await?;
@@ -202,35 +264,57 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
     let ec2 = ec2_client(&ec2_endpoint, &settings.region).await;
     let (subnet_id, ami) = prepare_ec2(&ec2, settings.subnet).await?;
     let gateway = with_last(settings.subnet, 1);
-    netns::create_bridge(&bridge, gateway, 24)?;
-    let _bridge = BridgeGuard(bridge.clone());
+    netns::create_bridge(&bridge, gateway, 24).await?;
+    let result = async {
+        let control = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(io_err("listen for farm control"))?;
+        let control_addr = control.local_addr().map_err(io_err("listen for farm control"))?;
+        let farm = Farm {
+            settings: settings.clone(),
+            state: FarmState {
+                pid: std::process::id(),
+                ec2_endpoint,
+                registry: format!("127.0.0.1:{registry_port}"),
+                control: format!("http://{control_addr}"),
+                subnet_cidr: format!("{}/24", settings.subnet),
+                subnet_id,
+                ami,
+                bridge: bridge.clone(),
+                region: settings.region.clone(),
+                config: settings.dir.join(CONFIG_FILE),
+            },
+            ec2,
+            registry_port,
+            prefix,
+            hosts: Mutex::new(BTreeMap::new()),
+            next_index: std::sync::atomic::AtomicU32::new(1),
+        };
+        serve(farm, control, shutdown, ready).await
+    }
+    .await;
+    netns::delete_link(&bridge).await;
+    result
+}
 
-    let control = tokio::net::TcpListener::bind("127.0.0.1:0")
+/// Serves the control API on `control` and backs instances with hosts until `shutdown`;
+/// then removes every host and the state file.
+async fn serve(
+    farm: Farm,
+    control: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&FarmState),
+) -> Result<(), FarmError> {
+    tokio::fs::write(&farm.state.config, config_text(&farm.settings, &farm.state))
         .await
-        .map_err(|e| start_err("listen for farm control", e))?;
-    let control_addr = control.local_addr().map_err(|e| start_err("listen for farm control", e))?;
-    let state = FarmState {
-        pid: std::process::id(),
-        ec2_endpoint,
-        registry: format!("127.0.0.1:{registry_port}"),
-        control: format!("http://{control_addr}"),
-        subnet_cidr: format!("{}/24", settings.subnet),
-        subnet_id,
-        ami,
-        bridge,
-        region: settings.region.clone(),
-        config: settings.dir.join(CONFIG_FILE),
-    };
-    std::fs::write(&state.config, config_text(&settings, &state)).map_err(|e| start_err("write the farm's spotbuild.toml", e))?;
-    let farm = Arc::new(Farm {
-        settings: settings.clone(),
-        state: state.clone(),
-        ec2,
-        registry_port,
-        prefix,
-        hosts: Mutex::new(BTreeMap::new()),
-        next_index: std::sync::atomic::AtomicU32::new(1),
-    });
+        .map_err(io_err("write the farm's spotbuild.toml"))?;
+    // Written before the control API runs: connections wait in the bound listener's
+    // backlog, and a farm whose state cannot be written has started no task to stop.
+    let state_path = farm.settings.dir.join(STATE_FILE);
+    tokio::fs::write(&state_path, serde_json::to_vec_pretty(&farm.state).expect("serialisable"))
+        .await
+        .map_err(io_err("write the farm state"))?;
+    let farm = Arc::new(farm);
     let router = axum::Router::new()
         .route("/hosts", axum::routing::get(list_hosts))
         .route("/hosts/{id}/interrupt", axum::routing::post(interrupt_host))
@@ -240,10 +324,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
     let control_task = tokio::spawn(async move {
         let _ = axum::serve(control, router).await;
     });
-    let state_path = settings.dir.join(STATE_FILE);
-    std::fs::write(&state_path, serde_json::to_vec_pretty(&state).expect("serialisable"))
-        .map_err(|e| start_err("write the farm state", e))?;
-    ready(&state);
+    ready(&farm.state);
 
     let watch = farm.clone();
     let result = tokio::select! {
@@ -254,7 +335,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
             loop {
                 tick.tick().await;
                 if let Err(e) = watch.poll().await {
-                    tracing::warn!(error = %e, "farm poll failed");
+                    tracing::warn!(error = %crate::errors::error_chain(&e), "farm poll failed");
                 }
             }
         } => r,
@@ -264,21 +345,21 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>, ready: 
     for (_, mut h) in std::mem::take(&mut *hosts) {
         h.destroy().await;
     }
-    let _ = std::fs::remove_file(&state_path);
+    let _ = tokio::fs::remove_file(&state_path).await;
     result
 }
 
 impl Farm {
     /// One reconcile pass: back new instances with hosts, remove hosts whose instance ended,
     /// and play out TTLs and reclaims.
-    async fn poll(&self) -> Result<(), String> {
+    async fn poll(&self) -> Result<(), FarmError> {
         let seen = self.instances().await?;
         let ids: Vec<String> = self.hosts.lock().await.keys().cloned().collect();
         for action in reconcile(&seen, &ids) {
             match action {
                 HostAction::Start { instance_id, address } => {
                     if let Err(e) = self.start_host(&instance_id, address).await {
-                        tracing::warn!(instance = %instance_id, error = %e, "failed to start a host");
+                        tracing::warn!(instance = %instance_id, error = %crate::errors::error_chain(&e), "failed to start a host");
                     }
                 }
                 HostAction::Stop { instance_id } => {
@@ -305,7 +386,7 @@ impl Farm {
         Ok(())
     }
 
-    async fn instances(&self) -> Result<BTreeMap<String, (bool, Option<Ipv4Addr>)>, String> {
+    async fn instances(&self) -> Result<BTreeMap<String, (bool, Option<Ipv4Addr>)>, FarmError> {
         let mut out = BTreeMap::new();
         let mut pages = self
             .ec2
@@ -314,7 +395,7 @@ impl Farm {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| aws_sdk_ec2::error::DisplayErrorContext(e).to_string())?;
+            let page = page.map_err(ec2_err("list the farm's instances"))?;
             for i in page.reservations().iter().flat_map(|r| r.instances()) {
                 let Some(id) = i.instance_id() else { continue };
                 let state = i.state().and_then(|s| s.name()).map(|n| n.as_str().to_string()).unwrap_or_default();
@@ -326,10 +407,13 @@ impl Farm {
         Ok(out)
     }
 
-    async fn start_host(&self, instance_id: &str, address: Ipv4Addr) -> Result<(), String> {
+    async fn start_host(&self, instance_id: &str, address: Ipv4Addr) -> Result<(), FarmError> {
         // Only ever an address of the bridged subnet.
         if with_last(address, 0) != self.settings.subnet {
-            return Err(format!("{address} is outside the farm's subnet {}", self.state.subnet_cidr));
+            return Err(FarmError::OutsideSubnet {
+                address,
+                subnet: self.state.subnet_cidr.clone(),
+            });
         }
         let user_data = self
             .ec2
@@ -338,7 +422,10 @@ impl Farm {
             .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
             .send()
             .await
-            .map_err(|e| aws_sdk_ec2::error::DisplayErrorContext(e).to_string())?;
+            .map_err(|e| FarmError::Ec2 {
+                what: format!("read the user data of {instance_id}"),
+                source: Box::new(e),
+            })?;
         let script = user_data
             .user_data()
             .and_then(|u| u.value())
@@ -358,7 +445,7 @@ impl Farm {
             registry_port: self.registry_port,
             boot: crate::cloud::userdata::parse(&script),
         };
-        let host = Host::start(spec).await.map_err(|e| e.to_string())?;
+        let host = Host::start(spec).await?;
         tracing::info!(instance = %instance_id, %address, "host up");
         self.hosts.lock().await.insert(instance_id.to_string(), host);
         Ok(())
@@ -439,7 +526,7 @@ async fn kill_host(State(farm): State<Arc<Farm>>, UrlPath(id): UrlPath<String>) 
 async fn cut_host(State(farm): State<Arc<Farm>>, UrlPath(id): UrlPath<String>) -> axum::response::Response {
     let hosts = farm.hosts.lock().await;
     let Some(h) = hosts.get(&id) else { return not_found(&id) };
-    format!("{} connection(s) cut\n", h.cut_connections()).into_response()
+    format!("{} connection(s) cut\n", h.cut_connections().await).into_response()
 }
 
 fn config_text(s: &Settings, st: &FarmState) -> String {
@@ -498,7 +585,7 @@ async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(Str
         .cidr_block(format!("{}.{}.0.0/16", o[0], o[1]))
         .send()
         .await
-        .map_err(|e| sdk_err("create the farm's VPC", e))?;
+        .map_err(ec2_err("create the farm's VPC"))?;
     let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).unwrap_or_default().to_string();
     let sub = ec2
         .create_subnet()
@@ -506,17 +593,13 @@ async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(Str
         .cidr_block(format!("{subnet}/24"))
         .send()
         .await
-        .map_err(|e| sdk_err("create the farm's subnet", e))?;
+        .map_err(ec2_err("create the farm's subnet"))?;
     let subnet_id = sub.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_string();
-    let images = ec2.describe_images().send().await.map_err(|e| sdk_err("list the emulator's images", e))?;
+    let images = ec2.describe_images().send().await.map_err(ec2_err("list the emulator's images"))?;
     let mut ids: Vec<&str> = images.images().iter().filter_map(|i| i.image_id()).collect();
     ids.sort();
-    let ami = ids.first().ok_or_else(|| start_err("find an image", "the emulator has none"))?.to_string();
+    let ami = ids.first().ok_or(FarmError::NoImage)?.to_string();
     Ok((subnet_id, ami))
-}
-
-fn sdk_err<E: std::error::Error + 'static, R: std::fmt::Debug>(what: &str, e: aws_sdk_ec2::error::SdkError<E, R>) -> FarmError {
-    start_err(what, aws_sdk_ec2::error::DisplayErrorContext(e))
 }
 
 pub async fn ec2_client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
@@ -534,25 +617,14 @@ fn with_last(a: Ipv4Addr, last: u8) -> Ipv4Addr {
     Ipv4Addr::new(o[0], o[1], o[2], last)
 }
 
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+async fn is_file(p: &Path) -> bool {
+    tokio::fs::metadata(p).await.is_ok_and(|m| m.is_file())
 }
 
-struct BridgeGuard(String);
-
-impl Drop for BridgeGuard {
-    fn drop(&mut self) {
-        netns::delete_link(&self.0);
-    }
-}
-
-fn spawn(cmd: &mut tokio::process::Command, log: &Path) -> Result<tokio::process::Child, FarmError> {
-    let log = std::fs::File::create(log).map_err(|e| start_err("create a log file", e))?;
-    let err = log.try_clone().map_err(|e| start_err("create a log file", e))?;
+async fn spawn(cmd: &mut tokio::process::Command, log: &Path) -> Result<tokio::process::Child, FarmError> {
+    let what = format!("create {}", log.display());
+    let log = tokio::fs::File::create(log).await.map_err(io_err(&what))?.into_std().await;
+    let err = log.try_clone().map_err(io_err(&what))?;
     // SAFETY: prctl(2) in the child before exec: it dies with the farm, even after a SIGKILL.
     unsafe {
         cmd.pre_exec(|| {
@@ -565,7 +637,7 @@ fn spawn(cmd: &mut tokio::process::Command, log: &Path) -> Result<tokio::process
         .stderr(err)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| start_err("start a farm service", e))
+        .map_err(io_err("start a farm service"))
 }
 
 fn free_port() -> u16 {
@@ -584,11 +656,15 @@ async fn wait_http(url: &str, limit: Duration, what: &str) -> Result<(), FarmErr
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(start_err(&format!("start {what}"), format!("not answering at {url} after {}", humantime::format_duration(limit))))
+    Err(FarmError::NotAnswering {
+        what: what.to_string(),
+        url: url.to_string(),
+        waited: limit,
+    })
 }
 
-pub fn read_state(dir: &Path) -> Option<FarmState> {
-    serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).ok()?).ok()
+pub async fn read_state(dir: &Path) -> Option<FarmState> {
+    serde_json::from_slice(&tokio::fs::read(dir.join(STATE_FILE)).await.ok()?).ok()
 }
 
 pub fn pid_alive(pid: u32) -> bool {

@@ -1,57 +1,76 @@
 //! Linux network plumbing for the local farm: a bridge whose address is the emulated
 //! subnet's gateway, and per-instance network namespaces attached to it by veth pairs.
 //! Everything is done with iproute2 (`ip`), as root; names carry the farm's prefix so a
-//! farm only ever removes what it made.
+//! farm only ever removes what it made. Every call is async: the farm makes them from its
+//! poll loop and control handlers, which must not stall while `ip` runs.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::process::Command;
+use std::time::Duration;
+
+use tokio::process::Command;
 
 #[derive(Debug, thiserror::Error)]
-#[error("failed to {what}: {message}")]
-pub struct NetError {
-    pub what: String,
-    pub message: String,
+pub enum NetError {
+    #[error("failed to {what}: could not run `ip`")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to {what}: {stderr}")]
+    Ip { what: String, stderr: String },
 }
 
-fn ip(args: &[&str], what: &str) -> Result<(), NetError> {
-    let out = Command::new("ip").args(args).output().map_err(|e| NetError {
+async fn ip(args: &[&str], what: &str) -> Result<(), NetError> {
+    let out = Command::new("ip").args(args).output().await.map_err(|source| NetError::Spawn {
         what: what.to_string(),
-        message: format!("could not run `ip`: {e}"),
+        source,
     })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(NetError {
+        Err(NetError::Ip {
             what: what.to_string(),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
     }
 }
 
-pub fn link_exists(name: &str) -> bool {
+/// The stdout of `ip args`, empty when it cannot run: callers only look for names in it.
+async fn ip_stdout(args: &[&str]) -> String {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+pub async fn link_exists(name: &str) -> bool {
     Command::new("ip")
         .args(["link", "show", "dev", name])
         .output()
+        .await
         .map(|o| o.status.success())
         .unwrap_or(false)
 }
 
-pub fn create_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
-    ip(&["link", "add", name, "type", "bridge"], &format!("create bridge {name}"))?;
-    ip(&["addr", "add", &format!("{gateway}/{prefix}"), "dev", name], &format!("address bridge {name}"))?;
-    ip(&["link", "set", name, "up"], &format!("bring up bridge {name}"))
+pub async fn create_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+    ip(&["link", "add", name, "type", "bridge"], &format!("create bridge {name}")).await?;
+    ip(&["addr", "add", &format!("{gateway}/{prefix}"), "dev", name], &format!("address bridge {name}")).await?;
+    ip(&["link", "set", name, "up"], &format!("bring up bridge {name}")).await
 }
 
-pub fn delete_link(name: &str) {
-    let _ = ip(&["link", "del", name], "delete link");
+pub async fn delete_link(name: &str) {
+    let _ = ip(&["link", "del", name], "delete link").await;
 }
 
 /// A namespace attached to `bridge` with `address/prefix` on its veth end, loopback up,
 /// and the metadata address 169.254.169.254 on loopback (served by the farm).
-pub fn create_host(ns: &str, bridge: &str, veth: (&str, &str), address: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+pub async fn create_host(ns: &str, bridge: &str, veth: (&str, &str), address: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
     let (outer, inner) = veth;
-    ip(&["netns", "add", ns], &format!("create namespace {ns}"))?;
+    ip(&["netns", "add", ns], &format!("create namespace {ns}")).await?;
     let steps: [(&[&str], &str); 7] = [
         (&["link", "add", outer, "type", "veth", "peer", "name", inner], "create veth pair"),
         (&["link", "set", outer, "master", bridge, "up"], "attach veth to the bridge"),
@@ -62,8 +81,8 @@ pub fn create_host(ns: &str, bridge: &str, veth: (&str, &str), address: Ipv4Addr
         (&["-n", ns, "addr", "add", "169.254.169.254/32", "dev", "lo"], "add the metadata address"),
     ];
     for (args, what) in steps {
-        if let Err(e) = ip(args, what) {
-            delete_host(ns, outer);
+        if let Err(e) = ip(args, what).await {
+            delete_host(ns, outer).await;
             return Err(e);
         }
     }
@@ -71,9 +90,9 @@ pub fn create_host(ns: &str, bridge: &str, veth: (&str, &str), address: Ipv4Addr
 }
 
 /// Kills every process in the namespace, then removes it (its veth goes with it).
-pub fn delete_host(ns: &str, outer_veth: &str) {
+pub async fn delete_host(ns: &str, outer_veth: &str) {
     for _ in 0..20 {
-        let pids = pids_in(ns);
+        let pids = pids_in(ns).await;
         if pids.is_empty() {
             break;
         }
@@ -81,57 +100,51 @@ pub fn delete_host(ns: &str, outer_veth: &str) {
             // SAFETY: kill(2) on processes inside a namespace this farm created.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = ip(&["netns", "del", ns], "delete namespace");
+    let _ = ip(&["netns", "del", ns], "delete namespace").await;
     // Deleting the namespace takes its veth pair along; the outer end is removed here only
     // for a host that failed before its inner end was moved in.
-    if !outer_veth.is_empty() && link_exists(outer_veth) {
-        delete_link(outer_veth);
+    if !outer_veth.is_empty() && link_exists(outer_veth).await {
+        delete_link(outer_veth).await;
     }
 }
 
 /// The processes living in a namespace.
-pub fn pids_in(ns: &str) -> Vec<i32> {
-    Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
-        .unwrap_or_default()
+pub async fn pids_in(ns: &str) -> Vec<i32> {
+    ip_stdout(&["netns", "pids", ns]).await.split_whitespace().filter_map(|p| p.parse().ok()).collect()
 }
 
 /// Namespaces whose names start with `prefix` (left over by a farm that was killed).
-pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
-    Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|n| n.starts_with(prefix))
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
+pub async fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    ip_stdout(&["netns", "list"])
+        .await
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(String::from)
+        .collect()
 }
 
 /// A listening socket bound inside namespace `ns`. The socket keeps its namespace for
 /// life, so the farm (in the root namespace) serves connections made inside the host.
-pub fn listen_in(ns: &str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+pub async fn listen_in(ns: &str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let path = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // A thread of its own, not the runtime's or its blocking pool's: setns(2) changes the
+    // calling thread for good, and this one ends right after binding.
+    std::thread::spawn(move || {
+        let bound = (|| {
             let f = std::fs::File::open(&path)?;
-            // SAFETY: setns(2) on this short-lived thread only; it ends right after binding.
+            // SAFETY: setns(2) on this short-lived thread only.
             if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             let l = std::net::TcpListener::bind(addr)?;
             l.set_nonblocking(true)?;
             Ok(l)
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the binding thread panicked")))
-    })
+        })();
+        let _ = tx.send(bound);
+    });
+    rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the binding thread panicked")))
 }

@@ -68,6 +68,13 @@ pub enum ManifestError {
     },
     #[error("project `{project}`: {message}")]
     Invalid { project: String, message: String },
+    #[error("project `{project}`: `{key}` {error}")]
+    InvalidDir {
+        project: String,
+        key: &'static str,
+        #[source]
+        error: DirError,
+    },
     #[error("project `{project}`: {file}:{line} sets `{key}` again, to a different value than line {first_line}")]
     RepeatedKey {
         project: String,
@@ -112,6 +119,15 @@ pub enum ManifestError {
     },
 }
 
+/// Why a `buildDir` or `projectDir` cannot name a directory of the repository.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("`{0}` must be relative to the repository root")]
+    Absolute(String),
+    #[error("`{0}` must stay inside the repository")]
+    Escapes(String),
+}
+
 /// Why a `dependencies` script gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ScriptFailure {
@@ -136,6 +152,7 @@ impl ManifestError {
             ManifestError::UnknownKey { project, .. }
             | ManifestError::WrongType { project, .. }
             | ManifestError::Invalid { project, .. }
+            | ManifestError::InvalidDir { project, .. }
             | ManifestError::RepeatedKey { project, .. }
             | ManifestError::UnknownDependency { project, .. }
             | ManifestError::BrokenDependency { project, .. }
@@ -574,9 +591,16 @@ fn parse_project<I: Inputs>(
     };
     let build_dir = string("buildDir")?
         .ok_or_else(|| invalid("`buildDir` is required".into()))?;
-    let build_dir = normalize_dir(&build_dir).map_err(|m| invalid(format!("`buildDir` {m}")))?;
+    let bad_dir = |key: &'static str| {
+        move |error| ManifestError::InvalidDir {
+            project: name.to_string(),
+            key,
+            error,
+        }
+    };
+    let build_dir = normalize_dir(&build_dir).map_err(bad_dir("buildDir"))?;
     let project_dir = match string("projectDir")? {
-        Some(d) => normalize_dir(&d).map_err(|m| invalid(format!("`projectDir` {m}")))?,
+        Some(d) => normalize_dir(&d).map_err(bad_dir("projectDir"))?,
         None => build_dir.clone(),
     };
     let dockerfile = string("dockerfile")?.unwrap_or_else(|| "Dockerfile".to_string());
@@ -806,13 +830,13 @@ fn valid_job_name(job: &str) -> bool {
 }
 
 /// Repo-relative directory without leading `./` or trailing `/`. `.` and `` mean the root.
-fn normalize_dir(dir: &str) -> Result<String, String> {
+fn normalize_dir(dir: &str) -> Result<String, DirError> {
     let d = dir.trim_start_matches("./").trim_end_matches('/');
     if d.starts_with('/') {
-        return Err(format!("`{dir}` must be relative to the repository root"));
+        return Err(DirError::Absolute(dir.to_string()));
     }
     if d.split('/').any(|c| c == "..") {
-        return Err(format!("`{dir}` must stay inside the repository"));
+        return Err(DirError::Escapes(dir.to_string()));
     }
     Ok(if d == "." { String::new() } else { d.to_string() })
 }

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::git::{CommitId, FileMode, GitError, Repo, Snapshot};
 use crate::manifest::{Inputs, Manifest, ManifestError, ParseError, ScriptFailure, DEPENDENCY_SCRIPT_TIMEOUT, MANIFEST_FILES};
 use crate::errors::error_chain;
-use crate::registry::{build_tag, test_tag, ImageStore};
+use crate::registry::{build_tag, test_tag, ImageStore, RegistryError};
 use matcher::Matcher;
 
 /// Changing this string changes every hash: bump it whenever what the hash covers changes.
@@ -480,12 +480,12 @@ pub async fn decide(
             lookups.push((p.name.clone(), test_tag(hash, &run.key())));
         }
     }
-    let found: BTreeMap<(String, String), Result<bool, String>> = match store {
+    let found: BTreeMap<(String, String), Result<bool, RegistryError>> = match store {
         None => BTreeMap::new(),
         Some(store) => {
             stream::iter(lookups)
                 .map(|(project, tag)| async move {
-                    let r = store.tag_exists(&project, &tag).await.map_err(|e| error_chain(&e));
+                    let r = store.tag_exists(&project, &tag).await;
                     ((project, tag), r)
                 })
                 .buffer_unordered(store.concurrency())
@@ -510,7 +510,7 @@ pub async fn decide(
                     Ok(false) => (Some(true), format!("no {} in the registry", image(&tag))),
                     Err(e) => (
                         Some(true),
-                        format!("registry could not be asked ({e}); assuming not built"),
+                        format!("registry could not be asked ({}); assuming not built", error_chain(e)),
                     ),
                 },
             };
@@ -532,7 +532,7 @@ pub async fn decide(
                             Ok(false) => (Some(true), format!("no {} in the registry", image(&ttag))),
                             Err(e) => (
                                 Some(true),
-                                format!("registry could not be asked ({e}); assuming not run"),
+                                format!("registry could not be asked ({}); assuming not run", error_chain(e)),
                             ),
                         },
                     };

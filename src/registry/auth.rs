@@ -4,42 +4,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use tokio::sync::Mutex;
 
+pub use super::credentials::{Basic, PASSWORD_ENV, USERNAME_ENV};
 use super::ecr::EcrTokens;
 use super::RegistryError;
 use crate::settings::AuthMode;
-
-pub const USERNAME_ENV: &str = "SPOTBUILD_REGISTRY_USERNAME";
-pub const PASSWORD_ENV: &str = "SPOTBUILD_REGISTRY_PASSWORD";
-
-/// A username and password; the password never appears in `Debug` output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Basic {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Basic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Basic({}, <redacted>)", self.username)
-    }
-}
-
-impl Basic {
-    pub fn header(&self) -> String {
-        let raw = format!("{}:{}", self.username, self.password);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
-    }
-
-    /// Reads SPOTBUILD_REGISTRY_USERNAME / SPOTBUILD_REGISTRY_PASSWORD.
-    pub fn from_env() -> Option<Basic> {
-        let username = std::env::var(USERNAME_ENV).ok().filter(|s| !s.is_empty())?;
-        let password = std::env::var(PASSWORD_ENV).unwrap_or_default();
-        Some(Basic { username, password })
-    }
-}
 
 /// A `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,15 +269,5 @@ mod tests {
         );
         assert_eq!(Challenge::parse(r#"Basic realm="basic-realm""#), Challenge::Basic);
         assert!(matches!(Challenge::parse("Negotiate"), Challenge::Other(_)));
-    }
-
-    #[test]
-    fn passwords_stay_out_of_debug_output() {
-        let b = Basic {
-            username: "AWS".into(),
-            password: "sekrit".into(),
-        };
-        assert!(!format!("{b:?}").contains("sekrit"));
-        assert_eq!(b.header(), "Basic QVdTOnNla3JpdA==");
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use tokio::sync::Mutex;
 
-use super::auth::Basic;
+use super::credentials::Basic;
 use super::RegistryError;
 
 /// Refresh this long before the token's stated expiry (ECR tokens last 12 hours).

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod credentials;
 mod ecr;
 
 use std::fmt;

@@ -33,22 +33,39 @@ impl KeyPair {
     }
 }
 
-/// Creates `dir` (mode 0700) if needed.
+/// Creates `dir` (mode 0700) if needed. It blocks: async code uses [`create_private_dir`].
 pub fn private_dir(dir: &Path) -> Result<(), KeyError> {
     std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|source| KeyError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })
+        .and_then(|_| std::fs::set_permissions(dir, private_mode()))
+        .map_err(write_error(dir))
+}
+
+/// Creates `dir` (mode 0700) if needed, without blocking the runtime.
+pub async fn create_private_dir(dir: &Path) -> Result<(), KeyError> {
+    let made = async {
+        tokio::fs::create_dir_all(dir).await?;
+        tokio::fs::set_permissions(dir, private_mode()).await
+    };
+    made.await.map_err(write_error(dir))
+}
+
+fn private_mode() -> std::fs::Permissions {
+    std::fs::Permissions::from_mode(0o700)
+}
+
+pub(super) fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// A new ed25519 key pair at `dir/name` (no passphrase: it lives only as long as the build).
 pub async fn generate(dir: &Path, name: &str, comment: &str) -> Result<KeyPair, KeyError> {
-    private_dir(dir)?;
+    create_private_dir(dir).await?;
     let path = dir.join(name);
-    let _ = std::fs::remove_file(&path);
-    let _ = std::fs::remove_file(path.with_extension("pub"));
+    let _ = tokio::fs::remove_file(&path).await;
+    let _ = tokio::fs::remove_file(path.with_extension("pub")).await;
     let out = tokio::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
         .arg(&path)
@@ -60,10 +77,7 @@ pub async fn generate(dir: &Path, name: &str, comment: &str) -> Result<KeyPair, 
         return Err(KeyError::Failed(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
     let public_path = PathBuf::from(format!("{}.pub", path.display()));
-    let public = std::fs::read_to_string(&public_path).map_err(|source| KeyError::Write {
-        path: public_path,
-        source,
-    })?;
+    let public = tokio::fs::read_to_string(&public_path).await.map_err(write_error(&public_path))?;
     Ok(KeyPair {
         private_path: path,
         public: public.trim().to_string(),
@@ -80,10 +94,7 @@ pub fn known_hosts_line(host: &str, port: u16, public: &str) -> String {
 
 /// Writes the per-build known_hosts file holding exactly the pinned key.
 pub fn write_known_hosts(path: &Path, host: &str, port: u16, public: &str) -> Result<(), KeyError> {
-    std::fs::write(path, known_hosts_line(host, port, public)).map_err(|source| KeyError::Write {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::write(path, known_hosts_line(host, port, public)).map_err(write_error(path))
 }
 
 #[cfg(test)]

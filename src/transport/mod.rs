@@ -66,26 +66,42 @@ pub struct Cidr {
     len: u8,
 }
 
-/// Why a text is not a network.
+/// Why a string is not a [`Cidr`].
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct CidrError(String);
+pub enum CidrError {
+    #[error("`{0}` is not ADDR/LEN")]
+    NoLength(String),
+    #[error("`{addr}` is not an IP address")]
+    Address {
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("`{len}` is not a prefix length")]
+    Length {
+        len: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    #[error("prefix length {len} is over {max}")]
+    TooLong { len: u8, max: u8 },
+}
 
 impl std::str::FromStr for Cidr {
     type Err = CidrError;
     fn from_str(s: &str) -> Result<Cidr, CidrError> {
-        Cidr::parse(s).map_err(CidrError)
-    }
-}
-
-impl Cidr {
-    fn parse(s: &str) -> Result<Cidr, String> {
-        let (a, l) = s.split_once('/').ok_or_else(|| format!("`{s}` is not ADDR/LEN"))?;
-        let addr: IpAddr = a.parse().map_err(|_| format!("`{a}` is not an IP address"))?;
-        let len: u8 = l.parse().map_err(|_| format!("`{l}` is not a prefix length"))?;
+        let (a, l) = s.split_once('/').ok_or_else(|| CidrError::NoLength(s.to_string()))?;
+        let addr: IpAddr = a.parse().map_err(|source| CidrError::Address {
+            addr: a.to_string(),
+            source,
+        })?;
+        let len: u8 = l.parse().map_err(|source| CidrError::Length {
+            len: l.to_string(),
+            source,
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         if len > max {
-            return Err(format!("prefix length {len} is over {max}"));
+            return Err(CidrError::TooLong { len, max });
         }
         Ok(Cidr { addr, len })
     }

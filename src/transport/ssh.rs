@@ -56,12 +56,11 @@ impl SshTransport {
     /// Connects, retrying with backoff until `target.connect_timeout` (sshd may not be up
     /// yet on a booting instance).
     pub async fn connect(target: SshTarget) -> Result<SshTransport, TransportError> {
-        super::keys::private_dir(&target.dir)?;
+        super::keys::create_private_dir(&target.dir).await?;
         let config = target.dir.join("ssh_config");
-        std::fs::write(&config, SSH_CONFIG).map_err(|source| super::keys::KeyError::Write {
-            path: config.clone(),
-            source,
-        })?;
+        tokio::fs::write(&config, SSH_CONFIG)
+            .await
+            .map_err(super::keys::write_error(&config))?;
         let t = SshTransport {
             target,
             session: Mutex::new(None),
