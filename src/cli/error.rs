@@ -319,3 +319,47 @@ impl Exit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_table_is_the_code_table() {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("\n## Exit codes\n").nth(1).expect("the README has an Exit codes section");
+        let table: String = section
+            .lines()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(table, exit_table_markdown(), "the README's exit codes differ from EXIT_TABLE");
+    }
+
+    #[test]
+    fn every_exit_code_is_documented_in_the_table_and_the_help() {
+        let documented: Vec<u8> = EXIT_TABLE
+            .iter()
+            .flat_map(|(codes, _)| codes.split(", ").map(|c| c.parse::<u8>().expect("a code")))
+            .collect();
+        let all = [
+            Exit::Success,
+            Exit::Failed,
+            Exit::Usage,
+            Exit::InvalidInput,
+            Exit::Git,
+            Exit::Registry,
+            Exit::Interrupted,
+            Exit::Cloud,
+            Exit::Sigint,
+            Exit::Sigterm,
+        ];
+        for exit in all {
+            assert!(documented.contains(&exit.code()), "{exit:?} is not in EXIT_TABLE");
+            let shown = format!(" {} ", exit.code());
+            assert!(EXIT_CODES_HELP.contains(&shown), "{exit:?} is not in EXIT_CODES_HELP");
+        }
+        assert!(documented.contains(&101), "panics exit 101");
+    }
+}

@@ -190,7 +190,7 @@ pub async fn run(
             Some(g) => format!("{}-{g}", request.build_id),
             None => request.build_id.clone(),
         };
-        let local_dir = private_dir(&id)?;
+        let local_dir = private_dir(&id).await?;
         plans.push(Group {
             cloud: &*deps.cloud,
             connector: &*deps.connector,
@@ -267,12 +267,12 @@ enum Ended {
 
 /// This group's private directory on this machine. The SSH control socket lives in it,
 /// and a Unix socket path must stay short.
-fn private_dir(id: &str) -> Result<PathBuf, BuildError> {
+async fn private_dir(id: &str) -> Result<PathBuf, BuildError> {
     let mut dir = std::env::temp_dir().join(format!("spotbuild-{id}"));
     if !crate::transport::ssh::short_enough(&dir) {
         dir = PathBuf::from("/tmp").join(format!("spotbuild-{id}"));
     }
-    crate::transport::keys::private_dir(&dir)?;
+    crate::transport::keys::create_private_dir(&dir).await?;
     Ok(dir)
 }
 

@@ -115,7 +115,9 @@ impl Connectors {
             .collect::<Result<Vec<_>, _>>()?;
         crate::transport::check_allowed(&address, &allowed).map_err(ConnectError::Refused)?;
         let known_hosts = to.dir.join("known_hosts");
-        keys::write_known_hosts(&known_hosts, &address, remote.ssh_port, &to.host_public).map_err(ConnectError::KnownHosts)?;
+        keys::write_known_hosts(&known_hosts, &address, remote.ssh_port, &to.host_public)
+            .await
+            .map_err(ConnectError::KnownHosts)?;
         let target = SshTarget {
             host: address,
             port: remote.ssh_port,

@@ -27,6 +27,7 @@ impl Attempt<'_, '_> {
         let host = keys::generate(&dir, "host_ed25519", &format!("host-{}-{}", g.build_id, self.n)).await.map_err(|e| fatal(&e))?;
         let host_private = host
             .private_pem()
+            .await
             .map_err(|e| Observation::Fatal(format!("failed to read the host key: {e}")))?;
         let user_data = UserData {
             ttl: cfg.ttl,

@@ -50,9 +50,11 @@ pub fn groups(nodes: &[Node], max: usize) -> Vec<Vec<String>> {
     let slots = max.max(1).min(parts.len().max(1));
     let mut out: Vec<(usize, Vec<String>)> = vec![(0, Vec::new()); slots];
     for part in parts {
-        let lightest = (0..out.len()).min_by_key(|&i| (out[i].0, i)).expect("at least one slot");
-        out[lightest].0 += part.iter().filter(|n| n.work).count();
-        out[lightest].1.extend(part.iter().map(|n| n.name.clone()));
+        // `slots` is at least 1, so there always is a lightest group.
+        if let Some(lightest) = out.iter_mut().min_by_key(|(load, _)| *load) {
+            lightest.0 += part.iter().filter(|n| n.work).count();
+            lightest.1.extend(part.iter().map(|n| n.name.clone()));
+        }
     }
     // Keep the plan's (dependency) order inside each group.
     let order: BTreeMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();

@@ -28,16 +28,9 @@ pub struct KeyPair {
 }
 
 impl KeyPair {
-    pub fn private_pem(&self) -> std::io::Result<String> {
-        std::fs::read_to_string(&self.private_path)
+    pub async fn private_pem(&self) -> std::io::Result<String> {
+        tokio::fs::read_to_string(&self.private_path).await
     }
-}
-
-/// Creates `dir` (mode 0700) if needed. It blocks: async code uses [`create_private_dir`].
-pub fn private_dir(dir: &Path) -> Result<(), KeyError> {
-    std::fs::create_dir_all(dir)
-        .and_then(|_| std::fs::set_permissions(dir, private_mode()))
-        .map_err(write_error(dir))
 }
 
 /// Creates `dir` (mode 0700) if needed, without blocking the runtime.
@@ -93,8 +86,8 @@ pub fn known_hosts_line(host: &str, port: u16, public: &str) -> String {
 }
 
 /// Writes the per-build known_hosts file holding exactly the pinned key.
-pub fn write_known_hosts(path: &Path, host: &str, port: u16, public: &str) -> Result<(), KeyError> {
-    std::fs::write(path, known_hosts_line(host, port, public)).map_err(write_error(path))
+pub async fn write_known_hosts(path: &Path, host: &str, port: u16, public: &str) -> Result<(), KeyError> {
+    tokio::fs::write(path, known_hosts_line(host, port, public)).await.map_err(write_error(path))
 }
 
 #[cfg(test)]
