@@ -165,7 +165,11 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
             .filter_map(|p| hashes.manifest.position(&p.name))
             .collect();
         let store = client.as_ref().map(|c| c as &dyn ImageStore);
-        let mut explained = explain::explain(&repo, &hashes, &which, since, store).await?;
+        // Explaining re-hashes older commits (tree walks, `dependencies` scripts): it blocks,
+        // so this worker thread is handed over to it while the runtime goes on elsewhere.
+        let handle = tokio::runtime::Handle::current();
+        let mut explained =
+            tokio::task::block_in_place(|| handle.block_on(explain::explain(&repo, &hashes, &which, since, store)))?;
         for p in &mut plan.projects {
             if let Some(i) = hashes.manifest.position(&p.name) {
                 p.explain = explained.remove(&i);
