@@ -20,6 +20,7 @@ pub mod events;
 pub mod exec;
 pub mod imds;
 pub mod lines;
+pub mod stop;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -28,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::process::Command;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::settings::RegistryConfig;
 use crate::errors::error_chain;
@@ -38,18 +39,12 @@ use crate::registry::{Client, RegistryRef};
 use docker::{BuildSpec, BuilderKind, Docker, LayerCount};
 use events::Events;
 use exec::Stopped;
+use stop::{Effect, Halt, Signal, State, WIND_DOWN};
 
 /// Name under which docker finds this binary as its credential helper.
 pub const CREDENTIAL_HELPER: &str = "docker-credential-spotbuild";
 pub const CREDENTIAL_USERNAME_ENV: &str = "SPOTBUILD_CREDENTIAL_USERNAME";
 pub const CREDENTIAL_SECRET_ENV: &str = "SPOTBUILD_CREDENTIAL_SECRET";
-
-/// How long a running step may go on after an interruption notice without a time.
-const NOTICE_GRACE: Duration = Duration::from_secs(90);
-/// How long before the notice's stated time a running step is stopped.
-const NOTICE_MARGIN: Duration = Duration::from_secs(20);
-/// How long steps get to wind down after the deadline or a stop signal.
-const WIND_DOWN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -63,14 +58,6 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Why work stopped early.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Halt {
-    Notice(imds::Notice),
-    Deadline,
-    Cancelled,
 }
 
 /// Runs `job`, writing events to `out`, until done, the deadline, or `cancel` resolves.
@@ -153,8 +140,8 @@ where
     });
 
     let (kill_tx, kill_rx) = watch::channel(false);
-    let kill_tx = Arc::new(kill_tx);
-    let (halt_tx, halt_rx) = watch::channel(None::<Halt>);
+    let (halt_tx, halt_rx) = watch::channel(false);
+    let (salvage_tx, mut salvage_rx) = mpsc::channel::<oneshot::Sender<Option<Duration>>>(1);
     let mut worker = Worker {
         events: events.clone(),
         docker: None,
@@ -162,8 +149,8 @@ where
         client: None,
         src: job.workdir.join("src"),
         kill: kill_rx,
-        rearm: kill_tx.clone(),
         halt: halt_rx,
+        salvage: salvage_tx,
         failed: Vec::new(),
         job,
     };
@@ -198,44 +185,70 @@ where
     };
     tokio::pin!(deadline_sleep);
     tokio::pin!(cancel);
-    let mut notice_deadline: Option<tokio::time::Instant> = None;
-    let mut halted: Option<Halt> = None;
+
+    // Only performs what the stop policy decides (see `stop::next`).
+    let mut state = State::Working;
+    let mut timer: Option<tokio::time::Instant> = None;
+    let mut finished = None;
+    let mut shutdown = false;
     let worker = loop {
-        let grace = async {
-            match notice_deadline {
+        let armed = async {
+            match timer {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            w = &mut work => break w,
-            _ = &mut deadline_sleep, if halted.is_none() => {
-                halted = Some(Halt::Deadline);
-                let _ = halt_tx.send(halted.clone());
-                let _ = kill_tx.send(true);
-                notice_deadline = Some(tokio::time::Instant::now() + WIND_DOWN);
+        // Once halted the policy ignores these; not polling them also keeps a finished
+        // sleep from firing again.
+        let working = state == State::Working;
+        let mut salvage_reply = None;
+        let signal = tokio::select! {
+            w = &mut work => {
+                finished = Some(w);
+                Signal::WorkFinished
             }
-            _ = &mut cancel, if halted.is_none() => {
-                halted = Some(Halt::Cancelled);
-                let _ = halt_tx.send(halted.clone());
-                let _ = kill_tx.send(true);
-                notice_deadline = Some(tokio::time::Instant::now() + WIND_DOWN);
+            _ = &mut deadline_sleep, if working => Signal::DeadlineReached,
+            _ = &mut cancel, if working => Signal::Cancel,
+            Ok(()) = notice_rx.changed(), if working => {
+                let Some(notice) = notice_rx.borrow_and_update().clone() else { continue };
+                Signal::Notice { notice, now: SystemTime::now() }
             }
-            Ok(()) = notice_rx.changed(), if halted.is_none() => {
-                let notice = notice_rx.borrow().clone();
-                if let Some(n) = notice {
-                    notice_deadline = Some(tokio::time::Instant::now() + grace_for(&n));
-                    halted = Some(Halt::Notice(n));
-                    let _ = halt_tx.send(halted.clone());
+            _ = armed => {
+                timer = None;
+                Signal::TimerFired
+            }
+            Some(reply) = salvage_rx.recv() => {
+                salvage_reply = Some(reply);
+                Signal::SalvageRequested
+            }
+        };
+        let (next_state, effects) = stop::next(state, signal);
+        state = next_state;
+        let mut salvage_window = None;
+        for effect in effects {
+            match effect {
+                Effect::HaltWorker => {
+                    halt_tx.send_replace(true);
                 }
-            }
-            _ = grace => {
-                // Out of time: stop whatever runs; the worker then winds down.
-                let _ = kill_tx.send(true);
-                notice_deadline = None;
+                Effect::Kill => {
+                    kill_tx.send_replace(true);
+                }
+                Effect::ArmTimer(after) => timer = Some(tokio::time::Instant::now() + after),
+                Effect::Rearm { within } => {
+                    kill_tx.send_replace(false);
+                    salvage_window = Some(within);
+                }
+                Effect::Shutdown => shutdown = true,
             }
         }
+        if let Some(reply) = salvage_reply {
+            let _ = reply.send(salvage_window);
+        }
+        if let Some(worker) = finished.take() {
+            break worker;
+        }
     };
+    let halted = state.halt().cloned();
     drop(heartbeat);
 
     let failed = worker.failed.clone();
@@ -272,7 +285,7 @@ where
         })
         .await;
     events.flush().await;
-    let shutdown = (halted == Some(Halt::Deadline)).then(|| worker.job.shutdown_command.clone());
+    let shutdown = shutdown.then(|| worker.job.shutdown_command.clone());
     drop(worker);
     drop(events);
     let _ = writer.await;
@@ -280,15 +293,6 @@ where
         run_shutdown(cmd).await;
     }
     Ok(outcome)
-}
-
-fn grace_for(n: &imds::Notice) -> Duration {
-    n.time
-        .as_deref()
-        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
-        .and_then(|t| t.duration_since(SystemTime::now()).ok())
-        .map(|left| left.saturating_sub(NOTICE_MARGIN))
-        .unwrap_or(NOTICE_GRACE)
 }
 
 /// The deadline's last resort, so that a forgotten instance ends itself.
@@ -339,9 +343,11 @@ struct Worker {
     client: Option<Client>,
     src: PathBuf,
     kill: watch::Receiver<bool>,
-    /// Lowers the kill flag again, for the salvage push after a notice's grace ran out.
-    rearm: Arc<watch::Sender<bool>>,
-    halt: watch::Receiver<Option<Halt>>,
+    /// Whether the stop policy has halted the work: no new step starts.
+    halt: watch::Receiver<bool>,
+    /// Asks the stop policy for time to push a stopped build's finished stages; the answer
+    /// is how long the push may take, or none.
+    salvage: mpsc::Sender<oneshot::Sender<Option<Duration>>>,
     failed: Vec<String>,
 }
 
@@ -365,7 +371,15 @@ impl StepResult {
 
 impl Worker {
     fn halted(&self) -> bool {
-        self.halt.borrow().is_some()
+        *self.halt.borrow()
+    }
+
+    /// How long a push of a stopped build's finished stages may take, if the stop policy
+    /// allows one (see `stop::next`).
+    async fn ask_salvage(&self) -> Option<Duration> {
+        let (tx, rx) = oneshot::channel();
+        self.salvage.send(tx).await.ok()?;
+        rx.await.ok().flatten()
     }
 
     fn image(&self, project: &str, tag: &str) -> String {
@@ -487,12 +501,14 @@ impl Worker {
                     // A build stopped by an interruption keeps the stages it finished, so
                     // the next attempt on another instance starts from them. The running
                     // build was killed; the push gets a short window of its own.
-                    let noticed = matches!(*self.halt.borrow(), Some(Halt::Notice(_)));
-                    if noticed && !stage_images.is_empty() {
-                        self.rearm.send_replace(false);
+                    let window = match stage_images.is_empty() {
+                        true => None,
+                        false => self.ask_salvage().await,
+                    };
+                    if let Some(within) = window {
                         let step = format!("{}:push", p.name);
                         let t = self.start(&step, Some(&p.name), StepKind::Push).await;
-                        let r = match tokio::time::timeout(NOTICE_MARGIN, self.push_images(&step, &stage_images)).await {
+                        let r = match tokio::time::timeout(within, self.push_images(&step, &stage_images)).await {
                             Ok(r) => r,
                             Err(_) => {
                                 self.events.say(&step, "error: no time left to push the finished stages").await;
