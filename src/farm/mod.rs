@@ -12,6 +12,7 @@
 //! `spotbuild reap`.
 
 pub mod attempt;
+pub mod instance;
 pub mod spread;
 
 use std::collections::BTreeSet;
