@@ -173,11 +173,18 @@ async fn replay(file: &std::path::Path, after: u64, follow: bool, timeout: Durat
     let started = Instant::now();
     let mut last = after;
     loop {
-        let mut out = std::io::stdout().lock();
-        let (seen, done) = agent::events::replay(file, last, &mut out)
-            .map_err(|e| Error::new(Exit::InvalidInput, format!("failed to read {}: {e}", file.display())))?;
-        let _ = out.flush();
-        drop(out);
+        // Reading the file and writing stdout block: not on the runtime's threads.
+        let path = file.to_path_buf();
+        let replayed = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::stdout().lock();
+            let replayed = agent::events::replay(&path, last, &mut out);
+            let _ = out.flush();
+            replayed
+        })
+        .await
+        .expect("replaying does not panic");
+        let (seen, done) =
+            replayed.map_err(|e| Error::new(Exit::InvalidInput, format!("failed to read {}: {e}", file.display())))?;
         last = seen;
         if !follow || done {
             return Ok(Exit::Success);
