@@ -56,7 +56,7 @@ impl Events {
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(file)?;
         let (tx, rx) = mpsc::channel::<Msg>(1024);
-        let task = tokio::spawn(writer(rx, out, log, secrets));
+        let task = tokio::spawn(writer(rx, out, tokio::fs::File::from_std(log), secrets));
         Ok((Events { tx }, task))
     }
 
@@ -91,13 +91,13 @@ impl Events {
 async fn writer<W>(
     mut rx: mpsc::Receiver<Msg>,
     mut out: W,
-    log: std::fs::File,
+    log: tokio::fs::File,
     secrets: Vec<String>,
 ) -> std::io::Result<()>
 where
     W: tokio::io::AsyncWrite + Unpin,
 {
-    let mut log = std::io::BufWriter::with_capacity(256 * 1024, log);
+    let mut log = tokio::io::BufWriter::with_capacity(256 * 1024, log);
     let mut seq = 0u64;
     let mut buf = Vec::with_capacity(256 * 1024);
     // The controller may go away (a dropped SSH connection); the file must still get
@@ -135,19 +135,19 @@ where
                 }
             }
         }
-        log.write_all(&buf)?;
-        log.flush()?;
+        log.write_all(&buf).await?;
+        log.flush().await?;
         if out_ok {
             out_ok = out.write_all(&buf).await.is_ok() && out.flush().await.is_ok();
         }
         buf.clear();
         for done in flushes {
-            log.get_ref().sync_data()?;
+            log.get_ref().sync_data().await?;
             let _ = done.send(());
         }
     }
-    log.flush()?;
-    log.get_ref().sync_data()?;
+    log.flush().await?;
+    log.get_ref().sync_data().await?;
     Ok(())
 }
 

@@ -24,14 +24,6 @@ pub enum Stopped {
 }
 
 impl Stopped {
-    pub fn code(&self) -> i32 {
-        match self {
-            Stopped::Exited(c) => *c,
-            Stopped::NotStarted(_) => 127,
-            Stopped::Killed => 137,
-        }
-    }
-
     pub fn ok(&self) -> bool {
         *self == Stopped::Exited(0)
     }

@@ -18,6 +18,7 @@ pub mod connect;
 pub mod driver;
 pub mod events;
 pub mod follow;
+pub mod instance;
 pub mod job;
 pub mod record;
 pub mod rent;

@@ -7,6 +7,7 @@
 //! connection dropped, and the caller resumes from the last `seq` it saw.
 
 pub mod chunks;
+pub mod fetch;
 pub mod keys;
 pub mod ssh;
 pub mod ssm;

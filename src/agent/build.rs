@@ -1,0 +1,339 @@
+//! The build step of one project: its Dockerfile pinned to the exact images of the projects
+//! it is built `FROM`, a pure [`plan`] of which named stages are built as images of their
+//! own and which cache sources every build reads and writes, and [`build`], which carries
+//! the plan out.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use super::docker::{BuildSpec, BuilderKind, Docker, LayerCount};
+use super::dockerfile::{self, Stage};
+use super::exec::{self, Stopped};
+use super::job::CheckedJob;
+use super::step::{Step, StepStatus};
+use crate::protocol::JobProject;
+
+/// The tag a branch's newest build carries (a cache source for the next build).
+pub fn branch_tag(branch: &str) -> String {
+    let slug: String = branch
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let slug = slug.trim_matches(['-', '.']);
+    let mut tag = format!("branch-{slug}");
+    tag.truncate(120);
+    tag
+}
+
+/// An image a build tags, and the tag that moves to it once it is pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// `host/repository:tag`.
+    pub reference: String,
+    pub tag: String,
+    /// The tag the branch's newest build of this image carries.
+    pub branch_tag: String,
+}
+
+/// A named stage built on its own, before the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageBuild {
+    /// The stage's name in the Dockerfile (`--target`).
+    pub target: String,
+    pub image: Image,
+    pub cache_from: Vec<String>,
+}
+
+/// The build of the image itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageBuild {
+    pub image: Image,
+    /// Images whose (inline) cache the build may reuse.
+    pub cache_from: Vec<String>,
+    /// Buildx registry caches to read, and the one to write.
+    pub cache_refs_from: Vec<String>,
+    pub cache_ref_to: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildPlan {
+    /// Built in order, before the image.
+    pub stages: Vec<StageBuild>,
+    pub image: ImageBuild,
+}
+
+/// Plans the build of `repo:tag` (`repo` is `host/repository`) from a Dockerfile with
+/// `stages`, for a build of `branch`. The cache sources are the newest builds of the
+/// branch, then of the main branch.
+pub fn plan(stages: &[Stage], builder: BuilderKind, repo: &str, tag: &str, branch: &str, main_branch: &str) -> BuildPlan {
+    let branch = branch_tag(branch);
+    let main = branch_tag(main_branch);
+    let mut cache_tags = vec![branch.clone()];
+    if main != branch {
+        cache_tags.push(main);
+    }
+    let mut stage_builds = Vec::new();
+    // Inline cache holds only the final stage: named stages are built and pushed as images
+    // of their own, so a fresh machine can reuse them. Buildx's registry cache holds every
+    // stage already (mode=max).
+    if builder != BuilderKind::Buildx {
+        for stage in stages.iter().take(stages.len().saturating_sub(1)) {
+            let Some(name) = &stage.name else { continue };
+            let slug = branch_tag(name).trim_start_matches("branch-").to_string();
+            // Named by content, never by branch: a cache source must not be an image this
+            // job has just tagged locally (its inline cache names blobs that are nowhere
+            // yet, which BuildKit 20.10 reports as "failed to compute cache key").
+            stage_builds.push(StageBuild {
+                target: name.clone(),
+                image: Image {
+                    reference: format!("{repo}:stage-{slug}-{tag}"),
+                    tag: format!("stage-{slug}-{tag}"),
+                    branch_tag: format!("stage-{slug}-{branch}"),
+                },
+                cache_from: cache_tags.iter().map(|t| format!("{repo}:stage-{slug}-{t}")).collect(),
+            });
+        }
+    }
+    let mut cache_from: Vec<String> = stage_builds.iter().flat_map(|s| s.cache_from.iter().cloned()).collect();
+    cache_from.extend(cache_tags.iter().map(|t| format!("{repo}:{t}")));
+    BuildPlan {
+        image: ImageBuild {
+            image: Image {
+                reference: format!("{repo}:{tag}"),
+                tag: tag.to_string(),
+                branch_tag: branch.clone(),
+            },
+            cache_from,
+            cache_refs_from: cache_tags.iter().map(|t| format!("{repo}:buildcache-{t}")).collect(),
+            cache_ref_to: format!("{repo}:buildcache-{branch}"),
+        },
+        stages: stage_builds,
+    }
+}
+
+/// What a build step made.
+#[derive(Debug)]
+pub enum Built {
+    /// The image, and every stage before it.
+    Passed { image: Image, stages: Vec<Image>, layers: (u32, u32) },
+    /// The build failed or was stopped; the stages it finished are still worth keeping.
+    Failed {
+        status: StepStatus,
+        stages: Vec<Image>,
+        /// Counted once the image's own build ran.
+        layers: Option<(u32, u32)>,
+    },
+}
+
+impl Built {
+    pub fn status(&self) -> StepStatus {
+        match self {
+            Built::Passed { .. } => StepStatus::Passed,
+            Built::Failed { status, .. } => status.clone(),
+        }
+    }
+
+    /// (cached, total) layers.
+    pub fn layers(&self) -> Option<(u32, u32)> {
+        match self {
+            Built::Passed { layers, .. } => Some(*layers),
+            Built::Failed { layers, .. } => *layers,
+        }
+    }
+}
+
+/// Builds project `p`: each planned stage first (so it can be cached on its own), then the
+/// image.
+pub async fn build(step: &Step, docker: &Docker, cx: &CheckedJob, p: &JobProject) -> Built {
+    let errored = || Built::Failed {
+        status: StepStatus::Errored,
+        stages: Vec::new(),
+        layers: None,
+    };
+    let text = match tokio::fs::read_to_string(cx.src.join(&p.dockerfile)).await {
+        Ok(t) => t,
+        Err(e) => {
+            step.say(format!("error: failed to read {}: {e}", p.dockerfile)).await;
+            return errored();
+        }
+    };
+    let images: BTreeMap<String, String> = cx.job.projects.iter().map(|q| (q.name.clone(), cx.image(&q.name, &q.tag))).collect();
+    let (pinned, changes) = dockerfile::pin(&text, &images);
+    for (from, to) in &changes {
+        step.say(format!("FROM {from} pinned to {to}")).await;
+    }
+    let dir = cx.job.workdir.join("dockerfiles");
+    let dockerfile = dir.join(format!("{}.Dockerfile", p.name));
+    let written = match tokio::fs::create_dir_all(&dir).await {
+        Ok(()) => tokio::fs::write(&dockerfile, &pinned).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = written {
+        step.say(format!("error: failed to write {}: {e}", dockerfile.display())).await;
+        return errored();
+    }
+
+    let plan = plan(&dockerfile::stages(&pinned), docker.kind, &cx.repo(&p.name), &p.tag, cx.branch(), &cx.job.main_branch);
+    let counter = Arc::new(Mutex::new(LayerCount::default()));
+    let observer: exec::Observer = {
+        let c = counter.clone();
+        Arc::new(Mutex::new(move |line: &str| c.lock().expect("not poisoned").observe(line)))
+    };
+    let base = BuildSpec {
+        context: cx.src.join(&p.build_dir),
+        dockerfile,
+        build_args: p.build_args.clone(),
+        ..Default::default()
+    };
+    let mut stages = Vec::new();
+    for stage in plan.stages {
+        let spec = BuildSpec {
+            image: stage.image.reference.clone(),
+            target: Some(stage.target),
+            cache_from: stage.cache_from,
+            ..base.clone()
+        };
+        let s = build_once(step, docker, &spec, &observer).await;
+        counter.lock().expect("not poisoned").next_invocation();
+        if !s.ok() {
+            return Built::Failed {
+                status: StepStatus::from(&s),
+                stages,
+                layers: None,
+            };
+        }
+        stages.push(stage.image);
+    }
+    let ImageBuild {
+        image,
+        cache_from,
+        cache_refs_from,
+        cache_ref_to,
+    } = plan.image;
+    let spec = BuildSpec {
+        image: image.reference.clone(),
+        cache_from,
+        cache_refs_from,
+        cache_ref_to: Some(cache_ref_to),
+        ..base
+    };
+    let s = build_once(step, docker, &spec, &observer).await;
+    let layers = counter.lock().expect("not poisoned").counts();
+    match StepStatus::from(&s) {
+        StepStatus::Passed => Built::Passed { image, stages, layers },
+        status => Built::Failed {
+            status,
+            stages,
+            layers: Some(layers),
+        },
+    }
+}
+
+async fn build_once(step: &Step, docker: &Docker, spec: &BuildSpec, observer: &exec::Observer) -> Stopped {
+    if docker.kind == BuilderKind::Classic {
+        // The classic builder only uses cache sources that are present locally.
+        for image in &spec.cache_from {
+            let _ = step.exec(docker.pull(image), None).await;
+        }
+    }
+    step.exec(docker.build(spec), Some(observer.clone())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPO: &str = "r:5000/t/b";
+
+    fn stages(text: &str) -> Vec<Stage> {
+        dockerfile::stages(text)
+    }
+
+    fn image(reference: &str, tag: &str, branch_tag: &str) -> Image {
+        Image {
+            reference: reference.into(),
+            tag: tag.into(),
+            branch_tag: branch_tag.into(),
+        }
+    }
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn branch_tags_are_valid_tags() {
+        assert_eq!(branch_tag("main"), "branch-main");
+        assert_eq!(branch_tag("feature/Add_Thing"), "branch-feature-add-thing");
+        assert!(branch_tag(&"x".repeat(300)).len() <= 120);
+    }
+
+    #[test]
+    fn inline_cache_builds_each_named_stage_but_the_last_as_its_own_image() {
+        let text = "FROM a AS deps\nFROM deps AS Tools\nFROM scratch\nFROM tools AS final\n";
+        for builder in [BuilderKind::BuildKit, BuilderKind::Classic] {
+            let plan = plan(&stages(text), builder, REPO, "cache-abc", "feature/x", "main");
+            let names: Vec<&str> = plan.stages.iter().map(|s| s.target.as_str()).collect();
+            assert_eq!(names, ["deps", "Tools"], "{builder:?}");
+            assert_eq!(
+                plan.stages[0],
+                StageBuild {
+                    target: "deps".into(),
+                    image: image(&format!("{REPO}:stage-deps-cache-abc"), "stage-deps-cache-abc", "stage-deps-branch-feature-x"),
+                    cache_from: strings(&[
+                        "r:5000/t/b:stage-deps-branch-feature-x",
+                        "r:5000/t/b:stage-deps-branch-main"
+                    ]),
+                }
+            );
+            assert_eq!(plan.stages[1].image.tag, "stage-tools-cache-abc");
+            assert_eq!(
+                plan.image,
+                ImageBuild {
+                    image: image(&format!("{REPO}:cache-abc"), "cache-abc", "branch-feature-x"),
+                    cache_from: strings(&[
+                        "r:5000/t/b:stage-deps-branch-feature-x",
+                        "r:5000/t/b:stage-deps-branch-main",
+                        "r:5000/t/b:stage-tools-branch-feature-x",
+                        "r:5000/t/b:stage-tools-branch-main",
+                        "r:5000/t/b:branch-feature-x",
+                        "r:5000/t/b:branch-main",
+                    ]),
+                    cache_refs_from: strings(&["r:5000/t/b:buildcache-branch-feature-x", "r:5000/t/b:buildcache-branch-main"]),
+                    cache_ref_to: "r:5000/t/b:buildcache-branch-feature-x".into(),
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn buildx_builds_no_stage_on_its_own() {
+        let plan = plan(&stages("FROM a AS deps\nFROM deps AS final\n"), BuilderKind::Buildx, REPO, "cache-abc", "dev", "main");
+        assert!(plan.stages.is_empty());
+        assert_eq!(plan.image.cache_from, strings(&["r:5000/t/b:branch-dev", "r:5000/t/b:branch-main"]));
+        assert_eq!(plan.image.cache_refs_from, strings(&["r:5000/t/b:buildcache-branch-dev", "r:5000/t/b:buildcache-branch-main"]));
+        assert_eq!(plan.image.cache_ref_to, "r:5000/t/b:buildcache-branch-dev");
+    }
+
+    #[test]
+    fn a_build_of_the_main_branch_reads_its_caches_once() {
+        let plan = plan(&stages("FROM a AS deps\nFROM deps\n"), BuilderKind::BuildKit, REPO, "cache-abc", "main", "main");
+        assert_eq!(plan.stages[0].cache_from, strings(&["r:5000/t/b:stage-deps-branch-main"]));
+        assert_eq!(
+            plan.image.cache_from,
+            strings(&["r:5000/t/b:stage-deps-branch-main", "r:5000/t/b:branch-main"])
+        );
+        assert_eq!(plan.image.cache_refs_from, strings(&["r:5000/t/b:buildcache-branch-main"]));
+        assert_eq!(plan.image.image.branch_tag, "branch-main");
+    }
+
+    #[test]
+    fn a_dockerfile_without_named_stages_builds_only_the_image() {
+        for text in ["FROM a\nCOPY x /x\n", "FROM a\nFROM b\n", "FROM a AS only\n", ""] {
+            let plan = plan(&stages(text), BuilderKind::Classic, REPO, "cache-abc", "main", "main");
+            assert!(plan.stages.is_empty(), "{text:?}");
+            assert_eq!(plan.image.cache_from, strings(&["r:5000/t/b:branch-main"]));
+            assert_eq!(plan.image.image.reference, "r:5000/t/b:cache-abc");
+        }
+    }
+}

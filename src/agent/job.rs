@@ -1,0 +1,100 @@
+//! The job as the agent checks it before doing anything: a version it speaks, a registry
+//! it can name images in, a deadline it can read; and which of its values are secrets that
+//! no event may carry.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use crate::protocol::{Job, VERSION};
+use crate::registry::auth::Basic;
+use crate::registry::{RegistryError, RegistryRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("failed to read the job: unsupported version {0} (this agent speaks {VERSION})")]
+    Version(u32),
+    #[error("failed to read the job")]
+    Registry(#[source] RegistryError),
+    #[error("failed to read the job: deadline `{deadline}`")]
+    Deadline {
+        deadline: String,
+        #[source]
+        source: humantime::TimestampError,
+    },
+    #[error("failed to prepare {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A job that passed the checks, with what the steps derive from it.
+#[derive(Debug)]
+pub struct CheckedJob {
+    pub job: Job,
+    pub registry: RegistryRef,
+    pub deadline: Option<SystemTime>,
+    /// Where the commit's files are checked out.
+    pub src: PathBuf,
+}
+
+impl CheckedJob {
+    pub fn check(job: Job) -> Result<CheckedJob, AgentError> {
+        if job.v != VERSION {
+            return Err(AgentError::Version(job.v));
+        }
+        let registry = RegistryRef::parse(&job.registry.url).map_err(AgentError::Registry)?;
+        let deadline = match &job.deadline {
+            Some(d) => Some(humantime::parse_rfc3339_weak(d).map_err(|source| AgentError::Deadline {
+                deadline: d.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        Ok(CheckedJob {
+            src: job.workdir.join("src"),
+            job,
+            registry,
+            deadline,
+        })
+    }
+
+    /// `host/repository` of a project's images.
+    pub fn repo(&self, project: &str) -> String {
+        format!("{}/{}", self.registry.host, self.registry.repository(project))
+    }
+
+    /// A project's image with `tag`.
+    pub fn image(&self, project: &str, tag: &str) -> String {
+        format!("{}:{tag}", self.repo(project))
+    }
+
+    /// The branch this build is of (the main branch when the job names none).
+    pub fn branch(&self) -> &str {
+        self.job.branch.as_deref().unwrap_or(&self.job.main_branch)
+    }
+
+    /// Only builds and tests need docker; a job of commands alone runs without it.
+    pub fn needs_docker(&self) -> bool {
+        self.job.projects.iter().any(|p| p.build || !p.tests.is_empty())
+    }
+
+    /// What every event is redacted of: the registry password, and the basic credential
+    /// made of it (which docker and registries echo back).
+    pub fn secrets(&self) -> Vec<String> {
+        let reg = &self.job.registry;
+        let Some(password) = reg.password.as_ref().filter(|p| !p.is_empty()) else {
+            return Vec::new();
+        };
+        let mut secrets = vec![password.clone()];
+        if let Some(username) = &reg.username {
+            let basic = Basic {
+                username: username.clone(),
+                password: password.clone(),
+            };
+            secrets.push(basic.header().trim_start_matches("Basic ").to_string());
+        }
+        secrets
+    }
+}

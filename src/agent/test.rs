@@ -1,0 +1,101 @@
+//! Test steps: a project's test jobs, in its image or as host scripts (which get the image
+//! to run themselves), recorded as passed by a test tag; and the job's own commands, run in
+//! the checkout.
+
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+use super::exec::Stopped;
+use super::job::CheckedJob;
+use super::publish::Tools;
+use super::step::{NotRun, Step, StepStatus};
+use crate::errors::error_chain;
+use crate::protocol::{JobProject, JobTest};
+
+/// Runs test job `test` of project `p`; on success the image gains the test tag by a
+/// manifest copy.
+pub async fn test(step: &Step, tools: &Tools, cx: &CheckedJob, p: &JobProject, test: &JobTest) -> StepStatus {
+    let image = cx.image(&p.name, &p.tag);
+    let ran = if test.host {
+        on_host(step, cx, p, test, &image).await
+    } else {
+        in_image(step, tools, cx, test, &image).await
+    };
+    if !ran.passed() {
+        return ran;
+    }
+    let Some(client) = &tools.client else {
+        step.say("error: no registry client to record the pass").await;
+        return StepStatus::Errored;
+    };
+    match client.copy_tag(&cx.registry.repository(&p.name), &p.tag, &test.tag).await {
+        Ok(()) => {
+            step.say(format!("passed: tagged {}", test.tag)).await;
+            StepStatus::Passed
+        }
+        Err(e) => {
+            step.say(format!("error: failed to record the pass as {}: {}", test.tag, error_chain(&e))).await;
+            StepStatus::Errored
+        }
+    }
+}
+
+async fn on_host(step: &Step, cx: &CheckedJob, p: &JobProject, test: &JobTest, image: &str) -> StepStatus {
+    let Some((program, args)) = test.command.split_first() else {
+        return StepStatus::NotRun(NotRun::NoCommand);
+    };
+    let dir = cx.src.join(&p.project_dir);
+    // `./scripts/run_tests` names a file of the project's folder.
+    let program = if program.contains('/') { dir.join(program) } else { PathBuf::from(program) };
+    let mut cmd = Command::new(program);
+    // What the Aztec build-system's `run_tests` scripts expect, under their names too;
+    // the image is already pulled, so `docker run "$IMAGE_URI"` needs no login.
+    cmd.args(args)
+        .current_dir(&dir)
+        .env("SPOTBUILD_IMAGE", image)
+        .env("IMAGE_URI", image)
+        .env("CONTENT_HASH", &p.hash)
+        .env("COMMIT_HASH", &cx.job.commit)
+        .env("ROOT_PATH", &cx.src)
+        .env("PROJECT_DIR", &dir);
+    step.run(cmd).await
+}
+
+async fn in_image(step: &Step, tools: &Tools, cx: &CheckedJob, test: &JobTest, image: &str) -> StepStatus {
+    let docker = &tools.docker;
+    let name = container_name(&cx.job.build_id, step.name());
+    let stopped = step.exec(docker.run(image, &name, &test.command, test.cpus), None).await;
+    if stopped == Stopped::Killed {
+        // Killing the client does not stop the container.
+        let _ = docker.remove_container(&name).output().await;
+    }
+    StepStatus::from(&stopped)
+}
+
+/// Runs one of the job's own commands in `dir`.
+pub async fn command(step: &Step, dir: &Path, command: &[String]) -> StepStatus {
+    let Some((program, args)) = command.split_first() else {
+        return StepStatus::NotRun(NotRun::NoCommand);
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(dir);
+    step.run(cmd).await
+}
+
+fn container_name(build_id: &str, step: &str) -> String {
+    let raw = format!("spotbuild-{build_id}-{step}");
+    raw.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' { c } else { '-' })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_names_are_valid() {
+        assert_eq!(container_name("b1", "api:test:unit"), "spotbuild-b1-api-test-unit");
+    }
+}
