@@ -13,7 +13,8 @@ pub const NOTICE_GRACE: Duration = Duration::from_secs(90);
 /// How long before a notice's stated time running steps are killed; also how long the
 /// salvage push of a build's finished stages may take.
 pub const NOTICE_MARGIN: Duration = Duration::from_secs(20);
-/// After the deadline or a stop signal, when the kill of the running steps is repeated.
+/// After the deadline or a stop signal, when the kill of the running steps is repeated;
+/// also how long the shutdown command may take.
 pub const WIND_DOWN: Duration = Duration::from_secs(30);
 
 /// Why work stopped early.
