@@ -1,5 +1,6 @@
 # spotbuild's entry points. Each target installs what it needs (idempotently) first.
-#   make test   install the local farm's tools, then run every test
+#   make test   install the local farm's tools, then run every test, and check that they
+#               left nothing behind
 #   make bench  planner figures on a generated 100k-file monorepo; event stream throughput;
 #               the controller's overhead and the bytes it ships for a one-file change
 #   make demo   a real farm build of examples/monorepo on the local farm (EC2 emulated,
@@ -19,8 +20,10 @@ INFRA_PIP := python-hcl2==8.1.4 checkov==3.3.30
 
 .PHONY: test bench demo farm-deps infra-deps apt-deps venv build docker-check ami
 
+# Fails too when the tests left an image, a container, a farm's namespace or link, or a
+# process of theirs on this machine (what was there before is not blamed).
 test: farm-deps infra-deps
-	cargo test --locked --all-targets
+	scripts/check-leftovers cargo test --locked --all-targets
 
 build:
 	cargo build --locked

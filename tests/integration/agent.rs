@@ -251,14 +251,27 @@ fn build_until_notice(repo: &TestRepo, registry: &Registry, imds: &FakeImds, ste
         .spawn()
         .unwrap();
     let mut events: Vec<Value> = Vec::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let e: Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if e["type"] == "step_start" && e["step"] == step {
-            imds.interrupt_in(lead);
+    let mut garbled = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok) {
+        match serde_json::from_str::<Value>(&line) {
+            Ok(e) => {
+                if e["type"] == "step_start" && e["step"] == step {
+                    imds.interrupt_in(lead);
+                }
+                events.push(e);
+            }
+            Err(e) => {
+                garbled.get_or_insert(format!("not an event ({e}): {line}"));
+            }
         }
-        events.push(e);
     }
-    (child.wait().unwrap().code(), events)
+    let code = child.wait().unwrap().code();
+    // Failed only once the build has ended: one still running would outlive the test's
+    // image guard, and what it built would stay on the machine.
+    if let Some(why) = garbled {
+        panic!("{why}");
+    }
+    (code, events)
 }
 
 #[test]

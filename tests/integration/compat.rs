@@ -10,7 +10,7 @@ use std::process::Command;
 use serde_json::json;
 
 use crate::farm::tags;
-use crate::support::docker::{docker_required, unique, Images, BUSYBOX};
+use crate::support::docker::{docker_required, unique, BUSYBOX};
 use crate::support::farm::LocalFarm;
 use crate::support::repo::TestRepo;
 use crate::support::Run;
@@ -62,7 +62,6 @@ fn step(farm: &LocalFarm, repo: &TestRepo, bash_env: &Path, cmd: &str) -> Run {
 fn circleci_steps_of_the_aztec_build_system_run_unchanged() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = ci_repo();
     let sha = repo.head();
     // Two CI jobs, each with its own environment, as CircleCI gives each job.

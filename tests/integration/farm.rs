@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::support::docker::{docker_required, unique, Images, BUSYBOX};
+use crate::support::docker::{docker_out, docker_required, unique, BUSYBOX};
 use crate::support::farm::LocalFarm;
 use crate::support::fault_proxy::{Fault, FaultProxy};
 use crate::support::repo::TestRepo;
@@ -73,7 +73,6 @@ fn record(ev: &[Value]) -> Value {
 fn a_cold_build_then_no_change_then_one_file_changed() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(None, PASSING_TEST);
 
     // 1. Cold: everything is built and the test job passes, on one rented host.
@@ -130,7 +129,6 @@ fn a_cold_build_then_no_change_then_one_file_changed() {
 fn an_interruption_notice_then_a_reclaim_gets_a_second_attempt_that_skips_what_was_pushed() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(Some(r#"["/bin/busybox", "sleep", "8"]"#), PASSING_TEST);
     let record_file = farm.dir.path().join("record.json");
     let child = farm
@@ -177,7 +175,6 @@ fn an_interruption_notice_then_a_reclaim_gets_a_second_attempt_that_skips_what_w
 fn interruptions_other_ci_jobs_recorded_open_the_breaker() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(None, PASSING_TEST);
     // Two other builds were interrupted minutes ago, as recorded in the shared ledger.
     let ledger = spotbuild::ledger::sqlite::SqliteLedger::open(&farm.dir.path().join("ledger.sqlite")).unwrap();
@@ -206,7 +203,6 @@ fn interruptions_other_ci_jobs_recorded_open_the_breaker() {
 fn when_every_spot_pool_fails_the_build_runs_on_demand() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(None, PASSING_TEST);
     let proxy = FaultProxy::start(&farm.ec2_endpoint());
     proxy.inject("CreateFleet", Some("DefaultTargetCapacityType=spot"), 1, Fault::FleetErrors { code: "InsufficientInstanceCapacity" });
@@ -223,7 +219,6 @@ fn when_every_spot_pool_fails_the_build_runs_on_demand() {
 fn sigkill_leaves_the_instance_to_reap_and_sigterm_terminates_it_before_exiting() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(Some(r#"["/bin/busybox", "sleep", "30"]"#), PASSING_TEST);
 
     let mut killed = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -270,7 +265,6 @@ fn sigkill_leaves_the_instance_to_reap_and_sigterm_terminates_it_before_exiting(
 fn a_failing_test_job_fails_the_ci_step_through_tee_with_its_logs() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(None, "echo 'api unit: expected 2, got 3'\nexit 1\n");
     let log = farm.dir.path().join("ci.log");
     let out = farm
@@ -293,7 +287,6 @@ fn a_failing_test_job_fails_the_ci_step_through_tee_with_its_logs() {
 fn a_cut_connection_is_resumed_and_no_line_is_lost() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let slow = r#"["/bin/busybox", "sh", "-c", "for i in $(/bin/busybox seq 1 40); do echo line-$i; /bin/busybox sleep 0.1; done"]"#;
     let repo = farm_repo(Some(slow), PASSING_TEST);
     let child = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -319,7 +312,6 @@ fn a_cut_connection_is_resumed_and_no_line_is_lost() {
 fn max_instances_spreads_independent_parts_over_several_hosts() {
     docker_required();
     let farm = LocalFarm::start();
-    let _images = Images::for_host(&farm.registry());
     let repo = farm_repo(None, PASSING_TEST);
     // A project that shares nothing with the others.
     repo.write("tool/Dockerfile", "FROM scratch\nCOPY tool.txt /tool.txt\n");
@@ -356,7 +348,6 @@ fn with_a_baked_mirror_only_what_it_lacks_is_shipped() {
         repo.commit(&format!("docs {i}"));
     }
     let farm = LocalFarm::start_with(Some(repo.path()));
-    let _images = Images::for_host(&farm.registry());
     repo.write("web/src/index.html", &format!("<p>after the image was baked {}</p>\n", unique()));
     repo.commit("web: change");
     let run = Run::of(farm.spotbuild(repo.path()).args(["build", "--all", "--json"]));
@@ -369,6 +360,46 @@ fn with_a_baked_mirror_only_what_it_lacks_is_shipped() {
     let full = std::fs::metadata(&full).unwrap().len();
     assert!(shipped * 10 < full, "shipped {shipped} bytes; a full bundle is {full}");
     farm.assert_nothing_left();
+}
+
+/// A host that goes away takes only its own processes along: the container of a test job
+/// it was running keeps running, and holds its image (`docker rmi -f` cannot remove an image
+/// a running container uses). Once the farm is dropped, neither is left.
+#[test]
+fn a_test_container_that_outlives_its_host_leaves_nothing_behind() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let registry = farm.registry();
+    let repo = farm_repo(None, "/bin/busybox sleep 30\n");
+    let mut build = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    farm.wait_event(Duration::from_secs(90), |e| e["type"] == "step_start" && e["step"] == "api:test:unit");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containers_of(&registry).is_empty() {
+        assert!(Instant::now() < deadline, "the test job's container did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SIGTERM: the controller terminates the instance, and the farm removes its host.
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(build.id() as i32, libc::SIGTERM) };
+    wait_child(&mut build, Duration::from_secs(60));
+    farm.assert_nothing_left();
+    drop(farm);
+    assert_eq!(containers_of(&registry), Vec::<String>::new());
+    let images: Vec<String> = docker_out(&["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .lines()
+        .filter(|i| i.starts_with(&format!("{registry}/")))
+        .map(String::from)
+        .collect();
+    assert_eq!(images, Vec::<String>::new());
+}
+
+/// Containers (running or not) of an image from `registry`.
+fn containers_of(registry: &str) -> Vec<String> {
+    docker_out(&["ps", "-a", "--format", "{{.Names}} {{.Image}}"])
+        .lines()
+        .filter(|l| l.split_once(' ').is_some_and(|(_, image)| image.starts_with(&format!("{registry}/"))))
+        .map(String::from)
+        .collect()
 }
 
 /// Waits for a build started with piped output; its exit code and what it printed.

@@ -3,15 +3,37 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use super::services::Registry;
 
 pub const BUSYBOX: &str = "/bin/busybox";
 
-/// Removes every local image of one test's registry when dropped, also on failure, with
-/// their descendants and the dangling images that appeared meanwhile (the classic builder
-/// keeps intermediate images as its cache).
-pub struct Images(String, Vec<String>);
+/// What one test's builds leave in the engine, removed when dropped (also on failure):
+/// every image tagged for (or pulled from) the test's registry, the images built on them,
+/// and the containers of any of these. A container holds its image: a test job's
+/// container outlives a killed `docker run` client (a host of the local farm that goes
+/// away takes only its own processes along), and `docker rmi -f` cannot remove an image a
+/// running container uses.
+///
+/// Untagged images (the classic builder's intermediates, an image whose tag moved on, what
+/// a cancelled build had finished) name no registry, so nothing tells one test's from
+/// another's while tests run in parallel: removing them at one test's end could pull an
+/// image from under a build still running. They are removed when the last live guard
+/// drops: every untagged image that appeared since the first of those guards was made.
+pub struct Images(String);
+
+/// The guards alive in this process, and the untagged images there were before the first.
+struct Live {
+    guards: usize,
+    before: Vec<String>,
+}
+
+static LIVE: Mutex<Live> = Mutex::new(Live { guards: 0, before: Vec::new() });
+
+fn live() -> std::sync::MutexGuard<'static, Live> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub fn docker_out(args: &[&str]) -> String {
     Command::new("docker")
@@ -35,55 +57,105 @@ impl Images {
 
     /// Images pushed to (or built for) the registry at `host`.
     pub fn for_host(host: &str) -> Images {
-        Images(host.to_string(), dangling())
+        let mut live = live();
+        if live.guards == 0 {
+            live.before = dangling();
+        }
+        live.guards += 1;
+        Images(host.to_string())
     }
 }
 
 impl Drop for Images {
     fn drop(&mut self) {
         let prefix = format!("{}/", self.0);
-        let mut mine: Vec<String> = docker_out(&["images", "--no-trunc", "--format", "{{.Repository}} {{.ID}}"])
+        let mine: Vec<String> = docker_out(&["images", "--no-trunc", "--format", "{{.Repository}} {{.ID}}"])
             .lines()
             .filter_map(|l| l.split_once(' '))
             .filter(|(repo, _)| repo.starts_with(&prefix))
             .map(|(_, id)| id.to_string())
             .collect();
-        mine.extend(dangling().into_iter().filter(|id| !self.1.contains(id)));
-        if mine.is_empty() {
-            return;
+        remove(mine, |r| r.starts_with(&prefix));
+        // Held while removing, so that no test starts a build meanwhile.
+        let mut live = live();
+        live.guards -= 1;
+        if live.guards == 0 {
+            let before = std::mem::take(&mut live.before);
+            remove(dangling().into_iter().filter(|id| !before.contains(id)).collect(), |_| false);
         }
-        let all: Vec<String> = docker_out(&["images", "-a", "-q", "--no-trunc"]).lines().map(String::from).collect();
-        let mut args = vec!["inspect", "--format", "{{.Id}} {{.Parent}}"];
-        args.extend(all.iter().map(String::as_str));
-        let parents: Vec<(String, String)> = docker_out(&args)
+    }
+}
+
+/// Removes the images `ids` and the images built on them, with the containers of any of
+/// them. An image that also carries a name `ours` rejects is only untagged from the names
+/// `ours` accepts, and one carrying only such names is left alone: it is someone else's.
+fn remove(mut ids: Vec<String>, ours: impl Fn(&str) -> bool) {
+    if ids.is_empty() {
+        return;
+    }
+    // Id, parent, names (tags and digests) of every image.
+    let all: Vec<String> = docker_out(&["images", "-a", "-q", "--no-trunc"]).lines().map(String::from).collect();
+    let mut args = vec!["image", "inspect", "--format", "{{.Id}} {{.Parent}}{{range .RepoTags}} {{.}}{{end}}{{range .RepoDigests}} {{.}}{{end}}"];
+    args.extend(all.iter().map(String::as_str));
+    let images: Vec<(String, String, Vec<String>)> = docker_out(&args)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            Some((f.next()?.to_string(), f.next()?.to_string(), f.map(String::from).collect()))
+        })
+        .collect();
+    let mut grew = true;
+    while grew {
+        grew = false;
+        for (id, parent, _) in &images {
+            if !parent.is_empty() && ids.contains(parent) && !ids.contains(id) {
+                ids.push(id.clone());
+                grew = true;
+            }
+        }
+    }
+    // (what to remove: an image id or one of its names, the image it frees)
+    let mut targets: Vec<(String, String)> = Vec::new();
+    for (id, _, names) in images.iter().filter(|(id, _, _)| ids.contains(id)) {
+        if names.iter().all(|n| ours(n)) {
+            targets.push((id.clone(), id.clone()));
+        } else {
+            targets.extend(names.iter().filter(|n| ours(n)).map(|n| (n.clone(), String::new())));
+        }
+    }
+    let freed: Vec<&String> = targets.iter().map(|(_, id)| id).filter(|id| !id.is_empty()).collect();
+    let containers: Vec<String> = docker_out(&["ps", "-a", "-q", "--no-trunc"]).lines().map(String::from).collect();
+    if !containers.is_empty() && !freed.is_empty() {
+        let mut args = vec!["container", "inspect", "--format", "{{.Id}} {{.Image}}"];
+        args.extend(containers.iter().map(String::as_str));
+        let doomed: Vec<String> = docker_out(&args)
             .lines()
             .filter_map(|l| l.split_once(' '))
-            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .filter(|(_, image)| freed.iter().any(|id| *id == image))
+            .map(|(c, _)| c.to_string())
             .collect();
-        let mut grew = true;
-        while grew {
-            grew = false;
-            for (id, parent) in &parents {
-                if !parent.is_empty() && mine.contains(parent) && !mine.contains(id) {
-                    mine.push(id.clone());
-                    grew = true;
-                }
-            }
+        if !doomed.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&doomed).output();
         }
-        mine.sort();
-        mine.dedup();
-        // A parent cannot go before its children: retry what is left until nothing moves.
-        for _ in 0..5 {
-            let left: Vec<String> = mine
-                .iter()
-                .filter(|id| Command::new("docker").args(["rmi", "-f", id]).output().map(|o| !o.status.success()).unwrap_or(true))
-                .cloned()
-                .collect();
-            if left.is_empty() || left.len() == mine.len() {
-                break;
-            }
-            mine = left;
+    }
+    // A parent cannot go before its children: retry what is left until nothing moves. An
+    // image goes by its id (-f: all its names with it); a name is only untagged.
+    let mut left: Vec<(String, bool)> = targets.into_iter().map(|(t, id)| (t, !id.is_empty())).collect();
+    left.sort();
+    left.dedup();
+    while !left.is_empty() {
+        let failed: Vec<(String, bool)> = left
+            .iter()
+            .filter(|(t, by_id)| {
+                let args: &[&str] = if *by_id { &["rmi", "-f", t] } else { &["rmi", t] };
+                Command::new("docker").args(args).output().map(|o| !o.status.success()).unwrap_or(true)
+            })
+            .cloned()
+            .collect();
+        if failed.len() == left.len() {
+            break;
         }
+        left = failed;
     }
 }
 

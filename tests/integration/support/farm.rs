@@ -1,6 +1,7 @@
 //! The local farm as a test fixture: `spotbuild farm up --foreground` in a directory of its
 //! own, on a /24 of its own, stopped (and checked to have removed every host and namespace)
-//! when dropped. If the test process dies, the kernel sends the farm SIGTERM and it cleans up.
+//! when dropped, and then the images its hosts built removed. If the test process dies, the
+//! kernel sends the farm SIGTERM and it cleans up.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tempfile::TempDir;
 
+use super::docker::Images;
 use super::services::runtime;
 
 static NEXT_SUBNET: AtomicU8 = AtomicU8::new(0);
@@ -20,6 +22,9 @@ pub struct LocalFarm {
     pub dir: TempDir,
     pub state: Value,
     pub prefix: String,
+    /// Dropped after the farm has stopped, when no host (and so no agent) is left to build
+    /// or pull: a host is gone from `hosts()` before its processes are.
+    _images: Images,
 }
 
 fn moto_server() -> PathBuf {
@@ -81,11 +86,13 @@ impl LocalFarm {
             assert!(Instant::now() < deadline, "the farm was not ready in 90s:\n{}", std::fs::read_to_string(dir.path().join("farm.log")).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(100));
         };
+        let images = Images::for_host(state["registry"].as_str().expect("the farm's registry"));
         LocalFarm {
             child: Some(child),
             dir,
             state,
             prefix: format!("sbf{octet}"),
+            _images: images,
         }
     }
 
