@@ -286,13 +286,18 @@ async fn run_owned(
             },
             ec2,
             registry_port,
-            prefix,
+            prefix: prefix.clone(),
             hosts: Mutex::new(BTreeMap::new()),
             next_index: std::sync::atomic::AtomicU32::new(1),
         };
         serve(farm, control, shutdown, ready).await
     }
     .await;
+    // A host being removed by a control request when the farm stopped may be half gone:
+    // sweep every namespace of this farm, whatever state it was left in.
+    for ns in netns::namespaces_with_prefix(&format!("{prefix}-")).await {
+        netns::delete_host(&ns, "").await;
+    }
     netns::delete_link(&bridge).await;
     result
 }
@@ -326,19 +331,19 @@ async fn serve(
     });
     ready(&farm.state);
 
-    let watch = farm.clone();
-    let result = tokio::select! {
-        _ = shutdown => Ok(()),
-        r = async move {
-            let mut tick = tokio::time::interval(watch.settings.poll);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                if let Err(e) = watch.poll().await {
-                    tracing::warn!(error = %crate::errors::error_chain(&e), "farm poll failed");
-                }
-            }
-        } => r,
+    let mut tick = tokio::time::interval(farm.settings.poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = tick.tick() => {}
+        }
+        // A pass runs to its end, never cancelled midway: that would leave a host half made
+        // or half removed (out of the map, its namespace still there).
+        if let Err(e) = farm.poll().await {
+            tracing::warn!(error = %crate::errors::error_chain(&e), "farm poll failed");
+        }
     };
     control_task.abort();
     let mut hosts = farm.hosts.lock().await;
