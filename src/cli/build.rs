@@ -4,14 +4,13 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, SystemTime};
 
 use clap::Args;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::error::{Error, Exit};
 use super::plan::{compute, PlannedExt};
-use super::remote::{Remote, Scope};
+use super::remote::{Remote, RemoteFlags, Scope};
 use super::reporter::Reporter;
 use crate::farm::job::{self, JobOptions};
 use crate::plan::planner::PlanRequest;
@@ -34,46 +33,6 @@ A spot interruption or a lost host starts a new attempt that skips what was push
 instance is terminated before the command exits (also on SIGINT and SIGTERM).
 Exit code: 0 success, 1 a build or test failed, 6 interrupted on every attempt, 7 an error
 another attempt would not fix, 130/143 stopped by a signal.";
-
-/// Flags `build`, `test` and `run` share.
-#[derive(Debug, Clone, Args)]
-pub struct RemoteFlags {
-    /// The commit to build or test.
-    #[arg(long, value_name = "REV", default_value = "HEAD")]
-    pub commit: String,
-
-    /// Print events as NDJSON instead of readable lines.
-    #[arg(long)]
-    pub json: bool,
-
-    /// Registry as HOST[:PORT][/PREFIX].
-    #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
-    pub registry: Option<String>,
-
-    /// Stop all work after this long.
-    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-
-    /// Rent a machine with this many vCPUs: only instance types of that size are tried
-    /// [default: every configured type].
-    #[arg(long, value_name = "N")]
-    pub cpus: Option<u32>,
-
-    /// Which markets to use [default: `[cloud] market`, spot then on-demand].
-    #[arg(long, value_enum, value_name = "POLICY")]
-    pub market: Option<crate::cloud::MarketPolicy>,
-
-    /// Also write the record (attempts, instances, prices, phases) to FILE as JSON (with
-    /// `build --max-instances` above 1: an array, one record per instance).
-    #[arg(long, value_name = "FILE")]
-    pub record: Option<PathBuf>,
-
-    /// Where to record what the build cost: a file (SQLite), `s3://bucket/prefix` (one
-    /// shared ledger for many CI jobs), or `off` [default: `[ledger] url`, else
-    /// ~/.local/share/spotbuild/ledger.sqlite].
-    #[arg(long, value_name = "LOCATION", env = "SPOTBUILD_LEDGER")]
-    pub ledger: Option<String>,
-}
 
 #[derive(Debug, Clone, Args)]
 #[command(about = "Build (and test) what the plan says needs it", after_help = BUILD_AFTER_HELP)]
@@ -155,7 +114,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         eprintln!("nothing to build: every image and test tag already exists");
         return Ok(unplanned);
     }
-    let build_id = build_id();
+    let build_id = crate::farm::build::new_build_id();
     let workdir = args
         .workdir
         .clone()
@@ -185,26 +144,6 @@ fn options(args: &BuildArgs, build_id: String) -> JobOptions {
         builder: args.builder,
         timeout: args.flags.timeout,
     }
-}
-
-/// A short, sortable, unique-enough id: time in milliseconds and the process id, base 36.
-pub fn build_id() -> String {
-    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
-    format!("{}{}", radix36(ms as u64), radix36(std::process::id() as u64 % 1296))
-}
-
-fn radix36(mut n: u64) -> String {
-    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(digits[(n % 36) as usize]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.reverse();
-    String::from_utf8(out).expect("ascii")
 }
 
 /// Runs this binary as the agent with `job` on stdin, showing or passing through its

@@ -5,10 +5,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::build::RemoteFlags;
 use super::error::{Error, Exit};
 use super::plan::Planned;
-use super::remote::{Remote, Scope};
+use super::remote::{Remote, RemoteFlags, Scope};
 use crate::plan::{TestKind, TestRun};
 use crate::protocol::BuilderChoice;
 

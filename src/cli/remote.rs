@@ -6,9 +6,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use super::build::RemoteFlags;
+use clap::Args;
+
 use super::error::{Error, Exit};
 use super::plan::{compute, PlannedExt};
 use super::reporter::Reporter;
@@ -23,6 +24,47 @@ use crate::protocol::BuilderChoice;
 use crate::settings::AuthMode;
 
 pub use crate::farm::job::Scope;
+
+/// Flags `build`, `test` and `run` share.
+#[derive(Debug, Clone, Args)]
+pub struct RemoteFlags {
+    /// The commit to build or test.
+    #[arg(long, value_name = "REV", default_value = "HEAD")]
+    pub commit: String,
+
+    /// Print events as NDJSON instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Registry as HOST[:PORT][/PREFIX].
+    #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
+    pub registry: Option<String>,
+
+    /// Stop all work after this long.
+    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Rent a machine with this many vCPUs: only instance types of that size are tried
+    /// [default: every configured type].
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+
+    /// Which markets to use [default: `[cloud] market`, spot then on-demand].
+    #[arg(long, value_enum, value_name = "POLICY")]
+    pub market: Option<crate::cloud::MarketPolicy>,
+
+    /// Also write the record (attempts, instances, prices, phases) to FILE as JSON (with
+    /// `build --max-instances` above 1: an array, one record per instance).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+
+    /// Where to record what the build cost: a file (SQLite), `s3://bucket/prefix` (one
+    /// shared ledger for many CI jobs), or `off` [default: `[ledger] url`, else
+    /// ~/.local/share/spotbuild/ledger.sqlite].
+    #[arg(long, value_name = "LOCATION", env = "SPOTBUILD_LEDGER")]
+    pub ledger: Option<String>,
+}
+
 
 /// What `build`, `test` and `run` ask of the farm; they differ only in this.
 pub struct Remote<'a> {
@@ -63,7 +105,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: R
     // Entries that could not be planned are said now; the rest are built, and the exit
     // code says that not everything was.
     let unplanned = planned.report_broken();
-    let build_id = super::build::build_id();
+    let build_id = crate::farm::build::new_build_id();
     let options = JobOptions {
         build_id: build_id.clone(),
         registry_auth: remote.registry_auth,

@@ -67,6 +67,26 @@ pub struct BuildRequest {
     pub branch: Option<String>,
 }
 
+/// A short, sortable, unique-enough id: time in milliseconds and the process id, base 36.
+pub fn new_build_id() -> String {
+    let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{}{}", radix36(ms as u64), radix36(std::process::id() as u64 % 1296))
+}
+
+fn radix36(mut n: u64) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    out.into_iter().map(char::from).collect()
+}
+
 /// Plans the build again, for the attempts after the first.
 pub trait Planner: Send + Sync {
     fn plan(&self) -> BoxFuture<'_, Result<Work, PlanningError>>;
