@@ -110,7 +110,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
     })
     .await?;
     let unplanned = planned.report_broken();
-    if !job::work(&planned, &Scope::Build, &options(&args, String::new())).any_left(None) {
+    if !planned.plan.projects.iter().any(|p| Scope::Build.work_for(p)) {
         eprintln!("nothing to build: every image and test tag already exists");
         return Ok(unplanned);
     }

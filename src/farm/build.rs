@@ -360,7 +360,7 @@ async fn run_group(g: &Group<'_>, deps: &Deps, work: &Work, only: Option<&[Strin
                 Err(e) => g.say(n, super::attempt::Phase::Launching, format!("warning: could not read shared interruptions: {}", error_chain(&e))),
             }
         }
-        let record = driver::run(g, n, job, Arc::new(interruptions.clone())).await;
+        let record = driver::run(g, n, job, &interruptions).await;
         (g.on_event)(FarmEvent::AttemptEnded { group: g.group, record: record.clone() });
         if record.outcome == super::attempt::AttemptOutcome::Interrupted {
             // At the ledger's precision, so reading it back does not count it twice.

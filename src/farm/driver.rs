@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::attempt::{self, Action, Observation, Phase};
@@ -156,11 +155,11 @@ pub struct Attempt<'g, 'a> {
     pub record: AttemptRecord,
     pub followed: Followed,
     /// Interruptions the breaker counts (other builds' and this one's).
-    pub interruptions: Arc<Vec<SystemTime>>,
+    pub interruptions: &'g [SystemTime],
 }
 
 /// Runs attempt `n` of `job` to its end, instance terminated.
-pub async fn run(g: &Group<'_>, n: u32, job: Job, interruptions: Arc<Vec<SystemTime>>) -> AttemptRecord {
+pub async fn run<'g>(g: &'g Group<'_>, n: u32, job: Job, interruptions: &'g [SystemTime]) -> AttemptRecord {
     let mut a = Attempt {
         g,
         n,

@@ -59,7 +59,7 @@ impl Attempt<'_, '_> {
             user_data,
             extra_tags: cfg.tags.clone(),
         };
-        let breaker = breaker::state(&self.interruptions, SystemTime::now(), BreakerSettings::default());
+        let breaker = breaker::state(self.interruptions, SystemTime::now(), BreakerSettings::default());
         if let Breaker::Open { until, .. } = breaker {
             self.say(Phase::Launching, format!("spot breaker open until {}: on-demand only", humantime::format_rfc3339_seconds(until)));
         }
