@@ -31,8 +31,9 @@ pinned to that project's cache-<hash> image. Each build uses the project's branc
 main-branch images as cache sources. A passed test job tags the image cache-<hash>-<job>.
 A spot interruption or a lost host starts a new attempt that skips what was pushed; every
 instance is terminated before the command exits (also on SIGINT and SIGTERM).
-Exit code: 0 success, 1 a build or test failed, 6 interrupted on every attempt, 7 an error
-another attempt would not fix, 130/143 stopped by a signal.";
+Exit code: 0 success, 1 a build or test failed, 3 some entries could not be planned,
+4/5 a git/registry failure (also when re-planning between attempts), 6 interrupted on
+every attempt, 7 an error another attempt would not fix, 130/143 stopped by a signal.";
 
 #[derive(Debug, Clone, Args)]
 #[command(about = "Build (and test) what the plan says needs it", after_help = BUILD_AFTER_HELP)]

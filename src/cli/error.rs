@@ -92,8 +92,9 @@ Exit codes:
   2    usage error (bad arguments, unknown project, missing setting)
   3    invalid build_manifest.json/.yml, patterns file or spotbuild.toml (also: some
        entries could not be planned while the others were)
-  4    git error (not a repository, unknown revision, object missing from the clone)
-  5    registry error where no safe fallback exists
+  4    git error (not a repository, unknown revision, object missing from the clone),
+       also when re-planning between attempts
+  5    registry error where no safe fallback exists, also when re-planning
   6    interrupted (spot interruption notice); retrying is safe
   7    cloud API error (permissions, configuration, unreachable), or a remote build
        that could not finish for a reason another attempt would not fix
