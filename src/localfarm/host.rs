@@ -117,7 +117,11 @@ impl Host {
                 });
             }
         }));
-        // sshd, as cloud-init would have configured it from the user data.
+        // sshd, as cloud-init would have configured it from the user data. The farm's hosts
+        // log in as this machine's root, whose shell reads ~/.bashrc when sshd runs it (at
+        // SHLVL below 2): a personal rc (e.g. one that rehashes pyenv under a lock a killed
+        // host can leave behind) must not run before every command. An instance's own
+        // login user has no such rc.
         let Some(boot) = &spec.boot else {
             tracing::warn!(instance = %self.instance_id, "no spotbuild user data: the host has no sshd");
             return Ok(());
@@ -133,7 +137,8 @@ impl Host {
                 "ListenAddress {addr}:22\nHostKey {key}\nAuthorizedKeysFile {authorized}\nPidFile none\n\
                  UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  PermitRootLogin prohibit-password\nAllowUsers {user}\nStrictModes no\n\
-                 AllowAgentForwarding no\nX11Forwarding no\nPrintMotd no\nLogLevel INFO\n",
+                 AllowAgentForwarding no\nX11Forwarding no\nPrintMotd no\nLogLevel INFO\n\
+                 SetEnv SHLVL=1\n",
                 addr = spec.address,
                 key = key.display(),
                 authorized = authorized.display(),
