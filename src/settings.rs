@@ -58,7 +58,7 @@ fn default_dependencies_timeout() -> Duration {
 }
 
 /// Where builds' costs are recorded (`--ledger` and `SPOTBUILD_LEDGER` take precedence).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
     /// A file path (SQLite), `s3://bucket/prefix`, or `off` [default: a file under the
@@ -66,6 +66,24 @@ pub struct LedgerConfig {
     pub url: Option<String>,
     /// An S3-compatible endpoint for an `s3://` ledger (an emulator) [default: AWS's].
     pub endpoint: Option<String>,
+    /// How often a running build rewrites its entry (cost so far) and its heartbeat, which
+    /// `spotbuild reap` reads to find builds whose controller died.
+    #[serde(default = "default_ledger_heartbeat", with = "humantime_serde_compat")]
+    pub heartbeat: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            url: None,
+            endpoint: None,
+            heartbeat: default_ledger_heartbeat(),
+        }
+    }
+}
+
+fn default_ledger_heartbeat() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// How the controller reaches an instance and runs the agent there.
@@ -93,6 +111,14 @@ pub struct RemoteConfig {
     /// Bound on SSH coming up on a fresh instance.
     #[serde(default = "default_connect_timeout", with = "humantime_serde_compat")]
     pub connect_timeout: Duration,
+    /// How often the agent sends a heartbeat event.
+    #[serde(default = "default_agent_heartbeat", with = "humantime_serde_compat")]
+    pub agent_heartbeat: Duration,
+    /// How long the agent may send nothing (not even a heartbeat) before the controller
+    /// checks its process over the transport; a dead agent fails the attempt, an
+    /// unreachable host loses it. At least twice `agent_heartbeat`.
+    #[serde(default = "default_agent_silence", with = "humantime_serde_compat")]
+    pub agent_silence: Duration,
     /// Attempts per build (interruptions and lost hosts start a new one).
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
@@ -177,6 +203,12 @@ fn default_mirror() -> PathBuf {
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(180)
 }
+fn default_agent_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_agent_silence() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_max_attempts() -> u32 {
     3
 }
@@ -197,6 +229,8 @@ impl Default for RemoteConfig {
             mirror: default_mirror(),
             allow_cidrs: Vec::new(),
             connect_timeout: default_connect_timeout(),
+            agent_heartbeat: default_agent_heartbeat(),
+            agent_silence: default_agent_silence(),
             max_attempts: default_max_attempts(),
             max_reconnects: default_max_reconnects(),
             max_instances: default_max_instances(),
@@ -249,6 +283,10 @@ pub struct CloudConfig {
     /// Bound on waiting for a launched instance to run.
     #[serde(default = "default_running_timeout", with = "humantime_serde_compat")]
     pub running_timeout: Duration,
+    /// Bound on one launch call (CreateLaunchTemplate, CreateFleet). Past it the launch is
+    /// ambiguous: its instance is looked for by tag before anything else is tried.
+    #[serde(default = "default_launch_call_timeout", with = "humantime_serde_compat")]
+    pub launch_call_timeout: Duration,
     /// Cost-allocation tags added to every instance and volume.
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
@@ -266,6 +304,9 @@ fn default_ttl() -> Duration {
 fn default_running_timeout() -> Duration {
     Duration::from_secs(180)
 }
+fn default_launch_call_timeout() -> Duration {
+    crate::cloud::aws::LAUNCH_CALL_TIMEOUT
+}
 
 impl Default for CloudConfig {
     fn default() -> Self {
@@ -282,6 +323,7 @@ impl Default for CloudConfig {
             root_volume_gb: default_root_volume_gb(),
             ttl: default_ttl(),
             running_timeout: default_running_timeout(),
+            launch_call_timeout: default_launch_call_timeout(),
             tags: Default::default(),
         }
     }
@@ -399,7 +441,48 @@ mod humantime_serde_compat {
     }
 }
 
+/// What the instance's TTL must leave room for beyond the build's own timeout: teardown,
+/// and the agent winding down past its deadline.
+pub const TTL_MARGIN: Duration = Duration::from_secs(600);
+
+/// Settings that do not fit together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsConflict {
+    #[error("[cloud] ttl ({ttl}) is shorter than the build's timeout ({timeout}) plus [cloud] running_timeout ({running}), [remote] connect_timeout ({connect}) and {margin} for teardown: the instance would shut itself down under a build still within its time")]
+    TtlTooShort {
+        ttl: String,
+        timeout: String,
+        running: String,
+        connect: String,
+        margin: String,
+    },
+    #[error("[remote] agent_silence ({silence}) is less than twice [remote] agent_heartbeat ({heartbeat}): one late heartbeat would fail a healthy build")]
+    SilenceTooShort { silence: String, heartbeat: String },
+}
+
 impl Config {
+    /// Checks the settings a remote build of at most `timeout` relies on together.
+    pub fn check_remote(&self, timeout: Duration) -> Result<(), SettingsConflict> {
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let needed = timeout + self.cloud.running_timeout + self.remote.connect_timeout + TTL_MARGIN;
+        if self.cloud.ttl < needed {
+            return Err(SettingsConflict::TtlTooShort {
+                ttl: d(self.cloud.ttl),
+                timeout: d(timeout),
+                running: d(self.cloud.running_timeout),
+                connect: d(self.remote.connect_timeout),
+                margin: d(TTL_MARGIN),
+            });
+        }
+        if self.remote.agent_silence < self.remote.agent_heartbeat * 2 {
+            return Err(SettingsConflict::SilenceTooShort {
+                silence: d(self.remote.agent_silence),
+                heartbeat: d(self.remote.agent_heartbeat),
+            });
+        }
+        Ok(())
+    }
+
     /// Loads `path` if given (it must exist), else `<root>/spotbuild.toml` if it exists,
     /// else the defaults.
     pub fn load(explicit: Option<&Path>, root: Option<&Path>) -> Result<Config, ConfigError> {
@@ -458,6 +541,16 @@ mod tests {
         assert_eq!(c.cloud.market, crate::cloud::MarketPolicy::OnDemand);
         assert_eq!(c.cloud.ttl, Duration::from_secs(5400));
         assert!(Config::parse("[cloud]\nmarket = \"cheap\"\n", Path::new("x")).is_err());
+    }
+
+    #[test]
+    fn the_ttl_must_cover_the_timeout_and_its_margins() {
+        let c = Config::parse("", Path::new("x")).unwrap();
+        assert_eq!(c.check_remote(Duration::from_secs(2 * 3600)), Ok(()), "the defaults fit");
+        let e = c.check_remote(Duration::from_secs(3 * 3600)).unwrap_err();
+        assert!(e.to_string().contains("[cloud] ttl (3h) is shorter than the build's timeout (3h)"), "{e}");
+        let c = Config::parse("[remote]\nagent_heartbeat = \"40s\"\n", Path::new("x")).unwrap();
+        assert!(matches!(c.check_remote(Duration::from_secs(60)), Err(SettingsConflict::SilenceTooShort { .. })));
     }
 
     #[test]

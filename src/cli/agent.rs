@@ -49,6 +49,15 @@ pub enum AgentCommand {
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
     },
+    /// Print whether the agent started as PID still runs, and the end of its log, as
+    /// JSON (the controller asks when it has heard nothing for a while).
+    Status {
+        #[arg(long)]
+        pid: u32,
+        /// The job's working directory (where `agent.log` is).
+        #[arg(long, value_name = "DIR")]
+        workdir: PathBuf,
+    },
     /// Print what this machine offers a controller as JSON: version, and the commit of
     /// the baked git mirror (so only what it lacks is shipped).
     Info {
@@ -114,6 +123,11 @@ pub async fn run(args: AgentArgs) -> Result<Exit, Error> {
             instance::receive(&to, sha256.as_deref(), tokio::io::stdin())
                 .await
                 .map_err(|e| Error::new(Exit::Failed, error_chain(&e)))?;
+            Ok(Exit::Success)
+        }
+        AgentCommand::Status { pid, workdir } => {
+            let status = instance::status(pid, &workdir).await;
+            println!("{}", serde_json::to_string(&status).expect("a status always serialises"));
             Ok(Exit::Success)
         }
         AgentCommand::Info { mirror } => {

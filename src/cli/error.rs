@@ -250,6 +250,15 @@ impl From<BuildError> for Error {
             BuildError::NoTypeWithCpus(_) => Error::of(Exit::Usage, e).hint("add types of that size to [cloud] instance_types"),
             BuildError::LocalDir(_) => Error::of(Exit::Failed, e),
             BuildError::Replan { source, .. } => source.into(),
+            BuildError::Settings(ref c) => {
+                let hint = match c {
+                    crate::settings::SettingsConflict::TtlTooShort { .. } => {
+                        "raise [cloud] ttl in spotbuild.toml or lower --timeout: an instance must outlive the longest build it may run"
+                    }
+                    crate::settings::SettingsConflict::SilenceTooShort { .. } => "raise [remote] agent_silence or lower [remote] agent_heartbeat",
+                };
+                Error::of(Exit::Usage, e).hint(hint)
+            }
         }
     }
 }
@@ -271,7 +280,7 @@ impl Exit {
             BuildResult::Success => Exit::Success,
             BuildResult::Failed => Exit::Failed,
             BuildResult::GaveUp => Exit::Interrupted,
-            BuildResult::Error => Exit::of_build_error(r.error.as_deref()),
+            BuildResult::Error | BuildResult::TimedOut => Exit::of_build_error(r.error.as_deref()),
         };
         let rank = |e: Exit| match e {
             Exit::Success => 0,

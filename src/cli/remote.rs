@@ -97,8 +97,11 @@ impl Remote<'_> {
 }
 
 pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: Remote<'_>) -> Result<Exit, Error> {
-    let request = remote.plan_request(repo_dir, config);
+    let mut request = remote.plan_request(repo_dir, config);
     let planned = compute(&request).await?;
+    // Re-plans between attempts ask about this commit, whatever `--commit HEAD` (or a
+    // branch) points at by then.
+    request.commit = planned.plan.commit.clone();
     if let Scope::Test(run) = &remote.scope {
         super::oneoff::check_test_run(&planned, run)?;
     }

@@ -7,13 +7,28 @@
 //! - Throttling retries the same market with jittered exponential backoff, a bounded
 //!   number of times; the SDK itself must not retry launches (a capacity error must move
 //!   on quickly), so this is the only retry.
+//! - An ambiguous failure (no answer read: a timeout, a dropped connection, a 5xx) may hide
+//!   an instance that was launched. Before anything else, the attempt's instance is looked
+//!   for by its tags (bounded by [`AMBIGUOUS_LOOKUP`], EC2 being eventually consistent) and
+//!   adopted if found; otherwise the same request is sent again with the same idempotency
+//!   token, which launches nothing more if the first one did. Only then does the policy
+//!   move on, and [`LaunchError::ambiguous`] tells the caller that an instance may still
+//!   appear (its teardown then searches by tag).
 
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 
 use super::breaker::Breaker;
-use super::{Cloud, CloudFailure, FailureKind, LaunchSpec, Launched, Market, MarketPolicy};
+use super::{tags, Cloud, CloudFailure, FailureKind, InstanceState, LaunchSpec, Launched, Market, MarketPolicy, Pool};
+
+/// How long an ambiguous launch's instance is looked for by its tags before the request is
+/// sent again: newly launched instances can take seconds to be listed.
+pub const AMBIGUOUS_LOOKUP: Duration = Duration::from_secs(20);
+/// Between lookups of an ambiguous launch's instance.
+const LOOKUP_EVERY: Duration = Duration::from_secs(2);
+/// How many times an ambiguous request is sent again (same token) before moving on.
+pub const AMBIGUOUS_RESENDS: usize = 1;
 
 /// How often a throttled launch is retried, and the first delay.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +73,15 @@ pub enum LaunchError {
 }
 
 impl LaunchError {
+    /// Some request got no answer: an instance may exist that was never seen, and only a
+    /// search by the build's tag can find it.
+    pub fn ambiguous(&self) -> bool {
+        let tried = match self {
+            LaunchError::Fatal { tried, .. } | LaunchError::Exhausted { tried } => tried,
+        };
+        tried.iter().flat_map(|t| &t.failures).any(|f| f.kind == FailureKind::Ambiguous)
+    }
+
     pub fn hint(&self) -> Option<&'static str> {
         match self {
             LaunchError::Fatal { failure, .. } => match failure.kind {
@@ -108,8 +132,9 @@ pub async fn wait_running(
             Ok(seen) => {
                 if let Some(o) = seen.into_iter().find(|o| o.instance_id == instance_id) {
                     match o.state {
-                        super::InstanceState::Running => return Ok((o, started.elapsed())),
-                        super::InstanceState::Pending => {}
+                        InstanceState::Running => return Ok((o, started.elapsed())),
+                        // Not listed yet, right after the launch: keep polling.
+                        InstanceState::Pending | InstanceState::NotFound => {}
                         _ => {
                             return Err(WaitError::Ended {
                                 instance_id: instance_id.to_string(),
@@ -120,7 +145,7 @@ pub async fn wait_running(
                 }
             }
             // A fresh instance id may not be visible yet (eventual consistency): keep polling.
-            Err(f) if f.code.as_deref() == Some("InvalidInstanceID.NotFound") => {}
+            Err(f) if f.is_not_found() => {}
             Err(failure) => {
                 return Err(WaitError::Observe {
                     instance_id: instance_id.to_string(),
@@ -148,6 +173,41 @@ pub fn markets(policy: MarketPolicy, breaker: Breaker) -> Vec<Market> {
     }
 }
 
+fn all(failures: &[CloudFailure], kind: FailureKind) -> bool {
+    !failures.is_empty() && failures.iter().all(|f| f.kind == kind)
+}
+
+/// After an ambiguous launch: this attempt's instance, if EC2 lists it within
+/// [`AMBIGUOUS_LOOKUP`].
+async fn find_launched(cloud: &dyn Cloud, spec: &LaunchSpec, market: Market) -> Option<Launched> {
+    let started = tokio::time::Instant::now();
+    let ids = [spec.build_id.clone()];
+    let attempt = spec.attempt.to_string();
+    loop {
+        if let Ok(found) = cloud.find(&ids).await {
+            let mine = found.into_iter().find(|o| o.tags.get(tags::ATTEMPT) == Some(&attempt) && !o.ending());
+            if let Some(o) = mine {
+                tracing::info!(instance = %o.instance_id, "an ambiguous launch had launched: adopted");
+                let pool = Pool {
+                    instance_type: o.instance_type.clone().unwrap_or_default(),
+                    subnet: spec.pools.first().map(|p| p.subnet.clone()).unwrap_or_default(),
+                };
+                let pool = spec.pools.iter().find(|p| Some(&p.instance_type) == o.instance_type.as_ref()).cloned().unwrap_or(pool);
+                return Some(Launched {
+                    instance_id: o.instance_id,
+                    pool,
+                    market: o.market.unwrap_or(market),
+                    pool_failures: Vec::new(),
+                });
+            }
+        }
+        if started.elapsed() + LOOKUP_EVERY > AMBIGUOUS_LOOKUP {
+            return None;
+        }
+        tokio::time::sleep(LOOKUP_EVERY).await;
+    }
+}
+
 /// Launches one instance according to `policy`.
 pub async fn launch(
     cloud: &dyn Cloud,
@@ -166,7 +226,16 @@ pub async fn launch(
     };
     let started = tokio::time::Instant::now();
     for market in markets(policy, breaker) {
-        let attempt = || async { cloud.launch(spec, market).await };
+        let attempt = || async {
+            match cloud.launch(spec, market).await {
+                Err(failures) if all(&failures, FailureKind::Ambiguous) => match find_launched(cloud, spec, market).await {
+                    Some(found) => Ok(found),
+                    None => Err(failures),
+                },
+                other => other,
+            }
+        };
+        let mut resends = 0;
         let result = attempt
             .retry(
                 ExponentialBuilder::default()
@@ -174,10 +243,15 @@ pub async fn launch(
                     .with_max_times(retry.times)
                     .with_jitter(),
             )
+            // The same token: a resent request launches nothing more if the first one did.
             .when(|failures: &Vec<CloudFailure>| {
-                !failures.is_empty() && failures.iter().all(|f| f.kind == FailureKind::Throttled)
+                if all(failures, FailureKind::Ambiguous) {
+                    resends += 1;
+                    return resends <= AMBIGUOUS_RESENDS;
+                }
+                all(failures, FailureKind::Throttled)
             })
-            .notify(|_, after| tracing::debug!(%market, retry_in = ?after, "launch throttled"))
+            .notify(|failures: &Vec<CloudFailure>, after| tracing::debug!(%market, retry_in = ?after, kind = ?failures.first().map(|f| f.kind), "launch retried"))
             .await;
         match result {
             Ok(launched) => {
@@ -225,6 +299,10 @@ mod tests {
         script: Mutex<BTreeMap<Market, VecDeque<Answer>>>,
         calls: Mutex<Vec<Market>>,
         states: Mutex<VecDeque<(InstanceState, Option<&'static str>)>>,
+        /// What a search by tag finds (an instance an ambiguous launch started), and how
+        /// often it was asked.
+        tagged: Mutex<Option<Observed>>,
+        finds: Mutex<u32>,
     }
 
     impl Scripted {
@@ -248,18 +326,22 @@ mod tests {
             Box::pin(async move {
                 let (state, reason) = next.expect("the script covers every describe");
                 Ok(vec![Observed {
-                    instance_id: ids[0].clone(),
                     state,
                     state_reason: reason.map(String::from),
-                    private_ip: None,
-                    launched_at: None,
-                    spot_request_id: None,
-                    tags: BTreeMap::new(),
+                    ..Observed::not_found(&ids[0])
                 }])
             })
         }
+        fn find<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<Vec<Observed>, CloudFailure>> {
+            *self.finds.lock().unwrap() += 1;
+            let found = self.tagged.lock().unwrap().clone();
+            Box::pin(async move { Ok(found.into_iter().collect()) })
+        }
         fn terminate<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<(), CloudFailure>> {
             Box::pin(async { Ok(()) })
+        }
+        fn delete_templates<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<Vec<String>, CloudFailure>> {
+            Box::pin(async { Ok(Vec::new()) })
         }
     }
 
@@ -270,10 +352,7 @@ mod tests {
                 instance_type: "m7a.16xlarge".into(),
                 subnet: "subnet-1".into(),
             },
-            availability_zone: None,
             market,
-            private_ip: None,
-            spot_request_id: None,
             pool_failures: Vec::new(),
         }
     }
@@ -355,6 +434,55 @@ mod tests {
         let cloud = scripted_states(&[(InstanceState::Pending, None), (InstanceState::ShuttingDown, Some("Server.SpotInstanceTermination"))]);
         let e = wait_running(&cloud, "i-1", Duration::from_secs(60), every).await.unwrap_err();
         assert!(e.to_string().contains("Server.SpotInstanceTermination"), "{e}");
+    }
+
+    fn ambiguous() -> Vec<CloudFailure> {
+        vec![CloudFailure::ambiguous("no answer was read: operation timed out")]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ambiguous_launch_that_launched_is_found_by_its_tags_and_adopted() {
+        let cloud = Scripted::default().then(Market::Spot, Err(ambiguous()));
+        let mut o = Observed {
+            state: InstanceState::Pending,
+            instance_type: Some("c7a.16xlarge".into()),
+            market: Some(Market::Spot),
+            ..Observed::not_found("i-7")
+        };
+        o.tags.insert(tags::ATTEMPT.into(), "1".into());
+        *cloud.tagged.lock().unwrap() = Some(o);
+        let r = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
+        assert_eq!(r.launched.instance_id, "i-7");
+        assert_eq!(r.launched.pool.instance_type, "c7a.16xlarge");
+        assert_eq!(cloud.calls(), [Market::Spot], "no second launch, no on-demand");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ambiguous_launch_with_nothing_found_is_resent_with_its_token_before_moving_on() {
+        let cloud = Scripted::default()
+            .then(Market::Spot, Err(ambiguous()))
+            .then(Market::Spot, Ok(launched(Market::Spot)));
+        let started = tokio::time::Instant::now();
+        let r = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::SpotThenOnDemand, Breaker::Closed, FAST).await.unwrap();
+        assert_eq!(r.launched.market, Market::Spot);
+        assert_eq!(cloud.calls(), [Market::Spot, Market::Spot]);
+        assert!(*cloud.finds.lock().unwrap() >= 2, "looked for it, bounded");
+        assert!(started.elapsed() >= AMBIGUOUS_LOOKUP - LOOKUP_EVERY);
+
+        // Ambiguous every time: the next market, and the error says an instance may exist.
+        let mut cloud = Scripted::default();
+        for _ in 0..=AMBIGUOUS_RESENDS {
+            cloud = cloud.then(Market::Spot, Err(ambiguous()));
+        }
+        let e = launch(&cloud, &crate::cloud::test_spec(), MarketPolicy::Spot, Breaker::Closed, FAST).await.unwrap_err();
+        assert!(e.ambiguous(), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_instance_not_listed_yet_is_waited_for() {
+        let cloud = scripted_states(&[(InstanceState::NotFound, None), (InstanceState::Running, None)]);
+        let (o, _) = wait_running(&cloud, "i-1", Duration::from_secs(60), Duration::from_secs(1)).await.unwrap();
+        assert_eq!(o.state, InstanceState::Running);
     }
 
     #[tokio::test(start_paused = true)]

@@ -131,13 +131,10 @@ mod tests {
 
     fn instance(id: &str, tags: &[(&str, String)], state: InstanceState, launched: SystemTime) -> Observed {
         Observed {
-            instance_id: id.into(),
             state,
-            state_reason: None,
-            private_ip: None,
             launched_at: Some(launched),
-            spot_request_id: None,
             tags: tags.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<BTreeMap<_, _>>(),
+            ..Observed::not_found(id)
         }
     }
 

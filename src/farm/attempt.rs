@@ -81,6 +81,9 @@ pub enum Observation {
     StepFailed(String),
     /// A step failed in a way no attempt fixes.
     Fatal(String),
+    /// The agent's process is gone without a result (killed, crashed, never started): the
+    /// same image would do the same again.
+    AgentDied(String),
     /// The overall timeout passed.
     Deadline,
 }
@@ -163,7 +166,7 @@ pub fn next(s: &State, o: Observation) -> (State, Action) {
         // Teardown is already under way: nothing else matters.
         (P::Terminating, _) => (n, Action::Terminate),
         (_, O::Deadline) => teardown(n, AttemptOutcome::Error("the overall timeout passed".into())),
-        (_, O::Fatal(why)) => teardown(n, AttemptOutcome::Error(why)),
+        (_, O::Fatal(why)) | (_, O::AgentDied(why)) => teardown(n, AttemptOutcome::Error(why)),
         (_, O::InstanceEnded { interrupted }) => {
             let o = if interrupted || s.notice {
                 AttemptOutcome::Interrupted
@@ -318,6 +321,21 @@ mod tests {
             assert_eq!(a.last(), Some(&Action::Terminate));
             assert_eq!(s.phase, Phase::Terminating);
         }
+    }
+
+    #[test]
+    fn a_dead_agent_is_an_error_that_still_tears_down() {
+        let (s, a) = run(vec![
+            O::Launched,
+            O::Running,
+            O::Connected,
+            O::Shipped,
+            O::AgentDied("the agent (pid 7) exited before its first event".into()),
+            O::Terminated,
+        ]);
+        assert_eq!(a[5], Action::Terminate);
+        assert!(matches!(a.last(), Some(Action::Finish(AttemptOutcome::Error(why))) if why.contains("pid 7")));
+        assert!(!s.outcome.unwrap().retryable(), "a dead agent is not retried as an interruption");
     }
 
     #[test]

@@ -5,21 +5,29 @@
 //! # Guarantees
 //! - Every instance launched is terminated (verified) before `run` returns, whether the
 //!   build succeeded, failed, was stopped by `shutdown`, or panicked in one group (the
-//!   other groups' instances are torn down too).
-//! - Recording never fails a build: a ledger write is bounded by
+//!   other groups' instances are torn down too). Teardown searches by the build's tag as
+//!   well as by the ids it saw, after every launch still in flight has settled: a launch is
+//!   never dropped mid-call.
+//! - Every build is in the ledger, whatever its end: an entry (result `running`) and a
+//!   heartbeat are written before anything is rented and every `[ledger] heartbeat` after,
+//!   with the cost so far; the last write says `success`, `failed`, `gave-up`, `error`,
+//!   `timed-out`, `cancelled` or `panicked`.
+//! - Recording never fails a build: each ledger write is bounded by
 //!   [`LEDGER_WRITE_TIMEOUT`], and a failure is a [`FarmEvent::Note`].
 //!
 //! # Assumptions
-//! - The instance runs the same spotbuild version as the agent (`[remote] agent`), and its
-//!   sshd uses the host key that user data installs.
+//! - The instance runs the same spotbuild version as the controller (checked when
+//!   shipping), and its sshd uses the host key that user data installs.
 //!
 //! # Caveats
-//! - A controller killed with SIGKILL leaves its instances to their on-instance TTL and
-//!   `spotbuild reap`.
+//! - A controller killed with SIGKILL leaves its instances to `spotbuild reap` (their
+//!   heartbeat stops) and to their on-instance TTL.
 
 use std::any::Any;
+use std::convert::Infallible;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,7 +38,7 @@ use super::connect::Connector;
 use super::driver::{self, Group};
 use super::events::FarmEvent;
 use super::job::{JobOptions, Scope, Work};
-use super::record::{now_rfc3339, BuildRecord, BuildResult, EntryContext};
+use super::record::{now_rfc3339, BuildRecord, BuildResult, EntryContext, Progress, CANCELLED, PANICKED, RUNNING};
 use super::retry::{self, Decision};
 use super::shared;
 use super::spread;
@@ -38,9 +46,9 @@ use super::teardown::Teardown;
 use crate::cloud::breaker::BreakerSettings;
 use crate::cloud::{Cloud, MarketPolicy};
 use crate::errors::error_chain;
-use crate::ledger::{BuildEntry, Interruption, LedgerStore};
+use crate::ledger::{Beat, BuildEntry, Interruption, LedgerStore};
 use crate::plan::planner::{PlanRequest, PlanningError};
-use crate::settings::Config;
+use crate::settings::{Config, SettingsConflict};
 
 /// Bound on writing one build's entry to the ledger.
 pub const LEDGER_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,10 +75,21 @@ pub struct BuildRequest {
     pub branch: Option<String>,
 }
 
-/// A short, sortable, unique-enough id: time in milliseconds and the process id, base 36.
+/// A unique build id that sorts by time: milliseconds since the epoch in base 36, then 64
+/// random bits from the OS (CI containers share pids and clocks; two builds never share an
+/// id, and so never a ledger entry, a tag or a transport prefix). The launch's
+/// idempotency token is made from it.
 pub fn new_build_id() -> String {
     let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
-    format!("{}{}", radix36(ms as u64), radix36(std::process::id() as u64 % 1296))
+    // Without OS randomness (not seen on Linux) the id still differs per process and call.
+    let random = getrandom::u64().unwrap_or_else(|_| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(ms);
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    format!("{}-{random:016x}", radix36(ms as u64))
 }
 
 fn radix36(mut n: u64) -> String {
@@ -148,6 +167,8 @@ pub enum BuildError {
         #[source]
         source: PlanningError,
     },
+    #[error(transparent)]
+    Settings(#[from] SettingsConflict),
 }
 
 /// One instance group's share of the build, and its ledger entry.
@@ -181,6 +202,7 @@ pub async fn run(
     if !missing.is_empty() {
         return Err(BuildError::MissingSettings(missing));
     }
+    settings.check_remote(request.timeout)?;
     if let Some(n) = request.cpus {
         settings.cloud.instance_types.retain(|t| crate::cloud::aws::vcpus(t) == Some(n));
         if settings.cloud.instance_types.is_empty() {
@@ -210,14 +232,16 @@ pub async fn run(
             Some(g) => format!("{}-{g}", request.build_id),
             None => request.build_id.clone(),
         };
+        // Before any launch call: whatever carries this id's tag is torn down.
+        teardown.watch(&id);
         let local_dir = private_dir(&id).await?;
         plans.push(Group {
-            cloud: &*deps.cloud,
+            cloud: deps.cloud.clone(),
             connector: &*deps.connector,
             settings: &settings,
             build_id: id,
             group,
-            project: work.builds_for(only.as_deref()).join(","),
+            projects: work.builds_for(only.as_deref()),
             commit: work.commit.clone(),
             owner: request.owner.clone(),
             git_dir: request.git_dir.clone(),
@@ -225,14 +249,40 @@ pub async fn run(
             teardown: teardown.clone(),
             deadline,
             market,
+            progress: Progress::default(),
             on_event,
         });
     }
+    let book = Book {
+        ledger: deps.ledger.as_deref(),
+        entries: plans
+            .iter()
+            .zip(&groups)
+            .map(|(g, only)| {
+                let cx = EntryContext {
+                    kind: work.scope.kind(),
+                    projects: work.projects_for(only.as_deref()),
+                    branch: request.branch.clone(),
+                    ci_job_url: request.owner.clone(),
+                    started_at: started_at.clone(),
+                    region: settings.cloud.region.clone(),
+                    volume_gb: settings.cloud.root_volume_gb,
+                };
+                (g.build_id.clone(), g.progress.clone(), cx)
+            })
+            .collect(),
+        commit: work.commit.clone(),
+        warned: AtomicBool::new(false),
+        on_event,
+    };
+    // In the ledger before anything is rented: a build killed at any point is there.
+    book.write_progress(RUNNING, false).await;
     let runs = plans.iter().zip(&groups).map(|(g, only)| run_group(g, &deps, work, only.as_deref()));
     let all = std::panic::AssertUnwindSafe(futures::future::join_all(runs)).catch_unwind();
     let ended = tokio::select! {
         r = all => Ended::Done(r),
         signal = shutdown => Ended::Signal(signal),
+        never = book.beat(settings.ledger.heartbeat) => match never {},
     };
     // Whatever happened, nothing launched stays up.
     if let Ended::Signal(s) = &ended {
@@ -241,42 +291,48 @@ pub async fn run(
             message: format!("received {}: terminating this build's instances", s.name()),
         });
     }
-    if !teardown.pending().is_empty() {
-        let message = match teardown.all(&*deps.cloud).await {
-            Ok(ids) => format!("terminated {}", ids.join(", ")),
-            Err(e) => format!("error: {} (hint: run `spotbuild reap`; the instances also end at their TTL)", error_chain(&e)),
-        };
+    let message = match teardown.all(&*deps.cloud).await {
+        Ok(swept) => {
+            let mut said = Vec::new();
+            if !swept.terminated.is_empty() {
+                said.push(format!("terminated {}", swept.terminated.join(", ")));
+            }
+            if !swept.templates.is_empty() {
+                said.push(format!("deleted launch template {}", swept.templates.join(", ")));
+            }
+            if swept.unsettled > 0 {
+                said.push(format!("warning: {} launch(es) had not settled; `spotbuild reap` sweeps what they leave", swept.unsettled));
+            }
+            (!said.is_empty()).then(|| said.join("; "))
+        }
+        Err(e) => Some(format!("error: {} (hint: run `spotbuild reap`; the instances also end at their TTL)", error_chain(&e))),
+    };
+    if let Some(message) = message {
         on_event(FarmEvent::Note { group: None, message });
     }
     for g in &plans {
         let _ = tokio::fs::remove_dir_all(&g.local_dir).await;
     }
     let records = match ended {
-        Ended::Signal(s) => return Ok(BuildOutcome::Stopped(s)),
-        Ended::Done(Err(panic)) => return Ok(BuildOutcome::Panicked(panic)),
+        Ended::Signal(s) => {
+            book.write_progress(CANCELLED, true).await;
+            return Ok(BuildOutcome::Stopped(s));
+        }
+        Ended::Done(Err(panic)) => {
+            book.write_progress(PANICKED, true).await;
+            return Ok(BuildOutcome::Panicked(panic));
+        }
         Ended::Done(Ok(records)) => records,
     };
     let outcomes: Vec<GroupOutcome> = records
         .into_iter()
-        .zip(&groups)
-        .map(|(record, only)| {
-            let cx = EntryContext {
-                kind: work.scope.kind(),
-                projects: work.projects_for(only.as_deref()),
-                branch: request.branch.clone(),
-                ci_job_url: request.owner.clone(),
-                started_at: started_at.clone(),
-                region: settings.cloud.region.clone(),
-                volume_gb: settings.cloud.root_volume_gb,
-            };
-            let entry = record.to_entry(&cx);
+        .zip(&book.entries)
+        .map(|(record, (_, _, cx))| {
+            let entry = record.to_entry(cx);
             GroupOutcome { record, entry }
         })
         .collect();
-    let recorded = match &deps.ledger {
-        Some(ledger) => record_all(&**ledger, &outcomes, on_event).await,
-        None => None,
-    };
+    let recorded = book.write_final(&outcomes).await;
     Ok(BuildOutcome::Finished { groups: outcomes, recorded })
 }
 
@@ -296,22 +352,77 @@ async fn private_dir(id: &str) -> Result<PathBuf, BuildError> {
     Ok(dir)
 }
 
-/// Writes every group's entry; returns the ledger's place if all were written.
-async fn record_all(ledger: &dyn LedgerStore, outcomes: &[GroupOutcome], on_event: &(dyn Fn(FarmEvent) + Send + Sync)) -> Option<String> {
-    let mut ok = true;
-    for o in outcomes {
-        let why = match tokio::time::timeout(LEDGER_WRITE_TIMEOUT, ledger.put(&o.entry)).await {
-            Ok(Ok(())) => continue,
+/// Where a build is recorded: each group's entry (the cost so far, rewritten as the build
+/// goes) and heartbeat.
+struct Book<'a> {
+    ledger: Option<&'a dyn LedgerStore>,
+    /// Per group: its build id, what it has done, and the rest of its entry.
+    entries: Vec<(String, Progress, EntryContext)>,
+    commit: String,
+    /// A failing ledger is said once, not every heartbeat.
+    warned: AtomicBool,
+    on_event: &'a (dyn Fn(FarmEvent) + Send + Sync),
+}
+
+impl Book<'_> {
+    /// Every group's entry as it stands, with `result` (an attempt under way is shown
+    /// with it too), and a heartbeat (`ended`: the build is over).
+    async fn write_progress(&self, result: &str, ended: bool) {
+        for (build_id, progress, cx) in &self.entries {
+            let entry = cx.entry(build_id, &self.commit, progress.attempt_entries(result), result);
+            self.write(&entry, ended).await;
+        }
+    }
+
+    /// The final entries; returns the ledger's place if all were written.
+    async fn write_final(&self, outcomes: &[GroupOutcome]) -> Option<String> {
+        let ledger = self.ledger?;
+        let mut ok = true;
+        for o in outcomes {
+            ok &= self.write(&o.entry, true).await;
+        }
+        ok.then(|| ledger.place())
+    }
+
+    /// Every `every`, the entries and heartbeats of a build still running. Never returns.
+    async fn beat(&self, every: Duration) -> Infallible {
+        if self.ledger.is_none() {
+            return std::future::pending().await;
+        }
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.write_progress(RUNNING, false).await;
+        }
+    }
+
+    async fn write(&self, entry: &BuildEntry, ended: bool) -> bool {
+        let Some(ledger) = self.ledger else { return false };
+        let beat = Beat {
+            build_id: entry.build_id.clone(),
+            at: now_rfc3339(),
+            started_at: entry.started_at.clone(),
+            ended,
+        };
+        let write = async {
+            ledger.put(entry).await?;
+            ledger.beat(&beat).await
+        };
+        let why = match tokio::time::timeout(LEDGER_WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => return true,
             Ok(Err(e)) => error_chain(&e),
             Err(_) => format!("{} did not answer within {}s", ledger.place(), LEDGER_WRITE_TIMEOUT.as_secs()),
         };
-        ok = false;
-        on_event(FarmEvent::Note {
-            group: None,
-            message: format!("warning: the build's cost was not recorded: {why}"),
-        });
+        // The last write is always said; a heartbeat's only the first time.
+        if ended || !self.warned.swap(true, Ordering::Relaxed) {
+            (self.on_event)(FarmEvent::Note {
+                group: None,
+                message: format!("warning: the build's cost was not recorded: {why}"),
+            });
+        }
+        false
     }
-    ok.then(|| ledger.place())
 }
 
 /// One group's attempts, until [`retry::after_attempt`] says the build is done.
@@ -361,6 +472,7 @@ async fn run_group(g: &Group<'_>, deps: &Deps, work: &Work, only: Option<&[Strin
             }
         }
         let record = driver::run(g, n, job, &interruptions).await;
+        g.progress.finish(&record);
         (g.on_event)(FarmEvent::AttemptEnded { group: g.group, record: record.clone() });
         if record.outcome == super::attempt::AttemptOutcome::Interrupted {
             // At the ledger's precision, so reading it back does not count it twice.

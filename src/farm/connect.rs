@@ -51,9 +51,10 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// Whether another attempt could not do better.
+    /// Whether another attempt could not do better. A host key that does not match the
+    /// pinned one is an attack or a misconfiguration: it fails the build.
     pub fn fatal(&self) -> bool {
-        !matches!(self, ConnectError::Transport(_))
+        !matches!(self, ConnectError::Transport(e) if !matches!(e, TransportError::HostKeyMismatch { .. }))
     }
 }
 

@@ -2,18 +2,21 @@
 //! what it observed. What the attempt holds is typed by phase (a launched instance has
 //! its keys, a connected one its transport), so an action can only use what its phase has.
 //!
-//! Guarantees: the instance is listed in the build's [`Teardown`] as soon as its launch
-//! returns; `Terminate` is not bounded by the build's deadline (it must happen); a long
-//! wait says every 10 s that it is still waiting.
+//! Guarantees: the instance is listed in the build's [`Teardown`] by the launch task itself
+//! as soon as EC2 names it; neither `Launch` (it runs to completion) nor `Terminate` (it
+//! must happen) is cut short by the build's deadline; the attempt's record is published to
+//! the group's [`Progress`] after every action, so the ledger has it whatever happens
+//! next; a long wait says every 10 s that it is still waiting.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::attempt::{self, Action, Observation, Phase};
 use super::connect::{Connector, Target};
 use super::events::{FarmEvent, Origin};
-use super::record::{now_rfc3339, AttemptRecord};
+use super::record::{now_rfc3339, AttemptRecord, Progress};
 use super::teardown::{terminate_verified, Teardown};
 use crate::cloud::{Cloud, MarketPolicy};
 use crate::protocol::{Job, StepKind};
@@ -25,13 +28,14 @@ pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// What every attempt of one instance group shares.
 pub struct Group<'a> {
-    pub cloud: &'a dyn Cloud,
+    /// Shared with the launch tasks, which outlive a dropped attempt.
+    pub cloud: Arc<dyn Cloud>,
     pub connector: &'a dyn Connector,
     pub settings: &'a Config,
     pub build_id: String,
     pub group: Option<u32>,
     /// What this group builds, for the instance's `spotbuild:project` tag.
-    pub project: String,
+    pub projects: Vec<String>,
     pub commit: String,
     pub owner: Option<String>,
     /// The repository's git dir, to bundle the commit from.
@@ -41,6 +45,8 @@ pub struct Group<'a> {
     pub teardown: Teardown,
     pub deadline: tokio::time::Instant,
     pub market: MarketPolicy,
+    /// What this group has done so far, for the ledger.
+    pub progress: Progress,
     pub on_event: &'a (dyn Fn(FarmEvent) + Send + Sync),
 }
 
@@ -80,10 +86,10 @@ pub struct Launched {
     pub keys: AccessKeys,
 }
 
-/// An instance EC2 reports running.
+/// An instance EC2 reports running, at the address it reported.
 pub struct Running {
     pub launched: Launched,
-    pub address: Option<String>,
+    pub address: String,
 }
 
 /// An instance the controller can run commands on.
@@ -92,11 +98,13 @@ pub struct Connected {
     pub transport: Box<dyn Transport>,
 }
 
-/// Where the commit and the job landed on the instance.
+/// Where the commit and the job landed on the instance, and (once started) the agent.
 pub struct Shipped {
     pub connected: Connected,
     pub job_file: PathBuf,
     pub events_file: PathBuf,
+    /// The agent's process id on the instance, once `agent start` said it.
+    pub agent_pid: Option<u32>,
 }
 
 /// What an attempt holds, phase by phase.
@@ -182,7 +190,9 @@ pub async fn run<'g>(g: &'g Group<'_>, n: u32, job: Job, interruptions: &'g [Sys
         let before = state.phase;
         // The agent's own events and heartbeats say it is alive while it runs.
         let quiet = matches!(action, Action::StartAndFollow | Action::Resume);
-        let observation = if matches!(action, Action::Terminate) {
+        // A launch runs to its end (its instance must be known to be torn down); a
+        // termination must happen. Both are bounded on their own.
+        let observation = if matches!(action, Action::Terminate | Action::Launch) {
             progress(g, n, before, quiet, a.act(&action, &mut held)).await
         } else {
             match tokio::time::timeout_at(g.deadline, progress(g, n, before, quiet, a.act(&action, &mut held))).await {
@@ -197,6 +207,7 @@ pub async fn run<'g>(g: &'g Group<'_>, n: u32, job: Job, interruptions: &'g [Sys
         }
         state = next_state;
         action = next_action;
+        g.progress.update(&a.record);
     }
 }
 
@@ -231,8 +242,8 @@ impl Attempt<'_, '_> {
             (Action::WaitRunning, Held::Launched(l)) => self.wait_running(l).await,
             (Action::Connect, Held::Running(r)) => self.connect(r).await,
             (Action::Ship, Held::Connected(c)) => self.ship(c).await,
-            (Action::StartAndFollow, Held::Shipped(s)) => {
-                let o = self.start_and_follow(&s).await;
+            (Action::StartAndFollow, Held::Shipped(mut s)) => {
+                let o = self.start_and_follow(&mut s).await;
                 (Held::Shipped(s), o)
             }
             (Action::Resume, Held::Shipped(s)) => {
@@ -265,7 +276,7 @@ impl Attempt<'_, '_> {
             build_id: self.g.build_id.clone(),
             attempt: self.n,
             instance_id: id.clone(),
-            address: r.address.clone(),
+            address: Some(r.address.clone()),
             client_key: r.launched.keys.client.private_path.clone(),
             host_public: r.launched.keys.host_public.clone(),
             dir: self.g.attempt_dir(self.n),
@@ -285,14 +296,14 @@ impl Attempt<'_, '_> {
         }
     }
 
-    /// After a transport failure: the instance ending explains it; otherwise the step failed.
+    /// After a transport failure: the instance ending explains it; otherwise the step
+    /// failed. EC2 not listing it is not taken as its end (eventual consistency).
     pub async fn lost_or(&self, id: &str, why: String) -> Observation {
         let ids = [id.to_string()];
         match self.g.cloud.describe(&ids).await {
             Ok(seen) => match seen.into_iter().find(|o| o.instance_id == id) {
-                Some(o) if !o.ending() => Observation::StepFailed(why),
-                Some(o) => Observation::InstanceEnded { interrupted: o.interrupted() },
-                None => Observation::InstanceEnded { interrupted: false },
+                Some(o) if o.ending() => Observation::InstanceEnded { interrupted: o.interrupted() },
+                _ => Observation::StepFailed(why),
             },
             Err(_) => Observation::StepFailed(why),
         }
@@ -304,7 +315,7 @@ impl Attempt<'_, '_> {
         }
         let Some(id) = held.instance_id().map(String::from) else { return Observation::Terminated };
         let started = tokio::time::Instant::now();
-        match terminate_verified(self.g.cloud, std::slice::from_ref(&id)).await {
+        match terminate_verified(&*self.g.cloud, std::slice::from_ref(&id)).await {
             Ok(()) => {
                 self.g.teardown.done(&id);
                 self.say(Phase::Terminating, format!("{id} terminated (verified) in {:.1}s", started.elapsed().as_secs_f64()));

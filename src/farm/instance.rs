@@ -1,5 +1,6 @@
-//! The instance's side of shipping a commit and starting the agent: what `spotbuild agent
-//! info`, `agent receive` and `agent start` do when the controller runs them there.
+//! The instance's side of shipping a commit, starting the agent and checking on it: what
+//! `spotbuild agent info`, `agent receive`, `agent start` and `agent status` do when the
+//! controller runs them there.
 //!
 //! # Guarantees
 //! - A received file appears whole and checked, or not at all: it is written beside its
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
-use crate::protocol::{AgentInfo, Job};
+use crate::protocol::{AgentInfo, AgentStatus, Job};
 
 /// What this machine offers a controller: the agent's version, and the commit of the git
 /// mirror at `mirror` (none when there is no mirror there, or git cannot read it).
@@ -185,9 +186,45 @@ pub async fn start(job_file: &Path) -> Result<u32, StartError> {
     Ok(pid)
 }
 
+/// How many lines of the agent's log a status carries.
+const LOG_TAIL_LINES: usize = 20;
+
+/// Whether the agent started as `pid` for the job in `workdir` still runs, and the end of
+/// its log. A pid that now belongs to another program (reused) counts as dead.
+pub async fn status(pid: u32, workdir: &Path) -> AgentStatus {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let cmdline = tokio::fs::read(proc_dir.join("cmdline")).await.unwrap_or_default();
+    let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let is_agent = words.windows(2).any(|w| w[0] == b"agent" && w[1] == b"run");
+    let state = tokio::fs::read_to_string(proc_dir.join("stat")).await.unwrap_or_default();
+    // The state follows the parenthesised command name: Z is a zombie, X dead.
+    let zombie = state.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|s| s == "Z" || s == "X");
+    let log = tokio::fs::read(workdir.join("agent.log")).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&log);
+    let lines: Vec<String> = text.lines().map(String::from).collect();
+    AgentStatus {
+        alive: is_agent && !zombie,
+        log_tail: lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].to_vec(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_pid_that_is_not_an_agent_is_dead_and_the_log_tail_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(dir.path().join("agent.log"), log).unwrap();
+        // This test process is alive, but it is no agent.
+        let s = status(std::process::id(), dir.path()).await;
+        assert!(!s.alive);
+        assert_eq!(s.log_tail.len(), LOG_TAIL_LINES);
+        assert_eq!(s.log_tail.last().map(String::as_str), Some("line 30"));
+        let gone = status(u32::MAX - 1, dir.path()).await;
+        assert!(!gone.alive);
+    }
 
     #[tokio::test]
     async fn a_received_file_arrives_whole_and_private() {

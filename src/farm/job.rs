@@ -9,7 +9,7 @@ use crate::plan::planner::Planned;
 use crate::plan::{Plan, ProjectPlan, TestRun};
 use crate::protocol::{BuilderChoice, CacheSettings, ImdsSettings, Job, JobCommand, JobProject, JobRegistry, JobTest, Source, VERSION};
 use crate::registry::auth::Basic;
-use crate::settings::AuthMode;
+use crate::settings::{AuthMode, RemoteConfig};
 
 /// What a remote command asks of the instance.
 #[derive(Debug, Clone)]
@@ -149,14 +149,16 @@ pub fn local(planned: &Planned, options: &JobOptions, workdir: &Path) -> Job {
 }
 
 /// Completes a job with where it landed on the instance: its bundle (and the baked mirror
-/// it is thin against), its directory and events file.
-pub fn place_on_instance(job: &mut Job, workdir: &Path, bundle: PathBuf, mirror: Option<PathBuf>, shutdown_command: Option<Vec<String>>) {
+/// it is thin against), its directory and events file, and the remote settings it obeys.
+pub fn place_on_instance(job: &mut Job, workdir: &Path, bundle: PathBuf, mirror: Option<PathBuf>, remote: &RemoteConfig) {
     job.source = Source::Bundle { path: bundle, mirror };
     job.events_file = Some(workdir.join("events.ndjson"));
     job.workdir = workdir.to_path_buf();
-    if shutdown_command.is_some() {
-        job.shutdown_command = shutdown_command;
+    if remote.shutdown_command.is_some() {
+        job.shutdown_command = remote.shutdown_command.clone();
     }
+    // The controller's silence bound is set against this interval (`[remote] agent_silence`).
+    job.heartbeat_secs = remote.agent_heartbeat.as_secs().max(1);
 }
 
 fn job(planned: &Planned, options: &JobOptions, workdir: &Path) -> Job {

@@ -2,7 +2,7 @@
 //! reporters show, and its mapping to the ledger's entries.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::attempt::{AttemptOutcome, Phase};
 use crate::ledger::{AttemptEntry, BuildEntry, Rental};
@@ -101,6 +101,8 @@ pub enum BuildResult {
     /// Every attempt was interrupted or lost.
     GaveUp,
     Error,
+    /// The build's overall timeout passed.
+    TimedOut,
 }
 
 impl BuildResult {
@@ -111,7 +113,59 @@ impl BuildResult {
             BuildResult::Failed => "failed",
             BuildResult::GaveUp => "gave-up",
             BuildResult::Error => "error",
+            BuildResult::TimedOut => "timed-out",
         }
+    }
+}
+
+/// The ledger's word for a build still going (its entry is the heartbeat).
+pub const RUNNING: &str = "running";
+/// The ledger's word for a build stopped by SIGINT or SIGTERM.
+pub const CANCELLED: &str = "cancelled";
+/// The ledger's word for a build that ended in a bug (a panic).
+pub const PANICKED: &str = "panicked";
+
+/// What one instance group has done so far, shared with the heartbeat and every way out,
+/// so that a build stopped at any moment is recorded with what it rented.
+#[derive(Clone, Default)]
+pub struct Progress(Arc<Mutex<Done>>);
+
+#[derive(Default)]
+struct Done {
+    attempts: Vec<AttemptRecord>,
+    current: Option<AttemptRecord>,
+}
+
+impl Progress {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Done> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The attempt under way, as it stands.
+    pub fn update(&self, current: &AttemptRecord) {
+        self.lock().current = Some(current.clone());
+    }
+
+    /// An attempt ended.
+    pub fn finish(&self, record: &AttemptRecord) {
+        let mut done = self.lock();
+        done.current = None;
+        done.attempts.push(record.clone());
+    }
+
+    /// Every attempt so far, as the ledger keeps them; one still under way ends now, its
+    /// outcome `unfinished` (`running`, `cancelled`, `panicked`).
+    pub fn attempt_entries(&self, unfinished: &str) -> Vec<AttemptEntry> {
+        let done = self.lock();
+        let mut all: Vec<AttemptEntry> = done.attempts.iter().map(AttemptRecord::to_entry).collect();
+        if let Some(c) = &done.current {
+            let mut e = c.to_entry();
+            e.ended_at = now_rfc3339();
+            e.outcome = unfinished.to_string();
+            e.reason = None;
+            all.push(e);
+        }
+        all
     }
 }
 
@@ -131,20 +185,27 @@ pub struct EntryContext {
 impl BuildRecord {
     /// The ledger's entry for this record, ending now.
     pub fn to_entry(&self, cx: &EntryContext) -> BuildEntry {
+        cx.entry(&self.build_id, &self.commit, self.attempts.iter().map(AttemptRecord::to_entry).collect(), self.result.name())
+    }
+}
+
+impl EntryContext {
+    /// The ledger's entry for a group with these attempts, ending now with `result`.
+    pub fn entry(&self, build_id: &str, commit: &str, attempts: Vec<AttemptEntry>, result: &str) -> BuildEntry {
         BuildEntry {
             schema: crate::ledger::SCHEMA,
-            build_id: self.build_id.clone(),
-            projects: cx.projects.clone(),
-            kind: cx.kind.into(),
-            commit: self.commit.clone(),
-            branch: cx.branch.clone(),
-            ci_job_url: cx.ci_job_url.clone(),
-            started_at: cx.started_at.clone(),
+            build_id: build_id.to_string(),
+            projects: self.projects.clone(),
+            kind: self.kind.into(),
+            commit: commit.to_string(),
+            branch: self.branch.clone(),
+            ci_job_url: self.ci_job_url.clone(),
+            started_at: self.started_at.clone(),
             ended_at: now_rfc3339(),
-            result: self.result.name().into(),
-            region: cx.region.clone(),
-            volume_gb: cx.volume_gb,
-            attempts: self.attempts.iter().map(AttemptRecord::to_entry).collect(),
+            result: result.into(),
+            region: self.region.clone(),
+            volume_gb: self.volume_gb,
+            attempts,
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Guarantees: a failed build or test is never retried (it would fail the same way); an
 //! interrupted or lost attempt is retried while attempts and time are left; running out
-//! of attempts is `GaveUp` (exit 6: retrying later is safe), running out of time `Error`.
+//! of attempts is `GaveUp` (exit 6: retrying later is safe), running out of time
+//! `TimedOut`.
 
 use super::attempt::AttemptOutcome;
 use super::record::BuildResult;
@@ -21,8 +22,9 @@ pub fn after_attempt(outcome: &AttemptOutcome, attempt: u32, max_attempts: u32, 
     match outcome {
         AttemptOutcome::Success => Decision::Finish(BuildResult::Success),
         AttemptOutcome::Failed => Decision::Finish(BuildResult::Failed),
+        AttemptOutcome::Error(_) if past_deadline => Decision::Finish(BuildResult::TimedOut),
         AttemptOutcome::Error(_) => Decision::Finish(BuildResult::Error),
-        AttemptOutcome::Interrupted | AttemptOutcome::Lost(_) if past_deadline => Decision::Finish(BuildResult::Error),
+        AttemptOutcome::Interrupted | AttemptOutcome::Lost(_) if past_deadline => Decision::Finish(BuildResult::TimedOut),
         AttemptOutcome::Interrupted | AttemptOutcome::Lost(_) if attempt >= max_attempts.max(1) => {
             Decision::Finish(BuildResult::GaveUp)
         }
@@ -42,8 +44,8 @@ mod tests {
         for past in [false, true] {
             assert_eq!(after_attempt(&A::Success, 1, 3, past), Finish(R::Success));
             assert_eq!(after_attempt(&A::Failed, 1, 3, past), Finish(R::Failed));
-            assert_eq!(after_attempt(&A::Error("launch refused".into()), 1, 3, past), Finish(R::Error));
         }
+        assert_eq!(after_attempt(&A::Error("launch refused".into()), 1, 3, false), Finish(R::Error));
     }
 
     #[test]
@@ -55,9 +57,10 @@ mod tests {
     }
 
     #[test]
-    fn the_deadline_stops_retrying_as_an_error() {
-        assert_eq!(after_attempt(&A::Interrupted, 1, 3, true), Finish(R::Error));
-        assert_eq!(after_attempt(&A::Lost("gone".into()), 1, 3, true), Finish(R::Error));
+    fn the_deadline_stops_retrying_as_a_timeout() {
+        assert_eq!(after_attempt(&A::Interrupted, 1, 3, true), Finish(R::TimedOut));
+        assert_eq!(after_attempt(&A::Lost("gone".into()), 1, 3, true), Finish(R::TimedOut));
+        assert_eq!(after_attempt(&A::Error("the overall timeout passed".into()), 1, 3, true), Finish(R::TimedOut));
     }
 
     #[test]

@@ -9,11 +9,21 @@ use super::attempt::{Observation, Phase};
 use super::driver::{Attempt, Connected, Held, Shipped};
 use crate::errors::error_chain;
 use crate::protocol::AgentInfo;
+use crate::transport::TransportError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShipError {
     #[error("the agent's info answer is not what this controller speaks")]
     Info(#[source] serde_json::Error),
+    #[error("the instance runs spotbuild {agent}, this controller is {controller} (hint: bake an image with this version: `make ami`)")]
+    Version { agent: String, controller: String },
+    /// A command ran on the instance and refused: another instance of the image would too.
+    #[error("{what}")]
+    Refused {
+        what: &'static str,
+        #[source]
+        source: crate::transport::TransportError,
+    },
     #[error(transparent)]
     Bundle(#[from] crate::git::BundleError),
     #[error("failed to bundle the commit: the bundling task ended abnormally")]
@@ -43,6 +53,7 @@ impl Attempt<'_, '_> {
                     connected: c,
                     job_file,
                     events_file,
+                    agent_pid: None,
                 }),
                 Observation::Shipped,
             ),
@@ -55,7 +66,7 @@ impl Attempt<'_, '_> {
         }
     }
 
-    /// `Err`: this machine failed (no attempt fixes that).
+    /// `Err`: this machine failed, or the instance refused (no attempt fixes either).
     async fn try_ship(&mut self, c: &Connected) -> Result<Sent, ShipError> {
         let t = &*c.transport;
         let g = self.g;
@@ -64,9 +75,21 @@ impl Attempt<'_, '_> {
         let argv = g.agent_argv(&["info", "--mirror", &remote.mirror.to_string_lossy()]);
         let answer = match t.exec(&argv, Vec::new()).await {
             Ok(out) => out,
+            Err(source @ TransportError::Command { .. }) => {
+                return Err(ShipError::Refused {
+                    what: "the instance's spotbuild did not answer `agent info`",
+                    source,
+                })
+            }
             Err(e) => return Ok(Sent::Dropped(format!("the agent did not answer: {e}"))),
         };
         let info: AgentInfo = serde_json::from_slice(&answer).map_err(ShipError::Info)?;
+        if info.version != env!("CARGO_PKG_VERSION") {
+            return Err(ShipError::Version {
+                agent: info.version,
+                controller: env!("CARGO_PKG_VERSION").into(),
+            });
+        }
         let bundle = g.attempt_dir(self.n).join("commit.bundle");
         let (git_dir, commit, have, out) = (g.git_dir.clone(), self.job.commit.clone(), info.mirror_commit.clone(), bundle.clone());
         let thin = tokio::task::spawn_blocking(move || crate::git::create_bundle(&git_dir, &commit, have.as_deref(), &out))
@@ -79,17 +102,22 @@ impl Attempt<'_, '_> {
         let remote_bundle = workdir.join("commit.bundle");
         let size = bytes.len() as u64;
         let argv = g.agent_argv(&["receive", "--to", &remote_bundle.to_string_lossy(), "--sha256", &sha]);
-        if let Err(e) = t.exec(&argv, bytes).await {
-            return Ok(Sent::Dropped(format!("failed to ship the commit: {e}")));
+        match t.exec(&argv, bytes).await {
+            Ok(_) => {}
+            // It arrived and was refused (damaged, no space): the same would happen again.
+            Err(source @ TransportError::Command { .. }) => return Err(ShipError::Refused { what: "the instance refused the commit", source }),
+            Err(e) => return Ok(Sent::Dropped(format!("failed to ship the commit: {e}"))),
         }
         self.record.shipped_bytes = Some(size);
         self.record.thin_bundle = Some(thin);
-        super::job::place_on_instance(&mut self.job, &workdir, remote_bundle, thin.then(|| remote.mirror.clone()), remote.shutdown_command.clone());
+        super::job::place_on_instance(&mut self.job, &workdir, remote_bundle, thin.then(|| remote.mirror.clone()), remote);
         let spec = serde_json::to_vec(&self.job).map_err(ShipError::Job)?;
         let job_file = workdir.join("job.json");
         let argv = g.agent_argv(&["receive", "--to", &job_file.to_string_lossy()]);
-        if let Err(e) = t.exec(&argv, spec).await {
-            return Ok(Sent::Dropped(format!("failed to ship the job: {e}")));
+        match t.exec(&argv, spec).await {
+            Ok(_) => {}
+            Err(source @ TransportError::Command { .. }) => return Err(ShipError::Refused { what: "the instance refused the job", source }),
+            Err(e) => return Ok(Sent::Dropped(format!("failed to ship the job: {e}"))),
         }
         let what = match (&info.mirror_commit, thin) {
             (Some(m), true) => format!("only what the mirror at {} lacks", m.get(..12).unwrap_or(m)),

@@ -4,7 +4,7 @@
 //!
 //! Guarantees: writing an entry is idempotent (same build id, same key or row); entries
 //! come back ordered by start time. Failing to write never fails a build: callers report it.
-//! Assumptions: build ids are unique (time-based with a random part, `cli::build::build_id`).
+//! Assumptions: build ids are unique (time-based with 64 random bits, `farm::build::new_build_id`).
 //! Caveats: costs are computed from the recorded prices when read (`ledger::cost`), so a
 //! report is an estimate of the bill, not the bill (no taxes, credits, or data transfer).
 
@@ -120,6 +120,26 @@ pub struct Interruption {
     pub availability_zone: Option<String>,
 }
 
+/// A running build's sign of life, written by its controller every `[ledger] heartbeat`
+/// and once more when it ends; `spotbuild reap` terminates the instances of a build whose
+/// beats stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Beat {
+    pub build_id: String,
+    /// When it was written (RFC 3339).
+    pub at: String,
+    /// When the build started (RFC 3339): where its entry is.
+    pub started_at: String,
+    /// The build is over (its entry has its result): nothing of it should still run.
+    pub ended: bool,
+}
+
+impl Beat {
+    pub fn at(&self) -> Option<SystemTime> {
+        humantime::parse_rfc3339_weak(&self.at).ok()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("the ledger at {place} failed: {message}")]
@@ -148,6 +168,15 @@ pub trait LedgerStore: Send + Sync {
 
     /// When interruptions since `since` happened, any build's.
     fn interruptions(&self, since: SystemTime) -> BoxFuture<'_, Result<Vec<SystemTime>, LedgerError>>;
+
+    /// The entry of `build_id`, which started at `started_at` (RFC 3339), if there is one.
+    fn get<'a>(&'a self, build_id: &'a str, started_at: &'a str) -> BoxFuture<'a, Result<Option<BuildEntry>, LedgerError>>;
+
+    /// Writes (or rewrites) a build's heartbeat.
+    fn beat<'a>(&'a self, beat: &'a Beat) -> BoxFuture<'a, Result<(), LedgerError>>;
+
+    /// The heartbeats of these builds (those that have one).
+    fn beats<'a>(&'a self, build_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<Beat>, LedgerError>>;
 }
 
 /// A ledger location as the user gives it.

@@ -1,7 +1,8 @@
 //! The ledger on S3, for teams: every CI job writes to one bucket. One object per build at
 //! `PREFIX/builds/YYYY/MM/DD/BUILD_ID.json` (the day it started, UTC), so writing is
 //! idempotent and a report lists only the days it covers. Interruptions go under
-//! `PREFIX/interruptions/YYYY/MM/DD/` the moment they happen.
+//! `PREFIX/interruptions/YYYY/MM/DD/` the moment they happen; a running build's heartbeat
+//! is `PREFIX/live/BUILD_ID.json` (the reaper reads it by key, one GET per live build).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -9,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
-use super::{BuildEntry, Interruption, LedgerError, LedgerStore};
+use super::{Beat, BuildEntry, Interruption, LedgerError, LedgerStore};
 use crate::objects::{ObjectError, ObjectStore};
 
 pub struct S3Ledger {
@@ -147,6 +148,43 @@ impl LedgerStore for S3Ledger {
             }
             times.sort();
             Ok(times)
+        }
+        .boxed()
+    }
+
+    fn get<'a>(&'a self, build_id: &'a str, started_at: &'a str) -> BoxFuture<'a, Result<Option<BuildEntry>, LedgerError>> {
+        async move {
+            let started = humantime::parse_rfc3339_weak(started_at).unwrap_or_else(|_| SystemTime::now());
+            let key = self.key(&format!("builds/{}/{build_id}.json", day(started)));
+            let Some(body) = self.objects.get(&key).await.map_err(|e| self.error(e))? else { return Ok(None) };
+            serde_json::from_slice(&body).map(Some).map_err(|e| LedgerError::Store {
+                place: self.place(),
+                message: format!("{key} is not a ledger entry"),
+                source: Some(Box::new(e)),
+            })
+        }
+        .boxed()
+    }
+
+    fn beat<'a>(&'a self, beat: &'a Beat) -> BoxFuture<'a, Result<(), LedgerError>> {
+        async move {
+            let key = self.key(&format!("live/{}.json", beat.build_id));
+            let body = serde_json::to_vec(beat).expect("a beat always serialises");
+            self.objects.put(&key, body).await.map_err(|e| self.error(e))
+        }
+        .boxed()
+    }
+
+    fn beats<'a>(&'a self, build_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<Beat>, LedgerError>> {
+        async move {
+            let keys: Vec<String> = build_ids.iter().map(|id| self.key(&format!("live/{id}.json"))).collect();
+            let bodies: Vec<Option<Vec<u8>>> = futures::stream::iter(keys)
+                .map(|key| async move { self.objects.get(&key).await })
+                .buffered(8)
+                .try_collect()
+                .await
+                .map_err(|e| self.error(e))?;
+            Ok(bodies.into_iter().flatten().filter_map(|b| serde_json::from_slice(&b).ok()).collect())
         }
         .boxed()
     }

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rusqlite::{params, Connection};
 
-use super::{BuildEntry, Interruption, LedgerError, LedgerStore};
+use super::{Beat, BuildEntry, Interruption, LedgerError, LedgerStore};
 
 pub struct SqliteLedger {
     path: PathBuf,
@@ -52,7 +52,11 @@ impl SqliteLedger {
                  entry    TEXT NOT NULL,
                  PRIMARY KEY (build_id, attempt)
              );
-             CREATE INDEX IF NOT EXISTS interruptions_at ON interruptions (at);",
+             CREATE INDEX IF NOT EXISTS interruptions_at ON interruptions (at);
+             CREATE TABLE IF NOT EXISTS beats (
+                 build_id TEXT PRIMARY KEY,
+                 entry    TEXT NOT NULL
+             );",
         )
         .map_err(|e| store_error(path, e))?;
         Ok(SqliteLedger {
@@ -147,6 +151,57 @@ impl LedgerStore for SqliteLedger {
                 })
                 .await?;
             Ok(rows.iter().filter_map(|t| humantime::parse_rfc3339_weak(t).ok()).collect())
+        }
+        .boxed()
+    }
+
+    fn get<'a>(&'a self, build_id: &'a str, _started_at: &'a str) -> BoxFuture<'a, Result<Option<BuildEntry>, LedgerError>> {
+        let id = build_id.to_string();
+        let path = self.path.clone();
+        async move {
+            let row: Option<String> = self
+                .with(move |c| {
+                    let mut stmt = c.prepare("SELECT entry FROM builds WHERE build_id = ?1")?;
+                    let mut rows = stmt.query_map(params![id], |r| r.get::<_, String>(0))?;
+                    rows.next().transpose()
+                })
+                .await?;
+            row.map(|r| serde_json::from_str(&r).map_err(|e| store_error(&path, e))).transpose()
+        }
+        .boxed()
+    }
+
+    fn beat<'a>(&'a self, beat: &'a Beat) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let json = serde_json::to_string(beat).expect("a beat always serialises");
+        let id = beat.build_id.clone();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO beats (build_id, entry) VALUES (?1, ?2)
+                 ON CONFLICT (build_id) DO UPDATE SET entry = excluded.entry",
+                params![id, json],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn beats<'a>(&'a self, build_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<Beat>, LedgerError>> {
+        let ids = build_ids.to_vec();
+        let path = self.path.clone();
+        async move {
+            let rows: Vec<String> = self
+                .with(move |c| {
+                    let mut stmt = c.prepare("SELECT entry FROM beats WHERE build_id = ?1")?;
+                    let mut out = Vec::new();
+                    for id in &ids {
+                        let mut rows = stmt.query_map(params![id], |r| r.get::<_, String>(0))?;
+                        if let Some(r) = rows.next() {
+                            out.push(r?);
+                        }
+                    }
+                    Ok(out)
+                })
+                .await?;
+            rows.iter().map(|r| serde_json::from_str(r).map_err(|e| store_error(&path, e))).collect()
         }
         .boxed()
     }

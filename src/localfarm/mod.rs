@@ -550,7 +550,7 @@ region = "{region}"
 subnets = ["{subnet_id}"]
 ami = "{ami}"
 instance_types = ["m7a.16xlarge", "c7a.16xlarge", "m6a.16xlarge"]
-ttl = "1h"
+ttl = "3h"
 running_timeout = "30s"
 
 [remote]

@@ -215,6 +215,21 @@ pub struct AgentInfo {
     pub mirror_commit: Option<String>,
 }
 
+/// What `spotbuild agent start` answers: the started agent's process id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStarted {
+    pub pid: u32,
+}
+
+/// What `spotbuild agent status` answers when the controller has heard nothing for a
+/// while: whether the agent's process still runs, and the end of its log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub alive: bool,
+    /// The last lines of the agent's own log (its stderr), to say why it died.
+    pub log_tail: Vec<String>,
+}
+
 // ---------------------------------------------------------------------------------------
 // Events
 // ---------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ pub enum TransportError {
     },
     #[error("refusing to connect to {address}: it is outside the allowed networks ({allowed})")]
     NotAllowed { address: String, allowed: String },
+    /// The host presented another key than the one pinned for this launch: an attack or a
+    /// misconfiguration, never something to retry on another instance.
+    #[error("the host key of {host} does not match the one pinned for this launch: {message}")]
+    HostKeyMismatch { host: String, message: String },
     #[error(transparent)]
     Keys(#[from] keys::KeyError),
 }

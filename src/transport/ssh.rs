@@ -95,10 +95,9 @@ impl SshTransport {
                     let last = e.to_string();
                     // A wrong host key will not fix itself: fail at once.
                     if last.contains("HOST IDENTIFICATION HAS CHANGED") || last.contains("Host key verification failed") {
-                        return Err(TransportError::Connect {
+                        return Err(TransportError::HostKeyMismatch {
                             host: self.target.host.clone(),
-                            waited: started.elapsed(),
-                            last: format!("{last} (the host key does not match the one pinned for this launch)"),
+                            message: last,
                         });
                     }
                     if started.elapsed() + delay > self.target.connect_timeout {

@@ -44,7 +44,8 @@ fn farm(rt: &tokio::runtime::Runtime) -> Farm {
         (config, ec2, subnet, image)
     });
     Farm {
-        cloud: AwsCloud::new(&config),
+        // Verification is bounded short here: an id EC2 never lists is waited for that long.
+        cloud: AwsCloud::with_bounds(&config, Duration::from_secs(30), Duration::from_secs(4)),
         _moto: moto,
         proxy,
         ec2,
@@ -63,7 +64,8 @@ impl Farm {
         };
         LaunchSpec {
             build_id: build_id.into(),
-            project: "api".into(),
+            attempt: 1,
+            projects: vec!["api".into()],
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
             owner: Some("https://ci.example/job/1".into()),
             expires_at,
@@ -113,8 +115,17 @@ fn spot_launches_are_tagged_and_terminate_idempotently() {
         assert_eq!(t[tags::COMMIT], spec.commit);
         assert_eq!(t[tags::OWNER], "https://ci.example/job/1");
         assert_eq!(t["team"], "platform");
+        assert_eq!(t[tags::ATTEMPT], "1");
         assert!(humantime::parse_rfc3339(&t[tags::EXPIRES_AT]).is_ok(), "{}", t[tags::EXPIRES_AT]);
-        // The per-launch template is gone after the launch.
+        // Found by its build's tag, as teardown and an ambiguous launch look for it.
+        let found = f.cloud.find(&["b-launch".to_string()]).await.unwrap();
+        assert_eq!(found.iter().map(|o| o.instance_id.clone()).collect::<Vec<_>>(), [r.launched.instance_id.clone()]);
+        assert!(f.cloud.find(&["b-other".to_string()]).await.unwrap().is_empty());
+        // The per-launch template is tagged, and deleted by that tag once the launch settled.
+        let templates = f.ec2.describe_launch_templates().send().await.unwrap();
+        assert_eq!(templates.launch_templates().len(), 1, "{templates:?}");
+        let deleted = f.cloud.delete_templates(&["b-launch".to_string()]).await.unwrap();
+        assert_eq!(deleted.len(), 1);
         let templates = f.ec2.describe_launch_templates().send().await.unwrap();
         assert!(templates.launch_templates().is_empty(), "{templates:?}");
 
@@ -123,14 +134,16 @@ fn spot_launches_are_tagged_and_terminate_idempotently() {
             .await
             .unwrap();
         assert!(running.private_ip.is_some());
-        let zone = r.launched.availability_zone.clone().expect("the zone is known");
+        let zone = running.availability_zone.clone().expect("the zone is known");
         let price = f.cloud.spot_price(&r.launched.pool.instance_type, &zone).await.unwrap();
         assert!(price.is_none_or(|p| p > 0.0), "{price:?}");
 
         let ids = vec![r.launched.instance_id.clone()];
         f.cloud.terminate(&ids).await.unwrap();
         f.cloud.terminate(&ids).await.unwrap();
-        f.cloud.terminate(&["i-00000000000000000".to_string()]).await.unwrap();
+        // An id EC2 never lists is never taken as terminated.
+        let e = f.cloud.terminate(&["i-00000000000000000".to_string()]).await.unwrap_err();
+        assert!(e.message.contains("EC2 does not list it"), "{e}");
         assert!(f.alive("b-launch").await.is_empty());
     });
 }
