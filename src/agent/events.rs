@@ -5,12 +5,12 @@
 //! no gaps. Producers wait when the writer is behind (bounded channel): output is slowed,
 //! never dropped.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::SystemTime;
 
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::protocol::{Envelope, Event, Stream, VERSION};
 
@@ -39,15 +39,19 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
     out
 }
 
+/// The writer task, and word of its failure: the events file is what a controller resumes
+/// from, so a writer that cannot write it (a full disk) must stop the agent, loudly.
+pub struct Writer {
+    pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Set to why, if writing the events file failed.
+    pub failed: watch::Receiver<Option<String>>,
+}
+
 impl Events {
     /// Starts the writer. Events go to `out` (stdout in the agent) and are appended to
-    /// `file`. Returns the handle and the writer task, which ends when every handle is
-    /// dropped, after flushing.
-    pub fn start<W>(
-        out: W,
-        file: &Path,
-        secrets: Vec<String>,
-    ) -> std::io::Result<(Events, tokio::task::JoinHandle<std::io::Result<()>>)>
+    /// `file`. Returns the handle and the writer, whose task ends when every handle is
+    /// dropped, after flushing, or at the first failure to write the file.
+    pub fn start<W>(out: W, file: &Path, secrets: Vec<String>) -> std::io::Result<(Events, Writer)>
     where
         W: tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -56,8 +60,19 @@ impl Events {
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(file)?;
         let (tx, rx) = mpsc::channel::<Msg>(1024);
-        let task = tokio::spawn(writer(rx, out, tokio::fs::File::from_std(log), secrets));
-        Ok((Events { tx }, task))
+        let (failed_tx, failed) = watch::channel(None);
+        let path = file.to_path_buf();
+        let task = tokio::spawn(async move {
+            let written = writer(rx, out, tokio::fs::File::from_std(log), secrets).await;
+            if let Err(e) = &written {
+                let why = format!("failed to write the events file {}: {e}", path.display());
+                // In the agent's log, whatever else happens.
+                eprintln!("error: {why}");
+                failed_tx.send_replace(Some(why));
+            }
+            written
+        });
+        Ok((Events { tx }, Writer { task, failed }))
     }
 
     pub async fn emit(&self, event: Event) {
@@ -154,20 +169,46 @@ where
 /// Writes every complete event line of `file` whose `seq` is greater than `after` to `out`.
 /// Returns the last `seq` written (or `after`) and whether a `result` event was seen.
 pub fn replay(file: &Path, after: u64, out: &mut impl Write) -> std::io::Result<(u64, bool)> {
-    let reader = std::io::BufReader::new(std::fs::File::open(file)?);
-    let mut last = after;
-    let mut done = false;
-    for line in reader.split(b'\n') {
-        let line = line?;
-        let Some((seq, is_result)) = peek(&line) else { continue };
-        if seq > last {
-            out.write_all(&line)?;
-            out.write_all(b"\n")?;
-            last = seq;
+    let mut at = Replay { last: after, ..Replay::default() };
+    at.more(file, out)?;
+    Ok((at.last, at.done))
+}
+
+/// Where a replay of an events file has got to, so that following a growing file reads
+/// each byte once (not the whole file on every poll).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replay {
+    /// The last `seq` written.
+    pub last: u64,
+    /// Bytes of the file read so far: complete lines only (a line still being written is
+    /// read again, whole, next time).
+    pub offset: u64,
+    /// A `result` event was seen.
+    pub done: bool,
+}
+
+impl Replay {
+    /// Writes the complete event lines added to `file` since the last call whose `seq` is
+    /// greater than [`Replay::last`].
+    pub fn more(&mut self, file: &Path, out: &mut impl Write) -> std::io::Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(file)?;
+        f.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else { return Ok(()) };
+        for line in buf[..end].split(|b| *b == b'\n') {
+            let Some((seq, is_result)) = peek(line) else { continue };
+            if seq > self.last {
+                out.write_all(line)?;
+                out.write_all(b"\n")?;
+                self.last = seq;
+            }
+            self.done |= is_result;
         }
-        done |= is_result;
+        self.offset += end as u64 + 1;
+        Ok(())
     }
-    Ok((last, done))
 }
 
 /// The `seq` of an event line, and whether it is a result, without a full parse.
@@ -186,6 +227,18 @@ fn peek(line: &[u8]) -> Option<(u64, bool)> {
 mod tests {
     use super::*;
 
+    /// A full disk: every write to /dev/full fails with ENOSPC.
+    #[tokio::test]
+    async fn a_writer_that_cannot_write_the_file_says_so() {
+        let (events, mut writer) = Events::start(tokio::io::sink(), Path::new("/dev/full"), Vec::new()).unwrap();
+        events.say("x", "one line").await;
+        let why = writer.failed.wait_for(|f| f.is_some()).await.unwrap().clone().unwrap();
+        assert!(why.contains("/dev/full") && why.contains("No space left"), "{why}");
+        assert!(writer.task.await.unwrap().is_err());
+        // Emitting afterwards neither blocks nor panics.
+        events.say("x", "lost").await;
+    }
+
     #[test]
     fn redaction_replaces_every_occurrence() {
         let s = vec!["hunter2".to_string(), String::new()];
@@ -198,12 +251,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("events.ndjson");
         let (out_tx, mut out_rx) = tokio::io::duplex(1 << 20);
-        let (events, task) = Events::start(out_tx, &file, vec!["s3cret".into()]).unwrap();
+        let (events, writer) = Events::start(out_tx, &file, vec!["s3cret".into()]).unwrap();
         for i in 0..10 {
             events.say("x", format!("line {i} s3cret")).await;
         }
         drop(events);
-        task.await.unwrap().unwrap();
+        writer.task.await.unwrap().unwrap();
         let mut streamed = String::new();
         tokio::io::AsyncReadExt::read_to_string(&mut out_rx, &mut streamed).await.unwrap();
         let on_disk = std::fs::read_to_string(&file).unwrap();
@@ -220,5 +273,27 @@ mod tests {
         assert_eq!((last, done), (10, false));
         let expected: String = on_disk.lines().skip(7).map(|l| format!("{l}\n")).collect();
         assert_eq!(String::from_utf8(rest).unwrap(), expected);
+    }
+
+    #[test]
+    fn following_a_growing_file_reads_each_line_once_and_waits_for_half_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("events.ndjson");
+        let line = |seq: u64, kind: &str| format!("{{\"v\":1,\"seq\":{seq},\"ts\":\"t\",\"type\":\"{kind}\"}}\n");
+        std::fs::write(&file, format!("{}{}", line(1, "heartbeat"), &line(2, "heartbeat")[..10])).unwrap();
+        let mut at = Replay::default();
+        let mut out = Vec::new();
+        at.more(&file, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out.clone()).unwrap(), line(1, "heartbeat"));
+        assert_eq!((at.last, at.offset as usize, at.done), (1, line(1, "heartbeat").len(), false));
+        // The rest of line 2 arrives, then the result.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+        f.write_all(line(2, "heartbeat")[10..].as_bytes()).unwrap();
+        f.write_all(line(3, "result").as_bytes()).unwrap();
+        out.clear();
+        at.more(&file, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{}{}", line(2, "heartbeat"), line(3, "result")));
+        assert_eq!((at.last, at.done), (3, true));
+        assert_eq!(at.offset, std::fs::metadata(&file).unwrap().len());
     }
 }

@@ -1,8 +1,14 @@
 //! Running one command of a step: its stdout and stderr become `log` events line by line,
 //! and it can be stopped from outside (interruption, deadline).
+//!
+//! Each command runs in a process group of its own. Stopping it kills the whole group, and
+//! so does its end: what it left running in the background would otherwise hold its output
+//! pipes open and keep the step from ever ending. The wait for its last output is bounded
+//! by [`DRAIN_TIMEOUT`], for a process that left the group and still holds them.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
@@ -32,6 +38,18 @@ impl Stopped {
 /// Something that watches a step's output lines (e.g. to count cached layers).
 pub type Observer = Arc<Mutex<dyn FnMut(&str) + Send>>;
 
+/// How long a step's output is still read after its process group ended.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Kills process group `pgid` (a step's), if anything is left in it.
+fn kill_group(pgid: Option<u32>) {
+    if let Some(pgid) = pgid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+        // SAFETY: kill(2) with a negative pid signals the process group this module made
+        // for the step; ESRCH (nothing left) is ignored.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+}
+
 /// Runs `cmd`, streaming its output as `step`'s log lines, until it exits or `stop` becomes
 /// true (then it is killed). Output lines are all emitted before this returns.
 pub async fn run(
@@ -44,16 +62,19 @@ pub async fn run(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let program = format!("{:?}", cmd.as_std().get_program());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return Stopped::NotStarted(format!("failed to start {program}: {e}")),
     };
+    // The group's id is the leader's pid, known until it is reaped.
+    let pgid = child.id();
     let out = child.stdout.take().expect("piped");
     let err = child.stderr.take().expect("piped");
-    let pump_out = tokio::spawn(pump(out, step.to_string(), Stream::Stdout, events.clone(), observer.clone()));
-    let pump_err = tokio::spawn(pump(err, step.to_string(), Stream::Stderr, events.clone(), observer));
+    let mut pump_out = tokio::spawn(pump(out, step.to_string(), Stream::Stdout, events.clone(), observer.clone()));
+    let mut pump_err = tokio::spawn(pump(err, step.to_string(), Stream::Stderr, events.clone(), observer));
 
     let status = if *stop.borrow() {
         None
@@ -67,14 +88,24 @@ pub async fn run(
         Some(Ok(s)) => Stopped::Exited(exit_code(s)),
         Some(Err(e)) => Stopped::NotStarted(format!("failed to wait for {program}: {e}")),
         None => {
-            let _ = child.start_kill();
+            kill_group(pgid);
             let _ = child.wait().await;
             Stopped::Killed
         }
     };
-    // The pipes close when the process (and anything holding them) exits.
-    let _ = pump_out.await;
-    let _ = pump_err.await;
+    // What the step left behind in its group would hold the pipes open: it ends too.
+    kill_group(pgid);
+    let pumps = async {
+        let _ = (&mut pump_out).await;
+        let _ = (&mut pump_err).await;
+    };
+    if tokio::time::timeout(DRAIN_TIMEOUT, pumps).await.is_err() {
+        pump_out.abort();
+        pump_err.abort();
+        events
+            .say(step, format!("warning: stopped reading output {}s after the step ended: a process it started left its group and holds the output open", DRAIN_TIMEOUT.as_secs()))
+            .await;
+    }
     result
 }
 

@@ -27,6 +27,17 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// The events file could not be written: the job was stopped, since nobody could see
+    /// or resume what followed.
+    #[error("{0}; the job was stopped")]
+    EventsLost(String),
+}
+
+impl AgentError {
+    /// The job itself was unusable (rather than this machine failing it).
+    pub fn is_invalid_job(&self) -> bool {
+        !matches!(self, AgentError::Io { .. } | AgentError::EventsLost(_))
+    }
 }
 
 /// A job that passed the checks, with what the steps derive from it.

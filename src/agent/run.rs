@@ -18,6 +18,9 @@ use super::worker::Worker;
 use crate::protocol::{Event, Job, NoticeKind, Outcome};
 
 /// Runs `job`, writing events to `out`, until done, the deadline, or `cancel` resolves.
+/// Returns soon after its `result` event, whatever the metadata service or a step does:
+/// the background watches are stopped before the event stream is closed, and a step that
+/// does not end when killed is abandoned one [`WIND_DOWN`] later.
 pub async fn run<W>(job: Job, out: W, cancel: impl Future<Output = ()> + Send) -> Result<Outcome, AgentError>
 where
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -30,7 +33,7 @@ where
     };
     tokio::fs::create_dir_all(&job.workdir).await.map_err(io(&job.workdir))?;
     let events_file = job.events_file.clone().unwrap_or_else(|| job.workdir.join("events.ndjson"));
-    let (events, writer) = Events::start(out, &events_file, cx.secrets()).map_err(io(&events_file))?;
+    let (events, mut writer) = Events::start(out, &events_file, cx.secrets()).map_err(io(&events_file))?;
 
     let docker = match cx.needs_docker() {
         true => Some(docker::detect(job.cache.builder, job.cache.docker.as_deref()).await),
@@ -38,10 +41,10 @@ where
     };
     let imds = machine::hello(&events, &job.imds, docker.as_ref().and_then(|d| d.as_ref().ok())).await;
 
-    // Background work, stopped by the guards when this function returns.
+    // Background work, stopped by the guards before the event stream closes.
     let heartbeat = machine::heartbeat(events.clone(), Duration::from_secs(job.heartbeat_secs.max(1)));
     let (notice_tx, mut notice_rx) = watch::channel(None);
-    let _imds = imds.map(|i| machine::watch_notices(i, &job.imds, events.clone(), notice_tx));
+    let imds_watch = imds.map(|i| machine::watch_notices(i, &job.imds, events.clone(), notice_tx));
 
     let tools = match docker {
         Some(Ok(d)) => Ok(Some(publish::prepare(d, &cx, &events).await)),
@@ -52,6 +55,7 @@ where
     let (halt_tx, halt_rx) = watch::channel(false);
     let (salvage_tx, mut salvage_rx) = mpsc::channel::<oneshot::Sender<Option<Duration>>>(1);
     let deadline = cx.deadline;
+    let shutdown_command = cx.job.shutdown_command.clone();
     let mut worker = Worker {
         cx,
         events: events.clone(),
@@ -68,7 +72,7 @@ where
                 worker.failed.push("agent".into());
             }
         }
-        worker
+        worker.failed
     };
     tokio::pin!(work);
     let deadline_sleep = async {
@@ -86,26 +90,32 @@ where
     // Only performs what the stop policy decides (see `stop::next`).
     let mut state = State::Working;
     let mut timer: Option<tokio::time::Instant> = None;
-    let mut finished = None;
     let mut shutdown = false;
-    let worker = loop {
+    // The steps that failed; `None` when the worker was abandoned.
+    let failed = loop {
         let armed = async {
             match timer {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             }
         };
-        // Once halted the policy ignores these; not polling them also keeps a finished
-        // sleep from firing again.
+        // Once halted the policy ignores most signals; not polling them also keeps a
+        // finished sleep from firing again. A cancel still matters during a notice's grace.
         let working = state == State::Working;
+        let cancellable = working || matches!(state, State::Halted { why: Halt::Notice(_), out_of_time: false });
         let mut salvage_reply = None;
+        let mut finished = None;
         let signal = tokio::select! {
-            w = &mut work => {
-                finished = Some(w);
+            failed = &mut work => {
+                finished = Some(failed);
                 Signal::WorkFinished
             }
             _ = &mut deadline_sleep, if working => Signal::DeadlineReached,
-            _ = &mut cancel, if working => Signal::Cancel,
+            _ = &mut cancel, if cancellable => Signal::Cancel,
+            Ok(()) = writer.failed.changed(), if working => {
+                let Some(why) = writer.failed.borrow_and_update().clone() else { continue };
+                Signal::EventsLost(why)
+            }
             Ok(()) = notice_rx.changed(), if working => {
                 let Some(notice) = notice_rx.borrow_and_update().clone() else { continue };
                 Signal::Notice { notice, now: SystemTime::now() }
@@ -122,6 +132,7 @@ where
         let (next_state, effects) = stop::next(state, signal);
         state = next_state;
         let mut salvage_window = None;
+        let mut abandon = false;
         for effect in effects {
             match effect {
                 Effect::HaltWorker => {
@@ -136,54 +147,64 @@ where
                     salvage_window = Some(within);
                 }
                 Effect::Shutdown => shutdown = true,
+                Effect::Abandon => abandon = true,
             }
         }
         if let Some(reply) = salvage_reply {
             let _ = reply.send(salvage_window);
         }
-        if let Some(worker) = finished.take() {
-            break worker;
+        if let Some(failed) = finished {
+            break Some(failed);
+        }
+        if abandon {
+            break None;
         }
     };
+    // The watches hold the event stream open: stop them before closing it.
     drop(heartbeat);
+    drop(imds_watch);
 
-    let (outcome, message) = result(state.halt(), &worker.failed);
+    let (outcome, message) = result(state.halt(), failed.as_deref());
     events
         .emit(Event::Result {
             outcome,
-            failed_steps: worker.failed.clone(),
+            failed_steps: failed.unwrap_or_default(),
             message,
         })
         .await;
     events.flush().await;
-    let shutdown = shutdown.then(|| worker.cx.job.shutdown_command.clone());
-    drop(worker);
     drop(events);
-    let _ = writer.await;
-    if let Some(cmd) = shutdown {
-        run_shutdown(cmd).await;
+    let _ = writer.task.await;
+    if shutdown {
+        run_shutdown(shutdown_command).await;
     }
-    Ok(outcome)
+    match state.halt() {
+        Some(Halt::EventsLost(why)) => Err(AgentError::EventsLost(why.clone())),
+        _ => Ok(outcome),
+    }
 }
 
-/// The job's outcome and what to say of it.
-fn result(halted: Option<&Halt>, failed: &[String]) -> (Outcome, Option<String>) {
-    match halted {
-        Some(Halt::Notice(n)) => (
+/// The job's outcome and what to say of it; `failed` is `None` when the steps were
+/// abandoned.
+fn result(halted: Option<&Halt>, failed: Option<&[String]>) -> (Outcome, Option<String>) {
+    let abandoned = failed.is_none().then_some("; a step that would not stop was abandoned").unwrap_or_default();
+    match (halted, failed.unwrap_or_default()) {
+        (Some(Halt::Notice(n)), _) => (
             Outcome::Interrupted,
             Some(match n.kind {
                 NoticeKind::Interruption => format!(
-                    "spot interruption notice ({} at {})",
+                    "spot interruption notice ({} at {}){abandoned}",
                     n.action.as_deref().unwrap_or("terminate"),
                     n.time.as_deref().unwrap_or("an unknown time")
                 ),
-                NoticeKind::Rebalance => "rebalance recommendation".to_string(),
+                NoticeKind::Rebalance => format!("rebalance recommendation{abandoned}"),
             }),
         ),
-        Some(Halt::Deadline) => (Outcome::Failed, Some("the job's deadline passed".to_string())),
-        Some(Halt::Cancelled) => (Outcome::Failed, Some("stopped by a signal".to_string())),
-        None if failed.is_empty() => (Outcome::Success, None),
-        None => (
+        (Some(Halt::Deadline), _) => (Outcome::Failed, Some(format!("the job's deadline passed{abandoned}"))),
+        (Some(Halt::Cancelled), _) => (Outcome::Failed, Some(format!("stopped by a signal{abandoned}"))),
+        (Some(Halt::EventsLost(why)), _) => (Outcome::Failed, Some(format!("{why}{abandoned}"))),
+        (None, []) => (Outcome::Success, None),
+        (None, failed) => (
             Outcome::Failed,
             Some(format!(
                 "{} step{} failed: {}",
@@ -210,10 +231,10 @@ mod tests {
 
     #[test]
     fn the_result_says_why_the_work_ended() {
-        assert_eq!(result(None, &[]), (Outcome::Success, None));
+        assert_eq!(result(None, Some(&[])), (Outcome::Success, None));
         let failed = ["a:build".to_string(), "b:test:unit".to_string()];
         assert_eq!(
-            result(None, &failed),
+            result(None, Some(&failed)),
             (Outcome::Failed, Some("2 steps failed: a:build, b:test:unit".into()))
         );
         let notice = Notice {
@@ -222,9 +243,13 @@ mod tests {
             time: None,
         };
         assert_eq!(
-            result(Some(&Halt::Notice(notice)), &failed),
+            result(Some(&Halt::Notice(notice)), Some(&failed)),
             (Outcome::Interrupted, Some("spot interruption notice (terminate at an unknown time)".into()))
         );
-        assert_eq!(result(Some(&Halt::Deadline), &[]), (Outcome::Failed, Some("the job's deadline passed".into())));
+        assert_eq!(result(Some(&Halt::Deadline), Some(&[])), (Outcome::Failed, Some("the job's deadline passed".into())));
+        assert_eq!(
+            result(Some(&Halt::Deadline), None),
+            (Outcome::Failed, Some("the job's deadline passed; a step that would not stop was abandoned".into()))
+        );
     }
 }

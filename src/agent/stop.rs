@@ -13,8 +13,10 @@ pub const NOTICE_GRACE: Duration = Duration::from_secs(90);
 /// How long before a notice's stated time running steps are killed; also how long the
 /// salvage push of a build's finished stages may take.
 pub const NOTICE_MARGIN: Duration = Duration::from_secs(20);
-/// After the deadline or a stop signal, when the kill of the running steps is repeated;
-/// also how long the shutdown command may take.
+/// After the deadline or a stop signal, when the kill of the running steps is repeated,
+/// and after that kill, how long the agent still waits for its steps before it stops
+/// waiting (and exits, running the shutdown command past the deadline); also how long the
+/// shutdown command may take.
 pub const WIND_DOWN: Duration = Duration::from_secs(30);
 
 /// Why work stopped early.
@@ -23,6 +25,8 @@ pub enum Halt {
     Notice(Notice),
     Deadline,
     Cancelled,
+    /// The events file cannot be written (a full disk): nobody would see what follows.
+    EventsLost(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +35,8 @@ pub enum State {
     Working,
     /// No new step starts. `out_of_time` once the grace (or wind-down) timer has fired.
     Halted { why: Halt, out_of_time: bool },
-    /// The worker has returned; `halted` says whether it was cut short, and why.
+    /// The worker has returned, or was abandoned; `halted` says whether it was cut short,
+    /// and why.
     Finished { halted: Option<Halt> },
 }
 
@@ -53,6 +58,8 @@ pub enum Signal {
     DeadlineReached,
     /// The agent was told to stop (SIGINT/SIGTERM, or its caller's own cancel).
     Cancel,
+    /// Writing the events file failed, saying this.
+    EventsLost(String),
     /// IMDS announced an interruption (or a rebalance the job stops for), seen at `now`.
     Notice { notice: Notice, now: SystemTime },
     /// The timer of the last [`Effect::ArmTimer`] went off.
@@ -73,21 +80,41 @@ pub enum Effect {
     Rearm { within: Duration },
     /// Run the job's shutdown command once the result is written.
     Shutdown,
+    /// Stop waiting for the worker: a step did not end when killed (its processes hold on,
+    /// or it waits on something that never comes). The result is written without it.
+    Abandon,
 }
 
 /// The policy: what `signal` does in `state`.
+///
+/// Past a halt's grace (a notice's, or the wind-down after the deadline, a signal or lost
+/// events) running steps are killed; one more [`WIND_DOWN`] later the worker is abandoned,
+/// so the agent always writes its result and exits, whatever a step is doing.
 pub fn next(state: State, signal: Signal) -> (State, Vec<Effect>) {
     use Effect::*;
     match (state, signal) {
         (State::Working, Signal::WorkFinished) => (State::Finished { halted: None }, vec![]),
         (State::Working, Signal::DeadlineReached) => (halted(Halt::Deadline), vec![HaltWorker, Kill, ArmTimer(WIND_DOWN)]),
         (State::Working, Signal::Cancel) => (halted(Halt::Cancelled), vec![HaltWorker, Kill, ArmTimer(WIND_DOWN)]),
+        (State::Working, Signal::EventsLost(why)) => (halted(Halt::EventsLost(why)), vec![HaltWorker, Kill, ArmTimer(WIND_DOWN)]),
         // A build that finishes within the grace is still pushed: nothing is killed yet.
         (State::Working, Signal::Notice { notice, now }) => {
             let grace = grace(&notice, now);
             (halted(Halt::Notice(notice)), vec![HaltWorker, ArmTimer(grace)])
         }
-        (State::Halted { why, out_of_time: false }, Signal::TimerFired) => (State::Halted { why, out_of_time: true }, vec![Kill]),
+        // Told to stop during a notice's grace: the steps are killed now (the notice stays
+        // the reason: the outcome is still an interruption).
+        (State::Halted { why: why @ Halt::Notice(_), out_of_time: false }, Signal::Cancel) => {
+            (State::Halted { why, out_of_time: true }, vec![Kill, ArmTimer(WIND_DOWN)])
+        }
+        (State::Halted { why, out_of_time: false }, Signal::TimerFired) => (State::Halted { why, out_of_time: true }, vec![Kill, ArmTimer(WIND_DOWN)]),
+        (State::Halted { why, out_of_time: true }, Signal::TimerFired) => {
+            let mut effects = vec![Abandon];
+            if why == Halt::Deadline {
+                effects.push(Shutdown);
+            }
+            (State::Finished { halted: Some(why) }, effects)
+        }
         // What a build finished before the notice's kill is worth keeping for the next
         // attempt; after the deadline or a signal nothing more may run.
         (State::Halted { why: Halt::Notice(n), out_of_time }, Signal::SalvageRequested) => (
@@ -174,7 +201,7 @@ mod tests {
         let (state, effects) = run(vec![notice_at(None), Signal::TimerFired, Signal::WorkFinished]);
         assert_eq!(
             effects,
-            [vec![Effect::HaltWorker, Effect::ArmTimer(NOTICE_GRACE)], vec![Effect::Kill], vec![]]
+            [vec![Effect::HaltWorker, Effect::ArmTimer(NOTICE_GRACE)], vec![Effect::Kill, Effect::ArmTimer(WIND_DOWN)], vec![]]
         );
         assert_eq!(state, State::Finished { halted: Some(Halt::Notice(notice(None))) });
     }
@@ -203,7 +230,7 @@ mod tests {
             effects,
             [
                 vec![Effect::HaltWorker, Effect::Kill, Effect::ArmTimer(WIND_DOWN)],
-                vec![Effect::Kill],
+                vec![Effect::Kill, Effect::ArmTimer(WIND_DOWN)],
                 vec![Effect::Shutdown]
             ]
         );
@@ -215,25 +242,49 @@ mod tests {
         let (state, effects) = run(vec![Signal::Cancel, Signal::TimerFired, Signal::WorkFinished]);
         assert_eq!(
             effects,
-            [vec![Effect::HaltWorker, Effect::Kill, Effect::ArmTimer(WIND_DOWN)], vec![Effect::Kill], vec![]]
+            [vec![Effect::HaltWorker, Effect::Kill, Effect::ArmTimer(WIND_DOWN)], vec![Effect::Kill, Effect::ArmTimer(WIND_DOWN)], vec![]]
         );
         assert_eq!(state, State::Finished { halted: Some(Halt::Cancelled) });
     }
 
     #[test]
-    fn a_second_signal_after_halting_is_ignored() {
-        let stops = || [notice_at(None), Signal::DeadlineReached, Signal::Cancel];
+    fn a_second_signal_after_halting_changes_nothing_but_a_cancel_ends_a_notices_grace() {
+        let stops = || [notice_at(None), Signal::DeadlineReached, Signal::Cancel, Signal::EventsLost("disk full".into())];
         for first in stops() {
             for second in stops() {
-                let (state, effects) = run(vec![first.clone(), second]);
-                assert_eq!(effects[1], [], "{first:?}");
+                let (state, effects) = run(vec![first.clone(), second.clone()]);
                 let (expected, _) = next(State::Working, first.clone());
+                if matches!((&first, &second), (Signal::Notice { .. }, Signal::Cancel)) {
+                    assert_eq!(effects[1], [Effect::Kill, Effect::ArmTimer(WIND_DOWN)]);
+                    assert_eq!(state.halt(), expected.halt(), "the notice stays the reason");
+                    continue;
+                }
+                assert_eq!(effects[1], [], "{first:?} then {second:?}");
                 assert_eq!(state, expected);
             }
         }
-        // The timer fires once: a second firing changes nothing.
-        let (_, effects) = run(vec![Signal::Cancel, Signal::TimerFired, Signal::TimerFired]);
+    }
+
+    #[test]
+    fn a_step_that_will_not_end_is_abandoned_one_wind_down_after_the_kill() {
+        let (state, effects) = run(vec![Signal::DeadlineReached, Signal::TimerFired, Signal::TimerFired]);
+        assert_eq!(effects[2], [Effect::Abandon, Effect::Shutdown], "past the deadline the shutdown runs anyway");
+        assert_eq!(state, State::Finished { halted: Some(Halt::Deadline) });
+        let (state, effects) = run(vec![Signal::Cancel, Signal::TimerFired, Signal::TimerFired]);
+        assert_eq!(effects[2], [Effect::Abandon]);
+        assert_eq!(state, State::Finished { halted: Some(Halt::Cancelled) });
+        let (_, effects) = run(vec![notice_at(None), Signal::TimerFired, Signal::TimerFired]);
+        assert_eq!(effects[2], [Effect::Abandon]);
+        // Once finished, a late timer does nothing.
+        let (_, effects) = run(vec![Signal::Cancel, Signal::WorkFinished, Signal::TimerFired]);
         assert_eq!(effects[2], []);
+    }
+
+    #[test]
+    fn lost_events_stop_the_work_like_a_signal() {
+        let (state, effects) = run(vec![Signal::EventsLost("No space left on device".into()), Signal::WorkFinished]);
+        assert_eq!(effects[0], [Effect::HaltWorker, Effect::Kill, Effect::ArmTimer(WIND_DOWN)]);
+        assert_eq!(state, State::Finished { halted: Some(Halt::EventsLost("No space left on device".into())) });
     }
 
     #[test]
@@ -245,7 +296,7 @@ mod tests {
 
     #[test]
     fn signals_after_the_work_finished_are_ignored() {
-        for late in [notice_at(None), Signal::DeadlineReached, Signal::Cancel, Signal::TimerFired, Signal::SalvageRequested] {
+        for late in [notice_at(None), Signal::DeadlineReached, Signal::Cancel, Signal::TimerFired, Signal::SalvageRequested, Signal::EventsLost("x".into())] {
             let (state, effects) = run(vec![Signal::WorkFinished, late]);
             assert_eq!(state, State::Finished { halted: None });
             assert_eq!(effects[1], []);

@@ -173,9 +173,10 @@ async fn run_job(source: &str) -> Result<Exit, Error> {
     };
     let job: Job = serde_json::from_str(&text)
         .map_err(|e| Error::new(Exit::InvalidInput, format!("failed to parse the job: {e}")))?;
-    let outcome = agent::run(job, tokio::io::stdout(), super::signals::stop())
-        .await
-        .map_err(|e| Error::new(Exit::InvalidInput, error_chain(&e)))?;
+    let outcome = agent::run(job, tokio::io::stdout(), super::signals::stop()).await.map_err(|e| {
+        let exit = if e.is_invalid_job() { Exit::InvalidInput } else { Exit::Failed };
+        Error::new(exit, error_chain(&e))
+    })?;
     Ok(match outcome {
         Outcome::Success => Exit::Success,
         Outcome::Failed => Exit::Failed,
@@ -185,22 +186,25 @@ async fn run_job(source: &str) -> Result<Exit, Error> {
 
 async fn replay(file: &std::path::Path, after: u64, follow: bool, timeout: Duration) -> Result<Exit, Error> {
     let started = Instant::now();
-    let mut last = after;
+    let mut at = agent::events::Replay {
+        last: after,
+        ..Default::default()
+    };
     loop {
-        // Reading the file and writing stdout block: not on the runtime's threads.
+        // Reading the file and writing stdout block: not on the runtime's threads. Each
+        // poll reads only what was added since the last one.
         let path = file.to_path_buf();
-        let replayed = tokio::task::spawn_blocking(move || {
+        let (replayed, next) = tokio::task::spawn_blocking(move || {
             let mut out = std::io::stdout().lock();
-            let replayed = agent::events::replay(&path, last, &mut out);
+            let replayed = at.more(&path, &mut out);
             let _ = out.flush();
-            replayed
+            (replayed, at)
         })
         .await
         .expect("replaying does not panic");
-        let (seen, done) =
-            replayed.map_err(|e| Error::new(Exit::InvalidInput, format!("failed to read {}: {e}", file.display())))?;
-        last = seen;
-        if !follow || done {
+        replayed.map_err(|e| Error::new(Exit::InvalidInput, format!("failed to read {}: {e}", file.display())))?;
+        at = next;
+        if !follow || at.done {
             return Ok(Exit::Success);
         }
         if started.elapsed() > timeout {

@@ -76,6 +76,9 @@ pub fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(run(cli));
+    // Whatever is still running in the background (a blocked write to a closed pipe, a
+    // metadata request) does not keep the process up once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(exit) => std::process::ExitCode::from(exit.code()),
         Err(e) => {

@@ -524,3 +524,146 @@ fn a_job_of_another_version_is_refused() {
     assert_eq!(run.code, 3, "{run:?}");
     assert!(run.stderr.contains("unsupported version 2"), "{}", run.stderr);
 }
+
+/// Starts `agent run` on `job`; returns the child with its stdout lines on a channel, each
+/// with when it arrived.
+fn start_agent(job: &Value) -> (std::process::Child, std::sync::mpsc::Receiver<(std::time::Instant, String)>) {
+    let mut child = spotbuild(Path::new("/"))
+        .args(["agent", "run", "--job", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    serde_json::to_writer(child.stdin.take().unwrap(), job).unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send((std::time::Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits (bounded) for the line matching `pred`.
+fn wait_line(rx: &std::sync::mpsc::Receiver<(std::time::Instant, String)>, limit: std::time::Duration, pred: impl Fn(&Value) -> bool) -> (std::time::Instant, Value) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let (at, line) = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no such line within {limit:?}"));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if pred(&v) {
+            return (at, v);
+        }
+    }
+}
+
+/// Waits (bounded) for the child to exit; returns when and its code.
+fn wait_exit(child: &mut std::process::Child, limit: std::time::Duration) -> (std::time::Instant, Option<i32>) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (std::time::Instant::now(), status.code());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent was still running {limit:?} later");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn the_agent_exits_within_a_second_of_its_result_whatever_the_metadata_service_does() {
+    let repo = tiny_repo();
+    for imds in crate::support::imds::BadImds::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job(&repo, &dir.path().join("work"), json!([{"name": "hi", "command": ["echo", "hi"]}]));
+        j["imds"] = json!({"enabled": true, "endpoint": imds.endpoint(), "poll_interval_ms": 200});
+        let (mut child, lines) = start_agent(&j);
+        let (result_at, result) = wait_line(&lines, std::time::Duration::from_secs(60), |v| v["type"] == "result");
+        assert_eq!(result["outcome"], "success", "IMDS {}", imds.name());
+        let (exited_at, code) = wait_exit(&mut child, std::time::Duration::from_secs(10));
+        assert_eq!(code, Some(0), "IMDS {}", imds.name());
+        let after = exited_at.saturating_duration_since(result_at);
+        assert!(after < std::time::Duration::from_secs(1), "IMDS {}: exited {after:?} after its result", imds.name());
+    }
+}
+
+#[test]
+fn sigterm_stops_the_steps_writes_a_result_and_exits_whatever_the_metadata_service_does() {
+    let repo = tiny_repo();
+    for imds in crate::support::imds::BadImds::all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = job(&repo, &dir.path().join("work"), json!([{"name": "forever", "command": ["sleep", "300"]}]));
+        j["imds"] = json!({"enabled": true, "endpoint": imds.endpoint(), "poll_interval_ms": 200});
+        let (mut child, lines) = start_agent(&j);
+        wait_line(&lines, std::time::Duration::from_secs(60), |v| v["type"] == "step_start" && v["step"] == "run:forever");
+        let sent = std::time::Instant::now();
+        // SAFETY: kill(2) on the child this test started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let (_, result) = wait_line(&lines, std::time::Duration::from_secs(20), |v| v["type"] == "result");
+        assert_eq!(result["message"], "stopped by a signal", "IMDS {}", imds.name());
+        let (exited_at, code) = wait_exit(&mut child, std::time::Duration::from_secs(10));
+        assert_eq!(code, Some(1), "IMDS {}", imds.name());
+        assert!(exited_at - sent < std::time::Duration::from_secs(5), "IMDS {}: {:?} from SIGTERM to exit", imds.name(), exited_at - sent);
+    }
+}
+
+#[test]
+fn a_step_whose_children_keep_its_output_open_still_ends() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("background-pid");
+    // The command exits at once; what it left in the background holds stdout and stderr.
+    let script = format!("sleep 300 & echo $! > {}; echo started", marker.display());
+    let started = std::time::Instant::now();
+    let run = agent(&job(&repo, &dir.path().join("work"), json!([{"name": "leaves", "command": ["sh", "-c", script]}])));
+    assert_ok(&run);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "ended in {:?}", started.elapsed());
+    assert!(run.stdout.contains("started"));
+    let pid: i32 = std::fs::read_to_string(&marker).unwrap().trim().parse().unwrap();
+    // Gone, or a zombie waiting for whoever adopted it to reap it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or("gone").to_string();
+    assert!(state == "gone" || state == "Z", "the step's background process {pid} was ended with its group (state {state})");
+}
+
+#[test]
+fn a_step_that_left_its_group_holding_the_output_is_cut_off_not_waited_for() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("escaped-pid");
+    // setsid: a new session and group, out of reach of the step's group kill.
+    let script = format!("setsid sh -c 'echo $$ > {}; exec sleep 300' & sleep 0.5; echo started", marker.display());
+    let started = std::time::Instant::now();
+    let run = agent(&job(&repo, &dir.path().join("work"), json!([{"name": "escapes", "command": ["sh", "-c", script]}])));
+    let pid: Option<i32> = std::fs::read_to_string(&marker).ok().and_then(|p| p.trim().parse().ok());
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) on the process this test's job started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert_ok(&run);
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "ended in {:?}", started.elapsed());
+    assert!(run.stdout.contains("stopped reading output"), "{}", run.stdout);
+}
+
+#[test]
+fn an_events_file_that_cannot_be_written_stops_the_agent_loudly() {
+    let repo = tiny_repo();
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = job(&repo, &dir.path().join("work"), json!([{"name": "forever", "command": ["sleep", "300"]}]));
+    // A full disk: every write fails with ENOSPC.
+    j["events_file"] = json!("/dev/full");
+    let started = std::time::Instant::now();
+    let run = agent(&j);
+    assert!(started.elapsed() < std::time::Duration::from_secs(90), "stopped in {:?}", started.elapsed());
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("failed to write the events file /dev/full") && run.stderr.contains("No space left"), "{}", run.stderr);
+    assert!(run.stderr.contains("the job was stopped"), "{}", run.stderr);
+}

@@ -58,3 +58,39 @@ async fn handle(State(notice): State<Arc<AtomicU64>>, method: Method, uri: Uri, 
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
+
+/// A metadata service that does not help: it refuses session tokens (403), or accepts
+/// connections and never answers, or is not there at all.
+pub enum BadImds {
+    Refusing(super::server::TestServer),
+    /// Bound and never accepted: connections complete in the kernel's backlog, and every
+    /// request waits forever.
+    Hanging(std::net::TcpListener),
+    Absent(u16),
+}
+
+impl BadImds {
+    pub fn all() -> Vec<BadImds> {
+        let refusing = super::server::TestServer::start(axum::Router::new().fallback(|| async { StatusCode::FORBIDDEN }));
+        let hanging = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let absent = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        vec![BadImds::Refusing(refusing), BadImds::Hanging(hanging), BadImds::Absent(absent)]
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            BadImds::Refusing(_) => "refusing tokens (403)",
+            BadImds::Hanging(_) => "hanging",
+            BadImds::Absent(_) => "absent",
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        let port = match self {
+            BadImds::Refusing(s) => s.port,
+            BadImds::Hanging(l) => l.local_addr().unwrap().port(),
+            BadImds::Absent(p) => *p,
+        };
+        format!("http://127.0.0.1:{port}")
+    }
+}
