@@ -5,6 +5,8 @@
 #               the controller's overhead and the bytes it ships for a one-file change
 #   make demo   a real farm build of examples/monorepo on the local farm (EC2 emulated,
 #               hosts in network namespaces, a loopback registry, this machine's Docker)
+#   make chaos  the whole lifecycle chaos matrix (every phase × every fault) on the local farm
+#   make reaper-zip  the reaper's Lambda function for terraform (target/lambda/reaper.zip)
 
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
@@ -18,7 +20,7 @@ APT_PACKAGES := docker-registry openssh-server openssh-client iproute2 busybox-s
 VENV_INFRA := .venv-infra
 INFRA_PIP := python-hcl2==8.1.4 checkov==3.3.30
 
-.PHONY: test bench demo farm-deps infra-deps apt-deps venv build docker-check ami
+.PHONY: test bench demo chaos reaper-zip farm-deps infra-deps apt-deps venv build docker-check ami
 
 # Fails too when the tests left an image, a container, a farm's namespace or link, or a
 # process of theirs on this machine (what was there before is not blamed).
@@ -27,6 +29,12 @@ test: farm-deps infra-deps
 
 build:
 	cargo build --locked
+
+# The release binary as `bootstrap` in a zip: terraform's var.reaper_zip.
+reaper-zip: APT_PACKAGES := zip binutils
+reaper-zip: apt-deps
+	cargo build --locked --release
+	scripts/package-reaper target/release/spotbuild target/lambda/reaper.zip
 
 # The local farm: a registry v2 server, sshd, iproute2 and a static busybox from Debian,
 # and the AWS emulator (moto) in a project-local venv. Tests start farms of their own.

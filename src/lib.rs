@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod objects;
 pub mod plan;
 pub mod protocol;
+pub mod reap;
 pub mod registry;
 pub mod settings;
 pub mod transport;

@@ -45,6 +45,34 @@ data "aws_iam_policy_document" "key" {
       identifiers = ["arn:${local.partition}:iam::${local.account}:root"]
     }
   }
+  # CloudWatch Logs encrypts the reaper's log group (reaper.tf) with the key, and only
+  # that log group: the encryption context names it. Its ARN is built from its name
+  # because the log group itself needs the key first.
+  dynamic "statement" {
+    for_each = var.reaper_enabled ? [1] : []
+    content {
+      sid = "CloudWatchLogsEncryptsTheReaperLogOnly"
+      actions = [
+        "kms:Encrypt",
+        "kms:Decrypt",
+        "kms:ReEncryptFrom",
+        "kms:ReEncryptTo",
+        "kms:GenerateDataKey",
+        "kms:GenerateDataKeyWithoutPlaintext",
+        "kms:DescribeKey",
+      ]
+      resources = ["*"]
+      principals {
+        type        = "Service"
+        identifiers = ["logs.${var.region}.amazonaws.com"]
+      }
+      condition {
+        test     = "ArnEquals"
+        variable = "kms:EncryptionContext:aws:logs:arn"
+        values   = [local.reaper_log_group_arn]
+      }
+    }
+  }
 }
 
 # ---------------------------------------------------------------------------------------
@@ -311,6 +339,21 @@ resource "aws_s3_bucket_lifecycle_configuration" "spotbuild" {
     }
     expiration {
       days = var.transport_object_days
+    }
+    noncurrent_version_expiration {
+      noncurrent_days = 1
+    }
+  }
+  rule {
+    # Heartbeat markers are tiny and matter only while their build runs; the reaper
+    # reads them. Each beat rewrites the marker, so its old versions go after a day.
+    id     = "heartbeat-markers-expire"
+    status = "Enabled"
+    filter {
+      prefix = "${var.ledger_prefix}/live/"
+    }
+    expiration {
+      days = 14
     }
     noncurrent_version_expiration {
       noncurrent_days = 1

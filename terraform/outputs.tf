@@ -70,6 +70,11 @@ output "controller_role_arn" {
   value       = length(aws_iam_role.controller) > 0 ? aws_iam_role.controller[0].arn : null
 }
 
+output "reaper_function" {
+  description = "The reaper Lambda that runs `spotbuild reap` on a schedule (null when reaper_enabled is false)"
+  value       = length(aws_lambda_function.reaper) > 0 ? aws_lambda_function.reaper[0].function_name : null
+}
+
 output "spotbuild_toml" {
   description = "spotbuild.toml for this deployment: `terraform output -raw spotbuild_toml > spotbuild.toml`"
   value       = <<-TOML

@@ -101,3 +101,35 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "reaper_enabled" {
+  description = "Run `spotbuild reap` as a scheduled Lambda (reaper.tf), so leaked build instances end without anyone running it."
+  type        = bool
+  default     = true
+}
+
+variable "reaper_zip" {
+  description = "Path to the reaper's deployment zip (one file, `bootstrap`: the spotbuild release binary); `make reaper-zip` writes target/lambda/reaper.zip. Required when reaper_enabled."
+  type        = string
+  default     = ""
+}
+
+variable "reaper_schedule" {
+  description = "How often the reaper runs: an EventBridge schedule expression."
+  type        = string
+  default     = "rate(5 minutes)"
+  validation {
+    condition     = can(regex("^(rate|cron)\\(.+\\)$", var.reaper_schedule))
+    error_message = "reaper_schedule is an EventBridge schedule expression: rate(...) or cron(...)."
+  }
+}
+
+variable "reaper_heartbeat_window" {
+  description = "The reaper terminates an instance whose build has not written a heartbeat for this long (SPOTBUILD_REAP_HEARTBEAT_WINDOW)."
+  type        = string
+  default     = "10m"
+  validation {
+    condition     = can(regex("^[1-9][0-9]*(s|m|h)$", var.reaper_heartbeat_window))
+    error_message = "reaper_heartbeat_window is a positive whole number of s, m or h, like \"10m\"."
+  }
+}

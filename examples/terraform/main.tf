@@ -1,6 +1,7 @@
 # A worked example: spotbuild for the monorepo in examples/monorepo, in two subnets, with
 # the SSM transport (no inbound port) and a CI role from another account allowed to run it.
 #
+#   make -C ../.. reaper-zip     # the reaper's Lambda function (target/lambda/reaper.zip)
 #   terraform init && terraform apply
 #   terraform output -raw spotbuild_toml > ../monorepo/spotbuild.toml
 
@@ -25,6 +26,8 @@ module "spotbuild" {
   transport          = "ssm"
   repositories       = ["base", "api", "web", "lint"]
   ledger_bucket_name = "acme-spotbuild-ledger"
+  # The scheduled reaper: `make reaper-zip` builds it.
+  reaper_zip = "${path.module}/../../target/lambda/reaper.zip"
   controller_principals = [
     "arn:aws:iam::210987654321:role/circleci-oidc",
   ]

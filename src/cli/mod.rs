@@ -63,6 +63,26 @@ pub enum Command {
 /// Entry point for the binary.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    run_command(cli)
+}
+
+/// Entry point for the binary named `bootstrap`: the reaper's Lambda function, configured
+/// from its environment (see [`crate::reap::lambda`]).
+pub fn lambda_main() -> std::process::ExitCode {
+    if let Err(e) = crate::reap::lambda::window_from_env() {
+        let err = Error::new(Exit::Usage, format!("{}: {e}", crate::reap::lambda::WINDOW_ENV)).hint("a duration such as 10m");
+        eprint!("{}", err.render());
+        return std::process::ExitCode::from(err.exit.code());
+    }
+    let cli = Cli {
+        repo: None,
+        config: None,
+        command: Command::Reap(reap::lambda_args()),
+    };
+    run_command(cli)
+}
+
+fn run_command(cli: Cli) -> std::process::ExitCode {
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,38 +1,72 @@
-//! `spotbuild reap`: terminate every spotbuild instance past its `spotbuild:expires-at`.
-//! Safe to run from cron or a CI step: it never touches an instance without spotbuild's
-//! tags, and `--dry-run` shows what it would do.
+//! `spotbuild reap`: end what spotbuild left running (see [`crate::reap`]). Safe to run
+//! from cron, a CI step or a loop: it never touches anything without spotbuild's tags, and
+//! `--dry-run` shows what it would do. As the Terraform module's scheduled Lambda the same
+//! binary runs as `bootstrap` (or `reap --lambda`).
 
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 
 use super::error::{Error, Exit};
 use crate::cloud::aws::AwsCloud;
-use crate::cloud::reap::{decide, orphaned_requests, Decision, RequestVerdict};
-use crate::cloud::Cloud;
+use crate::ledger::{self, Location, LedgerStore};
+use crate::reap::{lambda, ReapError, Reaper, Report, Rules, DEFAULT_HEARTBEAT_WINDOW};
 
 const REAP_AFTER_HELP: &str = "\
 Examples:
-  spotbuild reap --dry-run               what would be terminated
-  spotbuild reap                         terminate expired spotbuild instances
-  spotbuild reap --older-than 6h --json  also anything launched over 6 hours ago
+  spotbuild reap --dry-run                        what would be done
+  spotbuild reap --ledger s3://acme-ci/spotbuild  also end builds whose controller died
+  spotbuild reap --every 5m                       keep reaping, one pass every 5 minutes
+  spotbuild reap --older-than 6h --json           also anything launched over 6 hours ago
 
-Only instances tagged spotbuild:build-id are considered. Spot requests that are
-spotbuild's (tagged, or behind a spotbuild instance) are cancelled when their instance
-is gone, or when they stayed open with none for 10 minutes. Every launch carries
-spotbuild:expires-at and an on-instance shutdown timer; reap is the third line of
-defence, for a controller that was killed outright.";
+What is ended, and why:
+  - an instance tagged spotbuild:build-id whose spotbuild:expires-at has passed;
+  - one whose build's heartbeat in the ledger stopped for --heartbeat-window (its
+    controller was killed, e.g. SIGKILL or a lost CI runner), or says the build is over;
+    the build is then marked `abandoned` in the ledger, with its cost so far;
+  - spot requests that are spotbuild's whose instance is gone, or that stayed open with
+    none for 10 minutes;
+  - launch templates that are spotbuild's (they hold host keys) older than 10 minutes, or
+    whose build is over.
+Nothing without spotbuild's tags is ever touched. Every launch also carries an
+on-instance shutdown timer: reap is the line of defence for a controller that died.
+
+The Terraform module runs this every 5 minutes as a Lambda (see the README's \"The
+reaper\"): a team that deploys it runs nothing extra.";
 
 #[derive(Debug, Args)]
-#[command(about = "Terminate spotbuild instances whose time is up", after_help = REAP_AFTER_HELP)]
+#[command(about = "Terminate what spotbuild left running: expired or orphaned instances, spot requests, launch templates", after_help = REAP_AFTER_HELP)]
 pub struct ReapArgs {
-    /// Show what would be terminated; change nothing.
+    /// Show what would be done; change nothing.
     #[arg(long)]
     pub dry_run: bool,
 
     /// Also terminate spotbuild instances launched longer ago than this (e.g. 6h).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub older_than: Option<Duration>,
+
+    /// The ledger the builds write their heartbeats to: a file, `s3://bucket/prefix`, or
+    /// `off` (expiry only) [default: the default ledger file, if there is one].
+    #[arg(long, value_name = "LOCATION", env = "SPOTBUILD_LEDGER")]
+    pub ledger: Option<String>,
+
+    /// An S3-compatible endpoint for an `s3://` ledger [default: AWS's].
+    #[arg(long, value_name = "URL", env = "SPOTBUILD_LEDGER_ENDPOINT")]
+    pub ledger_endpoint: Option<String>,
+
+    /// A running build whose heartbeat is older than this is dead (keep it well above
+    /// `[ledger] heartbeat`, 1m by default).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "10m", env = "SPOTBUILD_REAP_HEARTBEAT_WINDOW")]
+    pub heartbeat_window: Duration,
+
+    /// Keep running: one pass every DURATION, until SIGINT or SIGTERM.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "lambda")]
+    pub every: Option<Duration>,
+
+    /// Serve the AWS Lambda runtime API (what the binary does when named `bootstrap`).
+    #[arg(long)]
+    pub lambda: bool,
 
     /// AWS region [default: from the AWS configuration].
     #[arg(long, value_name = "REGION")]
@@ -42,77 +76,103 @@ pub struct ReapArgs {
     #[arg(long, value_name = "URL", env = "SPOTBUILD_EC2_ENDPOINT")]
     pub endpoint: Option<String>,
 
-    /// Print JSON.
+    /// Print JSON (one object per pass).
     #[arg(long)]
     pub json: bool,
 }
 
-pub async fn run(args: ReapArgs) -> Result<Exit, Error> {
-    let cloud = AwsCloud::from_env(args.region.clone(), args.endpoint.clone()).await;
-    let cloud_error = |e: crate::cloud::CloudFailure| {
-        let mut err = Error::new(Exit::Cloud, format!("failed to reap: {e}"));
-        if e.kind == crate::cloud::FailureKind::Permission {
-            err = err.hint("reap needs ec2:DescribeInstances and ec2:TerminateInstances on instances tagged spotbuild:build-id");
-        }
-        err
+/// The ledger to read heartbeats from: the flag, else the default file if it exists.
+async fn open_ledger(args: &ReapArgs) -> Result<Option<Arc<dyn LedgerStore>>, Error> {
+    let location: Location = match &args.ledger {
+        Some(s) => s.parse().map_err(|e: ledger::LedgerError| {
+            Error::new(Exit::Usage, e.to_string()).hint("e.g. --ledger ~/ledger.sqlite, --ledger s3://acme-ci/spotbuild, or --ledger off")
+        })?,
+        None => match ledger::default_location() {
+            Location::Sqlite(p) if p.is_file() => Location::Sqlite(p),
+            _ => return Ok(None),
+        },
     };
-    let instances = cloud.list_spotbuild_instances().await.map_err(cloud_error)?;
-    let decision = decide(&instances, SystemTime::now(), args.older_than);
-    let ids: Vec<String> = decision.terminate.iter().map(|v| v.instance_id.clone()).collect();
-    if !args.dry_run && !ids.is_empty() {
-        cloud.terminate(&ids).await.map_err(cloud_error)?;
-    }
-    // Spot requests left open after their instance (or with none): cancel them too.
-    let requests = cloud.list_spot_requests().await.map_err(cloud_error)?;
-    let orphans = orphaned_requests(&requests, &instances, SystemTime::now());
-    let request_ids: Vec<String> = orphans.iter().map(|v| v.request_id.clone()).collect();
-    if !args.dry_run && !request_ids.is_empty() {
-        cloud.cancel_spot_requests(&request_ids).await.map_err(cloud_error)?;
-    }
-    if args.json {
-        #[derive(serde::Serialize)]
-        struct Out<'a> {
-            dry_run: bool,
-            #[serde(flatten)]
-            decision: &'a Decision,
-            cancel_requests: &'a [RequestVerdict],
-        }
-        let out = Out {
-            dry_run: args.dry_run,
-            decision: &decision,
-            cancel_requests: &orphans,
-        };
-        println!("{}", serde_json::to_string_pretty(&out).expect("serialisable"));
-    } else {
-        print!("{}", render(&decision, args.dry_run));
-        let verb = if args.dry_run { "would cancel" } else { "cancelled" };
-        for v in &orphans {
-            println!("{verb} spot request {} ({})", v.request_id, v.reason);
-        }
-    }
-    Ok(Exit::Success)
+    ledger::open(&location, args.region.clone(), args.ledger_endpoint.clone())
+        .await
+        .map_err(|e| Error::of(Exit::Usage, e).hint("the reaper reads the ledger the builds write; pass --ledger off to reap by expiry only"))
 }
 
-fn render(d: &Decision, dry_run: bool) -> String {
-    let verb = if dry_run { "would terminate" } else { "terminated" };
-    let mut out = String::new();
-    for v in &d.terminate {
-        out.push_str(&format!(
-            "{verb} {} (build {}, {}): {}\n",
-            v.instance_id,
-            v.build_id.as_deref().unwrap_or("?"),
-            v.project.as_deref().unwrap_or("?"),
-            v.reason
-        ));
+fn cloud_error(e: ReapError) -> Error {
+    let ReapError::Cloud(ref f) = e;
+    let permission = f.kind == crate::cloud::FailureKind::Permission;
+    let err = Error::of(Exit::Cloud, e);
+    if permission {
+        err.hint("reap needs ec2:DescribeInstances, DescribeLaunchTemplates and DescribeSpotInstanceRequests, and TerminateInstances, DeleteLaunchTemplate and CancelSpotInstanceRequests on resources tagged spotbuild:build-id (terraform/ has the policy)")
+    } else {
+        err
     }
-    for v in &d.keep {
-        out.push_str(&format!("kept {} (build {}): {}\n", v.instance_id, v.build_id.as_deref().unwrap_or("?"), v.reason));
+}
+
+pub async fn run(args: ReapArgs) -> Result<Exit, Error> {
+    let cloud = AwsCloud::from_env(args.region.clone(), args.endpoint.clone()).await;
+    let ledger = open_ledger(&args).await?;
+    let rules = Rules {
+        older_than: args.older_than,
+        heartbeat_window: ledger.is_some().then_some(args.heartbeat_window),
+    };
+    if args.lambda {
+        let function = lambda::Function { cloud, ledger, rules };
+        return lambda::serve(function)
+            .await
+            .map(|()| Exit::Success)
+            .map_err(|e| Error::new(Exit::Failed, format!("the Lambda runtime stopped: {e}")));
     }
-    out.push_str(&format!(
-        "{} instance{} {verb}, {} kept\n",
-        d.terminate.len(),
-        if d.terminate.len() == 1 { "" } else { "s" },
-        d.keep.len()
-    ));
-    out
+    if ledger.is_none() && !args.json {
+        eprintln!("note: no ledger: only expired instances are reaped (--ledger, SPOTBUILD_LEDGER)");
+    }
+    let reaper = Reaper {
+        cloud: &cloud,
+        ledger: ledger.as_deref(),
+        rules,
+        dry_run: args.dry_run,
+    };
+    let Some(every) = args.every else {
+        let report = reaper.pass().await.map_err(cloud_error)?;
+        show(&report, args.json);
+        return Ok(Exit::Success);
+    };
+    let stop = super::signals::stopped_with();
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            signal = &mut stop => return Ok(Exit::of_signal(signal)),
+            _ = tick.tick() => {}
+        }
+        // A failed pass is said; the next one tries again.
+        match reaper.pass().await {
+            Ok(report) => show(&report, args.json),
+            Err(e) => eprint!("{}", cloud_error(e).render()),
+        }
+    }
+}
+
+fn show(report: &Report, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(report).expect("a report always serialises"));
+    } else {
+        print!("{}", report.render());
+    }
+}
+
+/// The binary as the reaper's Lambda function: `bootstrap` on `provided.al2023`.
+pub fn lambda_args() -> ReapArgs {
+    ReapArgs {
+        dry_run: false,
+        older_than: None,
+        ledger: std::env::var(lambda::LEDGER_ENV).ok().filter(|s| !s.is_empty()),
+        ledger_endpoint: std::env::var("SPOTBUILD_LEDGER_ENDPOINT").ok().filter(|s| !s.is_empty()),
+        heartbeat_window: lambda::window_from_env().ok().flatten().unwrap_or(DEFAULT_HEARTBEAT_WINDOW),
+        every: None,
+        lambda: true,
+        region: None,
+        endpoint: std::env::var("SPOTBUILD_EC2_ENDPOINT").ok().filter(|s| !s.is_empty()),
+        json: true,
+    }
 }

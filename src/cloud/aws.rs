@@ -99,7 +99,7 @@ impl AwsCloud {
     }
 
     /// Open and active spot requests (the reaper decides which are spotbuild's).
-    pub async fn list_spot_requests(&self) -> Result<Vec<super::reap::SpotRequest>, CloudFailure> {
+    pub async fn list_spot_requests(&self) -> Result<Vec<super::SpotRequest>, CloudFailure> {
         let out = self
             .ec2
             .describe_spot_instance_requests()
@@ -115,7 +115,7 @@ impl AwsCloud {
         Ok(out
             .spot_instance_requests()
             .iter()
-            .map(|r| super::reap::SpotRequest {
+            .map(|r| super::SpotRequest {
                 id: r.spot_instance_request_id().unwrap_or_default().to_string(),
                 instance_id: r.instance_id().map(String::from),
                 created_at: r.create_time().and_then(|t| SystemTime::try_from(*t).ok()),

@@ -9,7 +9,6 @@ pub mod aws;
 pub mod breaker;
 pub mod launch;
 pub mod prices;
-pub mod reap;
 pub mod userdata;
 
 use std::collections::BTreeMap;
@@ -384,6 +383,15 @@ impl Observed {
     pub fn build_id(&self) -> Option<&str> {
         self.tags.get(tags::BUILD_ID).map(String::as_str)
     }
+}
+
+/// An open or active spot request, as EC2 reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpotRequest {
+    pub id: String,
+    pub instance_id: Option<String>,
+    pub created_at: Option<SystemTime>,
+    pub tags: BTreeMap<String, String>,
 }
 
 /// A launch template spotbuild made for one launch (it holds the host key in its user

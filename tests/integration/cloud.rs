@@ -275,7 +275,7 @@ fn reap_terminates_expired_spotbuild_instances_only() {
     let reap = |args: &[&str]| {
         Run::of(
             spotbuild(std::path::Path::new("/"))
-                .arg("reap")
+                .args(["reap", "--ledger", "off"])
                 .args(args)
                 .env("AWS_ENDPOINT_URL", f.proxy.endpoint())
                 .env("AWS_ACCESS_KEY_ID", "testing")
@@ -350,7 +350,7 @@ fn reap_cancels_spot_requests_left_behind_by_spotbuild_only() {
     });
     let run = Run::of(
         spotbuild(std::path::Path::new("/"))
-            .args(["reap", "--json"])
+            .args(["reap", "--json", "--ledger", "off"])
             .env("AWS_ENDPOINT_URL", f.proxy.endpoint())
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -384,7 +384,7 @@ fn reap_without_permission_says_what_it_needs() {
     f.proxy.inject("DescribeInstances", None, 100, Fault::Error { status: 403, code: "UnauthorizedOperation" });
     let run = Run::of(
         spotbuild(std::path::Path::new("/"))
-            .arg("reap")
+            .args(["reap", "--ledger", "off"])
             .env("AWS_ENDPOINT_URL", f.proxy.endpoint())
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -439,4 +439,212 @@ fn launches_ask_for_imdsv2_terminate_on_shutdown_tags_and_price_caps() {
         f.cloud.terminate(&[r.launched.instance_id]).await.unwrap();
         assert!(f.alive("b-shape").await.is_empty());
     });
+}
+
+/// A ledger entry of a build still running, on attempt 1 on `instance`.
+fn running_entry(build_id: &str, instance: &str, started: SystemTime) -> spotbuild::ledger::BuildEntry {
+    let at = humantime::format_rfc3339_seconds(started).to_string();
+    serde_json::from_value(serde_json::json!({
+        "schema": 1, "build_id": build_id, "projects": ["api"], "kind": "build", "commit": "c",
+        "branch": null, "ci_job_url": null, "started_at": at, "ended_at": at, "result": "running",
+        "region": "us-east-1", "volume_gb": 200,
+        "attempts": [{"attempt": 1, "instance_id": instance, "instance_type": "m7a.16xlarge", "market": "on-demand",
+                      "hourly_price": 3.7, "started_at": at, "ended_at": at, "outcome": "running", "reason": null, "seconds": {}}]
+    }))
+    .unwrap()
+}
+
+fn beat(build_id: &str, at: SystemTime, started: SystemTime) -> spotbuild::ledger::Beat {
+    spotbuild::ledger::Beat {
+        build_id: build_id.into(),
+        at: humantime::format_rfc3339_seconds(at).to_string(),
+        started_at: humantime::format_rfc3339_seconds(started).to_string(),
+        ended: false,
+    }
+}
+
+/// A launch template such as a killed controller leaves behind, tagged with its build.
+async fn leftover_template(f: &Farm, build_id: &str) -> String {
+    let name = format!("spotbuild-{build_id}-a1-spot");
+    f.ec2
+        .create_launch_template()
+        .launch_template_name(&name)
+        .launch_template_data(aws_sdk_ec2::types::RequestLaunchTemplateData::builder().image_id(&f.image).build())
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::LaunchTemplate)
+                .tags(Tag::builder().key(tags::BUILD_ID).value(build_id).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    name
+}
+
+#[test]
+fn reap_ends_builds_whose_heartbeat_stopped_sweeps_their_templates_and_marks_them_abandoned() {
+    use spotbuild::ledger::LedgerStore;
+    let rt = runtime();
+    let f = farm(&rt);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.sqlite");
+    let now = SystemTime::now();
+    let started = now - Duration::from_secs(1800);
+    let (dead, alive, template) = rt.block_on(async {
+        let dead = launch(&f.cloud, &f.spec("b-dead", 3600), MarketPolicy::OnDemand, Breaker::Closed, FAST).await.unwrap().launched.instance_id;
+        let alive = launch(&f.cloud, &f.spec("b-alive", 3600), MarketPolicy::OnDemand, Breaker::Closed, FAST).await.unwrap().launched.instance_id;
+        let template = leftover_template(&f, "b-dead").await;
+        let ledger = spotbuild::ledger::sqlite::SqliteLedger::open(&path).unwrap();
+        ledger.put(&running_entry("b-dead", &dead, started)).await.unwrap();
+        ledger.beat(&beat("b-dead", now - Duration::from_secs(1200), started)).await.unwrap();
+        ledger.put(&running_entry("b-alive", &alive, started)).await.unwrap();
+        ledger.beat(&beat("b-alive", now, started)).await.unwrap();
+        (dead, alive, template)
+    });
+    let reap = || {
+        Run::of(
+            spotbuild(std::path::Path::new("/"))
+                .args(["reap", "--json", "--heartbeat-window", "10m", "--ledger"])
+                .arg(&path)
+                .env("AWS_ENDPOINT_URL", f.proxy.endpoint())
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_EC2_METADATA_DISABLED", "true"),
+        )
+    };
+    let run = reap();
+    assert_eq!(run.code, 0, "{run:?}");
+    let v: Value = serde_json::from_str(&run.stdout).unwrap();
+    let ids = |k: &str| v[k].as_array().unwrap().iter().map(|x| x["instance_id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(ids("terminate"), [dead.clone()], "{}", run.stdout);
+    assert_eq!(ids("keep"), [alive.clone()], "{}", run.stdout);
+    assert!(v["terminate"][0]["reason"].as_str().unwrap().starts_with("its build stopped beating 20m"), "{}", run.stdout);
+    // The launch's own template (the policy alone leaves it to its caller) and the leftover.
+    let templates: Vec<&str> = v["delete_templates"].as_array().unwrap().iter().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(templates, ["spotbuild-b-dead-a1-on-demand", template.as_str()], "{}", run.stdout);
+    assert_eq!(v["abandoned_builds"], serde_json::json!(["b-dead"]));
+    rt.block_on(async {
+        assert!(f.alive("b-dead").await.is_empty());
+        assert_eq!(f.alive("b-alive").await, std::slice::from_ref(&alive));
+        let ledger = spotbuild::ledger::sqlite::SqliteLedger::open(&path).unwrap();
+        let started = humantime::format_rfc3339_seconds(started).to_string();
+        let entry = ledger.get("b-dead", &started).await.unwrap().unwrap();
+        assert_eq!(entry.result, "abandoned");
+        assert_eq!(entry.attempts[0].outcome, "abandoned");
+        assert_eq!(ledger.get("b-alive", &started).await.unwrap().unwrap().result, "running");
+        let templates = f.ec2.describe_launch_templates().send().await.unwrap();
+        let left: Vec<&str> = templates.launch_templates().iter().filter_map(|t| t.launch_template_name()).collect();
+        assert_eq!(left, ["spotbuild-b-alive-a1-on-demand"], "the live build's is kept");
+    });
+    // A second pass has nothing left to do.
+    let again = reap();
+    let v: Value = serde_json::from_str(&again.stdout).unwrap();
+    assert!(v["terminate"].as_array().unwrap().is_empty() && v["abandoned_builds"].as_array().unwrap().is_empty(), "{}", again.stdout);
+    rt.block_on(async {
+        f.cloud.terminate(&[alive]).await.unwrap();
+        f.cloud.delete_templates(&["b-alive".to_string()]).await.unwrap();
+    });
+}
+
+/// A stand-in for the Lambda runtime API: one scheduled event, then no more (the next
+/// request waits until the function is stopped); the function's answer is kept.
+struct RuntimeApi {
+    server: Option<crate::support::server::TestServer>,
+    answer: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>,
+}
+
+impl RuntimeApi {
+    fn start() -> RuntimeApi {
+        use axum::extract::{Path, State};
+        use axum::routing::{get, post};
+        type Answer = std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>;
+        let answer: Answer = Default::default();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let next = move || {
+            let served = served.clone();
+            async move {
+                if served.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::future::pending::<()>().await;
+                }
+                let deadline = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() + 120_000;
+                (
+                    [
+                        ("lambda-runtime-aws-request-id", "req-1".to_string()),
+                        ("lambda-runtime-deadline-ms", deadline.to_string()),
+                        ("lambda-runtime-invoked-function-arn", "arn:aws:lambda:us-east-1:123456789012:function:spotbuild-reaper".to_string()),
+                        ("content-type", "application/json".to_string()),
+                    ],
+                    r#"{"version":"0","id":"e1","detail-type":"Scheduled Event","source":"aws.events","time":"2026-12-05T18:00:00Z","region":"us-east-1","resources":[],"detail":{}}"#,
+                )
+            }
+        };
+        let keep = |kind: &'static str| {
+            move |State(answer): State<Answer>, Path(id): Path<String>, body: String| async move {
+                *answer.lock().unwrap() = Some((format!("{kind} {id}"), body));
+                axum::http::StatusCode::ACCEPTED
+            }
+        };
+        let app = axum::Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route("/2018-06-01/runtime/invocation/{id}/response", post(keep("response")))
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(keep("error")))
+            .with_state(answer.clone());
+        RuntimeApi {
+            server: Some(crate::support::server::TestServer::start(app)),
+            answer,
+        }
+    }
+}
+
+#[test]
+fn the_reaper_runs_as_a_lambda_function_against_the_runtime_api() {
+    let rt = runtime();
+    let f = farm(&rt);
+    let expired = rt.block_on(async { launch(&f.cloud, &f.spec("b-lambda", -60), MarketPolicy::OnDemand, Breaker::Closed, FAST).await.unwrap().launched.instance_id });
+    let api = RuntimeApi::start();
+    // provided.al2023 runs the function's `bootstrap`: the spotbuild binary by that name.
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = dir.path().join("bootstrap");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_spotbuild"), &bootstrap).unwrap();
+    let mut child = std::process::Command::new(&bootstrap)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("AWS_LAMBDA_RUNTIME_API", format!("127.0.0.1:{}", api.server.as_ref().unwrap().port))
+        .env("AWS_LAMBDA_FUNCTION_NAME", "spotbuild-reaper")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "stream")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/spotbuild-reaper")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("SPOTBUILD_EC2_ENDPOINT", f.proxy.endpoint())
+        .env("SPOTBUILD_LEDGER", "off")
+        .env("SPOTBUILD_REAP_HEARTBEAT_WINDOW", "10m")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        if let Some(a) = api.answer.lock().unwrap().clone() {
+            break Some(a);
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // It waits for the next event now: stopped by its PID, as Lambda would freeze it.
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let (kind, body) = answer.unwrap_or_else(|| panic!("no answer from the function:\n{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(kind, "response req-1", "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["terminate"][0]["instance_id"], expired.as_str(), "{body}");
+    rt.block_on(async { assert!(f.alive("b-lambda").await.is_empty()) });
+    drop(api);
 }

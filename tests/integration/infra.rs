@@ -112,10 +112,11 @@ fn every_terraform_and_packer_file_parses() {
 fn checkov_reports_no_failed_check_and_every_skip_has_a_reason() {
     let checkov = infra_tool("checkov");
     for dir in ["terraform", "examples/terraform"] {
-        // --skip-download: nothing is fetched from the network.
+        // --skip-download: nothing is fetched from the network. Not --quiet: it leaves the
+        // skipped checks out of the report, and their reasons are checked below.
         let out = Command::new(&checkov)
             .current_dir(root())
-            .args(["-d", dir, "--framework", "terraform", "--quiet", "--compact", "--skip-download", "-o", "json"])
+            .args(["-d", dir, "--framework", "terraform", "--compact", "--skip-download", "-o", "json"])
             .output()
             .unwrap();
         let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("checkov on {dir}: {e}\n{}", String::from_utf8_lossy(&out.stderr)));
@@ -127,7 +128,10 @@ fn checkov_reports_no_failed_check_and_every_skip_has_a_reason() {
             .unwrap_or_default();
         assert!(failed.is_empty(), "{dir}: checkov failed checks:\n{}", failed.join("\n"));
         assert!(summary["passed"].as_u64().unwrap() > 50, "{dir}: {summary}");
-        for s in report["results"]["skipped_checks"].as_array().cloned().unwrap_or_default() {
+        let skipped = report["results"]["skipped_checks"].as_array().cloned().unwrap_or_default();
+        assert_eq!(skipped.len() as u64, summary["skipped"].as_u64().unwrap(), "{dir}: every skip is in the report");
+        assert!(!skipped.is_empty(), "{dir}: the module's documented skips are reported");
+        for s in skipped {
             let reason = s["check_result"]["suppress_comment"].as_str().unwrap_or("");
             assert!(reason.len() > 20, "{dir}: {} on {} is skipped without a reason", s["check_id"], s["resource"]);
         }
@@ -278,6 +282,100 @@ fn the_launch_template_and_the_policies_keep_their_guarantees() {
     for k in ["block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets"] {
         assert_eq!(one(&block[k]), true, "{k}");
     }
+}
+
+#[test]
+fn the_reaper_runs_by_itself_with_least_privilege() {
+    let path = "terraform/reaper.tf".to_string();
+    let main = "terraform/main.tf".to_string();
+    let parsed = hcl(&[path.clone(), main.clone()]);
+    let (reaper, main) = (&parsed[&path], &parsed[&main]);
+
+    // The function: spotbuild as `bootstrap` on the custom runtime, one pass at a time,
+    // run by the schedule and by nothing else.
+    let function = resource(reaper, "aws_lambda_function", "reaper");
+    assert_eq!(one(&function["count"]), "${local.reaper_count}");
+    assert_eq!(one(&function["runtime"]), "provided.al2023");
+    assert_eq!(one(&function["handler"]), "bootstrap");
+    assert_eq!(strings(&function["architectures"]), ["x86_64"]);
+    assert_eq!(one(&function["reserved_concurrent_executions"]), 1);
+    let env = one(&one(&function["environment"])["variables"]);
+    for key in ["SPOTBUILD_LEDGER", "SPOTBUILD_REAP_HEARTBEAT_WINDOW"] {
+        assert!(env.get(key).is_some(), "no {key} in the environment: {env}");
+    }
+    let rule = resource(reaper, "aws_cloudwatch_event_rule", "reaper");
+    assert_eq!(one(&rule["schedule_expression"]), "${var.reaper_schedule}");
+    let target = resource(reaper, "aws_cloudwatch_event_target", "reaper");
+    assert_eq!(one(&target["arn"]), "${aws_lambda_function.reaper[0].arn}");
+    let permission = resource(reaper, "aws_lambda_permission", "reaper");
+    assert_eq!(one(&permission["principal"]), "events.amazonaws.com");
+    assert_eq!(one(&permission["source_arn"]), "${aws_cloudwatch_event_rule.reaper[0].arn}");
+
+    // Its log group: created here, kept a year, encrypted with the module's key, which lets
+    // CloudWatch Logs use it for that log group only.
+    let log_group = resource(reaper, "aws_cloudwatch_log_group", "reaper");
+    assert_eq!(one(&log_group["name"]), "${local.reaper_log_group}");
+    assert_eq!(one(&log_group["kms_key_id"]), "${aws_kms_key.spotbuild.arn}");
+    assert!(one(&log_group["retention_in_days"]).as_u64().unwrap() >= 365, "{log_group}");
+    let arn = reaper["locals"].as_array().unwrap().iter().find_map(|l| l.get("reaper_log_group_arn")).expect("local.reaper_log_group_arn");
+    assert!(one(arn).as_str().unwrap().ends_with(":log-group:${local.reaper_log_group}"), "{arn}");
+    let logs_key: Vec<Value> = statements(policy_doc(main, "key"))
+        .into_iter()
+        .filter(|st| strings(&one(&st["principals"])["identifiers"]).iter().any(|p| p.starts_with("logs.")))
+        .collect();
+    assert_eq!(logs_key.len(), 1, "{logs_key:?}");
+    assert!(
+        condition(&logs_key[0]).iter().any(|(t, v, vals)| t == "ArnEquals" && v == "kms:EncryptionContext:aws:logs:arn" && vals == &["${local.reaper_log_group_arn}"]),
+        "CloudWatch Logs may use the key beyond the reaper's log group: {}",
+        logs_key[0]
+    );
+
+    // Its policy: no wildcard action, nothing to launch with or pass a role to; ending only
+    // what carries the build-id tag; resource "*" only for Describe; S3 only under the
+    // ledger prefix; the key; its own log group.
+    let docs = statements(policy_doc(reaper, "reaper"));
+    let tagged_resource = |st: &Value| condition(st).iter().any(|(t, v, vals)| t == "Null" && v == "ec2:ResourceTag/${local.build_tag}" && vals == &["false"]);
+    let mut saw = BTreeSet::new();
+    for st in &docs {
+        let actions = strings(&st["actions"]);
+        let resources = strings(&st["resources"]);
+        assert!(!actions.is_empty(), "a statement without actions: {st}");
+        assert!(!actions.iter().any(|a| a.contains('*')), "a wildcard action: {st}");
+        assert!(
+            !actions.iter().any(|a| matches!(a.as_str(), "ec2:RunInstances" | "ec2:CreateFleet" | "ec2:CreateLaunchTemplate" | "iam:PassRole")),
+            "the reaper may launch or pass a role: {st}"
+        );
+        if resources.iter().any(|r| r == "*") {
+            assert!(actions.iter().all(|a| a.starts_with("ec2:Describe")), "resource \"*\" beyond Describe: {st}");
+            saw.insert("describe");
+        }
+        if actions.iter().any(|a| matches!(a.as_str(), "ec2:TerminateInstances" | "ec2:DeleteLaunchTemplate" | "ec2:CancelSpotInstanceRequests")) {
+            assert!(tagged_resource(st), "ending untagged resources: {st}");
+            saw.insert("end");
+        }
+        if actions.iter().any(|a| a.starts_with("s3:")) {
+            if actions.iter().any(|a| a == "s3:ListBucket") {
+                assert_eq!(actions, ["s3:ListBucket"], "{st}");
+                assert_eq!(resources, ["${aws_s3_bucket.spotbuild.arn}"], "{st}");
+                let prefixes: Vec<Vec<String>> = condition(st).into_iter().filter(|(t, v, _)| t == "StringLike" && v == "s3:prefix").map(|(_, _, vals)| vals).collect();
+                assert_eq!(prefixes, [["${var.ledger_prefix}/*"]], "listing beyond the ledger: {st}");
+                saw.insert("list");
+            } else {
+                assert!(actions.iter().all(|a| a == "s3:GetObject" || a == "s3:PutObject"), "{st}");
+                assert_eq!(resources, ["${aws_s3_bucket.spotbuild.arn}/${var.ledger_prefix}/*"], "S3 beyond the ledger prefix: {st}");
+                saw.insert("ledger");
+            }
+        }
+        if actions.iter().any(|a| a.starts_with("kms:")) {
+            assert_eq!(resources, ["${aws_kms_key.spotbuild.arn}"], "{st}");
+        }
+        if actions.iter().any(|a| a.starts_with("logs:")) {
+            assert!(!actions.iter().any(|a| a == "logs:CreateLogGroup"), "{st}");
+            assert!(resources.iter().all(|r| r.starts_with("${aws_cloudwatch_log_group.reaper[0].arn}")), "logs beyond its own log group: {st}");
+            saw.insert("logs");
+        }
+    }
+    assert_eq!(saw, ["describe", "end", "ledger", "list", "logs"].into_iter().collect());
 }
 
 #[test]
