@@ -2,7 +2,8 @@
 #   make test   install the local farm's tools, then run every test, and check that they
 #               left nothing behind
 #   make bench  planner figures on a generated 100k-file monorepo; event stream throughput;
-#               the controller's overhead and the bytes it ships for a one-file change
+#               the controller's overhead and the bytes it ships for a one-file change;
+#               capacity error to on-demand fulfilment, and how soon the reaper finds an orphan
 #   make demo   a real farm build of examples/monorepo on the local farm (EC2 emulated,
 #               hosts in network namespaces, a loopback registry, this machine's Docker)
 #   make chaos  the whole lifecycle chaos matrix (every phase × every fault) on the local farm
@@ -29,6 +30,10 @@ test: farm-deps infra-deps
 
 build:
 	cargo build --locked
+
+# Every phase × every fault of the lifecycle on the local farm (make test runs a sample).
+chaos: farm-deps
+	SPOTBUILD_CHAOS=full scripts/check-leftovers cargo test --locked --test integration -- chaos:: --nocapture
 
 # The release binary as `bootstrap` in a zip: terraform's var.reaper_zip.
 reaper-zip: APT_PACKAGES := zip binutils
@@ -73,6 +78,7 @@ bench: farm-deps
 	scripts/bench-plan --shared $(SHARED) --repo $(BENCH_REPO) --binary target/release/spotbuild
 	scripts/bench-events --binary target/release/spotbuild
 	scripts/bench-controller --binary target/release/spotbuild
+	scripts/bench-lifecycle --binary target/release/spotbuild
 
 demo: farm-deps build
 	scripts/demo

@@ -290,6 +290,52 @@ pub struct CloudConfig {
     /// Cost-allocation tags added to every instance and volume.
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// The spot breaker: after `threshold` interruptions (any CI job's, through the
+    /// ledger) within `window`, launch on-demand for `cooldown`.
+    #[serde(default)]
+    pub spot_breaker: BreakerConfig,
+}
+
+/// `[cloud.spot_breaker]`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerConfig {
+    #[serde(default = "default_breaker_threshold")]
+    pub threshold: usize,
+    #[serde(default = "default_breaker_window", with = "humantime_serde_compat")]
+    pub window: Duration,
+    #[serde(default = "default_breaker_cooldown", with = "humantime_serde_compat")]
+    pub cooldown: Duration,
+}
+
+fn default_breaker_threshold() -> usize {
+    crate::cloud::breaker::BreakerSettings::default().threshold
+}
+fn default_breaker_window() -> Duration {
+    crate::cloud::breaker::BreakerSettings::default().window
+}
+fn default_breaker_cooldown() -> Duration {
+    crate::cloud::breaker::BreakerSettings::default().cooldown
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            threshold: default_breaker_threshold(),
+            window: default_breaker_window(),
+            cooldown: default_breaker_cooldown(),
+        }
+    }
+}
+
+impl BreakerConfig {
+    pub fn settings(&self) -> crate::cloud::breaker::BreakerSettings {
+        crate::cloud::breaker::BreakerSettings {
+            threshold: self.threshold,
+            window: self.window,
+            cooldown: self.cooldown,
+        }
+    }
 }
 
 fn default_instance_types() -> Vec<String> {
@@ -325,6 +371,7 @@ impl Default for CloudConfig {
             running_timeout: default_running_timeout(),
             launch_call_timeout: default_launch_call_timeout(),
             tags: Default::default(),
+            spot_breaker: BreakerConfig::default(),
         }
     }
 }

@@ -203,7 +203,10 @@ impl View {
         let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match e {
             FarmEvent::Started { build_id, commit, groups } => {
-                if !self.json {
+                if self.json {
+                    let line = serde_json::json!({ "type": "build", "build_id": build_id, "commit": commit, "groups": groups });
+                    let _ = writeln!(std::io::stdout().lock(), "{line}");
+                } else {
                     eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);
                     for (i, g) in groups.iter().enumerate() {
                         eprintln!("  instance {}: {}", i + 1, g.join(", "));

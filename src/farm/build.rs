@@ -43,7 +43,6 @@ use super::retry::{self, Decision};
 use super::shared;
 use super::spread;
 use super::teardown::Teardown;
-use crate::cloud::breaker::BreakerSettings;
 use crate::cloud::{Cloud, MarketPolicy};
 use crate::errors::error_chain;
 use crate::ledger::{Beat, BuildEntry, Interruption, LedgerStore};
@@ -460,7 +459,7 @@ async fn run_group(g: &Group<'_>, deps: &Deps, work: &Work, only: Option<&[Strin
         };
         // Only an attempt that will launch needs the breaker's history.
         if let Some(ledger) = &deps.ledger {
-            match shared::recent(&**ledger, BreakerSettings::default()).await {
+            match shared::recent(&**ledger, g.settings.cloud.spot_breaker.settings()).await {
                 Ok(times) => {
                     for t in times {
                         if !interruptions.contains(&t) {

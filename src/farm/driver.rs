@@ -25,6 +25,8 @@ use crate::transport::{keys, Transport};
 
 /// How often a long wait says it is still waiting.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// Bound on closing a connection once its instance is terminated (SSM deletes its objects).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What every attempt of one instance group shares.
 pub struct Group<'a> {
@@ -254,10 +256,9 @@ impl Attempt<'_, '_> {
                 let o = self.reconnect(&s).await;
                 (Held::Shipped(s), o)
             }
+            // The connection is closed after the instance is terminated (see `terminate`).
             (Action::Collect, h) => {
-                if let Some(t) = h.transport() {
-                    t.close().await;
-                }
+                self.say(Phase::Collecting, "result received");
                 (h, Observation::Collected)
             }
             (Action::Terminate, h) => (Held::Nothing, self.terminate(h).await),
@@ -309,19 +310,25 @@ impl Attempt<'_, '_> {
         }
     }
 
+    /// Terminates first, then closes the connection (bounded): cleaning up after a
+    /// transport (SSM's objects) must never keep an instance billing.
     async fn terminate(&mut self, held: Held) -> Observation {
-        if let Some(t) = held.transport() {
-            t.close().await;
-        }
-        let Some(id) = held.instance_id().map(String::from) else { return Observation::Terminated };
-        let started = tokio::time::Instant::now();
-        match terminate_verified(&*self.g.cloud, std::slice::from_ref(&id)).await {
-            Ok(()) => {
-                self.g.teardown.done(&id);
-                self.say(Phase::Terminating, format!("{id} terminated (verified) in {:.1}s", started.elapsed().as_secs_f64()));
+        if let Some(id) = held.instance_id().map(String::from) {
+            self.say(Phase::Terminating, format!("terminating {id}"));
+            let started = tokio::time::Instant::now();
+            match terminate_verified(&*self.g.cloud, std::slice::from_ref(&id)).await {
+                Ok(()) => {
+                    self.g.teardown.done(&id);
+                    self.say(Phase::Terminating, format!("{id} terminated (verified) in {:.1}s", started.elapsed().as_secs_f64()));
+                }
+                // Left in the build's teardown list: the caller tries again on the way out.
+                Err(e) => self.say(Phase::Terminating, format!("warning: {}", crate::errors::error_chain(&e))),
             }
-            // Left in the build's teardown list: the caller tries again on the way out.
-            Err(e) => self.say(Phase::Terminating, format!("warning: {}", crate::errors::error_chain(&e))),
+        }
+        if let Some(t) = held.transport() {
+            if tokio::time::timeout(CLOSE_TIMEOUT, t.close()).await.is_err() {
+                self.say(Phase::Terminating, format!("warning: closing the connection took over {}s; left to the bucket's lifecycle rules", CLOSE_TIMEOUT.as_secs()));
+            }
         }
         Observation::Terminated
     }

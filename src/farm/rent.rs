@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use super::attempt::{Observation, Phase};
 use super::driver::{AccessKeys, Attempt, Held, Launched, Running};
-use crate::cloud::breaker::{self, Breaker, BreakerSettings};
+use crate::cloud::breaker::{self, Breaker};
 use crate::cloud::launch::{self, ThrottleRetry, WaitError};
 use crate::cloud::userdata::UserData;
 use crate::cloud::{LaunchSpec, Market, MarketPolicy};
@@ -67,7 +67,7 @@ impl Attempt<'_, '_> {
             user_data,
             extra_tags: cfg.tags.clone(),
         };
-        let breaker = breaker::state(self.interruptions, SystemTime::now(), BreakerSettings::default());
+        let breaker = breaker::state(self.interruptions, SystemTime::now(), cfg.spot_breaker.settings());
         if let Breaker::Open { until, .. } = breaker {
             self.say(Phase::Launching, format!("spot breaker open until {}: on-demand only", humantime::format_rfc3339_seconds(until)));
         }

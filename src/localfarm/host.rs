@@ -194,6 +194,35 @@ impl Host {
         cut
     }
 
+    /// Freezes the host: every process in it stops (SIGSTOP), sshd and the agent with it,
+    /// as a hung machine would. Returns how many were stopped.
+    pub async fn freeze(&self) -> usize {
+        self.signal_where(libc::SIGSTOP, |_| true).await
+    }
+
+    /// Kills the agent's processes (`spotbuild agent run`), leaving the rest of the host up:
+    /// an agent killed by the kernel for memory, say. Returns how many were killed.
+    pub async fn kill_agent(&self) -> usize {
+        self.signal_where(libc::SIGKILL, |cmdline| {
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            words.windows(2).any(|w| w[0] == b"agent" && w[1] == b"run")
+        })
+        .await
+    }
+
+    async fn signal_where(&self, signal: i32, pred: impl Fn(&[u8]) -> bool) -> usize {
+        let mut n = 0;
+        for pid in netns::pids_in(&self.ns).await {
+            let cmdline = tokio::fs::read(format!("/proc/{pid}/cmdline")).await.unwrap_or_default();
+            if pred(&cmdline) {
+                // SAFETY: kill(2) on a process inside this host's namespace, which the farm made.
+                unsafe { libc::kill(pid, signal) };
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Ends the host: every process in it, its namespace, its files.
     pub async fn destroy(&mut self) {
         for t in self.tasks.drain(..) {

@@ -325,6 +325,8 @@ async fn serve(
         .route("/hosts/{id}/interrupt", axum::routing::post(interrupt_host))
         .route("/hosts/{id}/kill", axum::routing::post(kill_host))
         .route("/hosts/{id}/cut", axum::routing::post(cut_host))
+        .route("/hosts/{id}/freeze", axum::routing::post(freeze_host))
+        .route("/hosts/{id}/kill-agent", axum::routing::post(kill_agent))
         .with_state(farm.clone());
     let control_task = tokio::spawn(async move {
         let _ = axum::serve(control, router).await;
@@ -532,6 +534,18 @@ async fn cut_host(State(farm): State<Arc<Farm>>, UrlPath(id): UrlPath<String>) -
     let hosts = farm.hosts.lock().await;
     let Some(h) = hosts.get(&id) else { return not_found(&id) };
     format!("{} connection(s) cut\n", h.cut_connections().await).into_response()
+}
+
+async fn freeze_host(State(farm): State<Arc<Farm>>, UrlPath(id): UrlPath<String>) -> axum::response::Response {
+    let hosts = farm.hosts.lock().await;
+    let Some(h) = hosts.get(&id) else { return not_found(&id) };
+    format!("{} process(es) stopped\n", h.freeze().await).into_response()
+}
+
+async fn kill_agent(State(farm): State<Arc<Farm>>, UrlPath(id): UrlPath<String>) -> axum::response::Response {
+    let hosts = farm.hosts.lock().await;
+    let Some(h) = hosts.get(&id) else { return not_found(&id) };
+    format!("{} agent process(es) killed\n", h.kill_agent().await).into_response()
 }
 
 fn config_text(s: &Settings, st: &FarmState) -> String {

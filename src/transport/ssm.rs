@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata};
 use futures::future::BoxFuture;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use sha2::Digest;
 
 use super::chunks::{self, FollowSettings};
@@ -427,11 +427,14 @@ impl Transport for SsmTransport {
                     tracing::debug!(error = %e, "failed to cancel a stream command");
                 }
             }
+            // Many small objects: deleted side by side (the caller bounds the whole close).
             match self.objects.list(&format!("{}/", self.target.prefix), None).await {
                 Ok(keys) => {
-                    for k in keys {
-                        let _ = self.objects.delete(&k).await;
-                    }
+                    futures::stream::iter(keys)
+                        .for_each_concurrent(16, |k| async move {
+                            let _ = self.objects.delete(&k).await;
+                        })
+                        .await;
                 }
                 Err(e) => tracing::warn!(error = %e, "failed to clean up the transport's objects"),
             }

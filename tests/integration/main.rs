@@ -3,6 +3,7 @@
 
 mod agent;
 mod auth;
+mod chaos;
 mod cli;
 mod cloud;
 mod compat;

@@ -1,9 +1,12 @@
 //! A fault-injection proxy in front of the AWS emulator, for what moto cannot do: answer
-//! an action with an error (throttling, permissions), or answer an EC2 Fleet request with
-//! per-pool capacity errors. Everything else is forwarded unchanged. Every action seen is
-//! recorded, so tests can assert what was (not) called.
+//! an action with an error (throttling, permissions), answer an EC2 Fleet request with
+//! per-pool capacity errors, let a request take effect and answer too late for the client,
+//! hide new instances for a while (EC2's eventual consistency), or throttle every call for
+//! a while. Everything else is forwarded unchanged. Every action seen is recorded, so tests
+//! can assert what was (not) called.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -19,6 +22,9 @@ pub enum Fault {
     /// CreateFleet without this instance type's pools (forwarded), and this error for them
     /// added to the answer: EC2's behaviour when one pool has no capacity.
     FleetPoolFails { instance_type: &'static str, code: &'static str },
+    /// Forwarded (it takes effect), then answered only after this long: longer than the
+    /// client waits, it is a request that succeeded at AWS and timed out at the client.
+    Late(Duration),
 }
 
 struct Rule {
@@ -36,6 +42,12 @@ struct Shared {
     actions: Mutex<Vec<String>>,
     /// (action, form body) of every request.
     bodies: Mutex<Vec<(String, String)>>,
+    /// Every action is throttled until then.
+    throttled_until: Mutex<Option<Instant>>,
+    /// Instances launched from now on are hidden this long after their launch.
+    hide_new_for: Mutex<Option<Duration>>,
+    /// Instance ids EC2 "does not know yet", until when.
+    hidden: Mutex<Vec<(String, Instant)>>,
 }
 
 pub struct FaultProxy {
@@ -65,6 +77,25 @@ impl FaultProxy {
     /// The next `times` requests for `action` (whose body contains `when`, if given) get `fault`.
     pub fn inject(&self, action: &'static str, when: Option<&'static str>, times: usize, fault: Fault) {
         self.shared.rules.lock().unwrap().push(Rule { action, when, times, fault });
+    }
+
+    /// Every action is answered RequestLimitExceeded for `d`.
+    pub fn throttle_all_for(&self, d: Duration) {
+        *self.shared.throttled_until.lock().unwrap() = Some(Instant::now() + d);
+    }
+
+    /// Instances launched from now on are unknown (InvalidInstanceID.NotFound to calls
+    /// naming them) for `d` after their launch.
+    pub fn hide_new_instances_for(&self, d: Duration) {
+        *self.shared.hide_new_for.lock().unwrap() = Some(d);
+    }
+
+    /// Disarms every fault.
+    pub fn clear(&self) {
+        self.shared.rules.lock().unwrap().clear();
+        *self.shared.throttled_until.lock().unwrap() = None;
+        *self.shared.hide_new_for.lock().unwrap() = None;
+        self.shared.hidden.lock().unwrap().clear();
     }
 
     /// Every action seen, in order.
@@ -113,6 +144,19 @@ fn decode(v: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn error_response(status: u16, code: &str) -> Response {
+    (StatusCode::from_u16(status).unwrap(), [("content-type", "text/xml")], error_xml(code)).into_response()
+}
+
+/// The instance ids a CreateFleet answer names.
+fn launched_ids(xml: &str) -> Vec<String> {
+    xml.split("<instanceIds>")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("</instanceIds>").map(|(ids, _)| ids))
+        .flat_map(|ids| ids.split("<item>").skip(1).filter_map(|i| i.split_once("</item>").map(|(id, _)| id.trim().to_string())))
+        .collect()
+}
+
 fn error_xml(code: &str) -> String {
     format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
@@ -149,6 +193,19 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
     let action = form_value(&text, "Action").unwrap_or("").to_string();
     s.actions.lock().unwrap().push(action.clone());
     s.bodies.lock().unwrap().push((action.clone(), text.clone()));
+    if s.throttled_until.lock().unwrap().is_some_and(|t| Instant::now() < t) {
+        return error_response(503, "RequestLimitExceeded");
+    }
+    // A call naming an instance EC2 does not list yet.
+    {
+        let now = Instant::now();
+        let mut hidden = s.hidden.lock().unwrap();
+        hidden.retain(|(_, until)| *until > now);
+        let names_hidden = hidden.iter().any(|(id, _)| text.split('&').any(|kv| kv.split_once('=').is_some_and(|(k, v)| k.starts_with("InstanceId") && v == id)));
+        if names_hidden && (action == "DescribeInstances" || action == "TerminateInstances") {
+            return error_response(400, "InvalidInstanceID.NotFound");
+        }
+    }
     let fault = {
         let mut rules = s.rules.lock().unwrap();
         rules
@@ -182,9 +239,20 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
             };
             return (status, [("content-type", "text/xml")], xml).into_response();
         }
+        Some(Fault::Late(delay)) => {
+            let (status, text) = forward(&s, method, &uri, &headers, body).await;
+            tokio::time::sleep(delay).await;
+            return (status, [("content-type", "text/xml")], text).into_response();
+        }
         None => {}
     }
     let (status, text) = forward(&s, method, &uri, &headers, body).await;
+    if action == "CreateFleet" {
+        if let Some(d) = *s.hide_new_for.lock().unwrap() {
+            let until = Instant::now() + d;
+            s.hidden.lock().unwrap().extend(launched_ids(&text).into_iter().map(|id| (id, until)));
+        }
+    }
     (status, [("content-type", "text/xml")], text).into_response()
 }
 
