@@ -6,7 +6,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -15,7 +15,7 @@ use tempfile::TempDir;
 use super::docker::Images;
 use super::services::runtime;
 
-static NEXT_SUBNET: AtomicU8 = AtomicU8::new(0);
+static NEXT_SUBNET: AtomicU32 = AtomicU32::new(0);
 
 pub struct LocalFarm {
     child: Option<Child>,
@@ -48,8 +48,24 @@ impl LocalFarm {
         for p in ["/usr/sbin/sshd", "/usr/bin/docker-registry"] {
             assert!(Path::new(p).is_file(), "{p} is required: `make test` installs it");
         }
-        // Each farm of this test run gets its own /24 (and so its own bridge and namespaces).
-        let octet = 100 + (std::process::id() % 20) as u8 * 5 + NEXT_SUBNET.fetch_add(1, Ordering::SeqCst) % 5;
+        // Each farm of this test run gets its own /24 (and so its own bridge and namespaces):
+        // 100 to 239 (the demo and the benches use others), starting where this process's
+        // id points, so that two test runs at once are unlikely to meet; a subnet another
+        // farm holds is skipped.
+        let mut attempts = 0;
+        loop {
+            let n = NEXT_SUBNET.fetch_add(1, Ordering::SeqCst) as u32;
+            let octet = (100 + (std::process::id() * 7 + n) % 140) as u8;
+            match LocalFarm::try_start(mirror_of, octet) {
+                Ok(farm) => return farm,
+                Err(log) if log.contains("another farm is using subnet") && attempts < 20 => attempts += 1,
+                Err(log) => panic!("the farm stopped while starting:\n{log}"),
+            }
+        }
+    }
+
+    /// A farm on 10.251.`octet`.0/24; `Err` with its log when it stopped while starting.
+    fn try_start(mirror_of: Option<&Path>, octet: u8) -> Result<LocalFarm, String> {
         let dir = tempfile::Builder::new().prefix("sbfarm").tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("farm.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spotbuild"));
@@ -81,19 +97,19 @@ impl LocalFarm {
                 }
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("the farm stopped while starting ({status}):\n{}", std::fs::read_to_string(dir.path().join("farm.log")).unwrap_or_default());
+                return Err(format!("({status}) {}", std::fs::read_to_string(dir.path().join("farm.log")).unwrap_or_default()));
             }
             assert!(Instant::now() < deadline, "the farm was not ready in 90s:\n{}", std::fs::read_to_string(dir.path().join("farm.log")).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(100));
         };
         let images = Images::for_host(state["registry"].as_str().expect("the farm's registry"));
-        LocalFarm {
+        Ok(LocalFarm {
             child: Some(child),
             dir,
             state,
             prefix: format!("sbf{octet}"),
             _images: images,
-        }
+        })
     }
 
     pub fn config(&self) -> PathBuf {
