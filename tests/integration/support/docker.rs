@@ -21,15 +21,43 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// another's while tests run in parallel: removing them at one test's end could pull an
 /// image from under a build still running. They are removed when the last live guard
 /// drops: every untagged image that appeared since the first of those guards was made.
+///
+/// Docker can also finish a build or pull after the client that asked for it died (a host
+/// of the local farm killed mid-build): its image then appears after its test's guard
+/// dropped. So when the last live guard drops, every image of a loopback registry (only
+/// tests use those) that appeared since the first guard is removed too, in a few passes a
+/// moment apart.
 pub struct Images(String);
 
-/// The guards alive in this process, and the untagged images there were before the first.
+/// The guards alive in this process, and what images there were before the first.
 struct Live {
     guards: usize,
     before: Vec<String>,
 }
 
 static LIVE: Mutex<Live> = Mutex::new(Live { guards: 0, before: Vec::new() });
+
+/// How many times, and how far apart, the last guard looks for late images.
+const LATE_PASSES: (usize, std::time::Duration) = (4, std::time::Duration::from_secs(2));
+
+/// Every image id, tagged or not.
+fn all_images() -> Vec<String> {
+    docker_out(&["images", "-a", "-q", "--no-trunc"]).lines().map(String::from).collect()
+}
+
+/// Images of a loopback registry (`127.0.0.1:PORT/…`, `localhost:PORT/…`).
+fn loopback_images() -> Vec<String> {
+    docker_out(&["images", "--no-trunc", "--format", "{{.Repository}} {{.ID}}"])
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(repo, _)| is_loopback(repo))
+        .map(|(_, id)| id.to_string())
+        .collect()
+}
+
+fn is_loopback(name: &str) -> bool {
+    name.starts_with("127.0.0.1:") || name.starts_with("localhost:")
+}
 
 fn live() -> std::sync::MutexGuard<'static, Live> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
@@ -59,7 +87,7 @@ impl Images {
     pub fn for_host(host: &str) -> Images {
         let mut live = live();
         if live.guards == 0 {
-            live.before = dangling();
+            live.before = all_images();
         }
         live.guards += 1;
         Images(host.to_string())
@@ -69,19 +97,32 @@ impl Images {
 impl Drop for Images {
     fn drop(&mut self) {
         let prefix = format!("{}/", self.0);
-        let mine: Vec<String> = docker_out(&["images", "--no-trunc", "--format", "{{.Repository}} {{.ID}}"])
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(repo, _)| repo.starts_with(&prefix))
-            .map(|(_, id)| id.to_string())
-            .collect();
-        remove(mine, |r| r.starts_with(&prefix));
+        // A second look a moment later: a build whose client died may still be finishing.
+        for pass in 0..2 {
+            if pass > 0 {
+                std::thread::sleep(LATE_PASSES.1);
+            }
+            let mine: Vec<String> = docker_out(&["images", "--no-trunc", "--format", "{{.Repository}} {{.ID}}"])
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .filter(|(repo, _)| repo.starts_with(&prefix))
+                .map(|(_, id)| id.to_string())
+                .collect();
+            remove(mine, |r| r.starts_with(&prefix));
+        }
         // Held while removing, so that no test starts a build meanwhile.
         let mut live = live();
         live.guards -= 1;
         if live.guards == 0 {
             let before = std::mem::take(&mut live.before);
             remove(dangling().into_iter().filter(|id| !before.contains(id)).collect(), |_| false);
+            for pass in 0..LATE_PASSES.0 {
+                if pass > 0 {
+                    std::thread::sleep(LATE_PASSES.1);
+                }
+                let late: Vec<String> = loopback_images().into_iter().filter(|id| !before.contains(id)).collect();
+                remove(late, is_loopback);
+            }
         }
     }
 }
