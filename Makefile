@@ -26,7 +26,9 @@ INFRA_PIP := python-hcl2==8.1.4 checkov==3.3.30
 # Fails too when the tests left an image, a container, a farm's namespace or link, or a
 # process of theirs on this machine (what was there before is not blamed).
 test: farm-deps infra-deps
+	rm -f target/tmp/chaos-matrix.txt
 	scripts/check-leftovers cargo test --locked --all-targets
+	@cat target/tmp/chaos-matrix.txt 2>/dev/null || true
 
 build:
 	cargo build --locked

@@ -354,7 +354,10 @@ fn no_fault_in_any_phase_leaves_an_instance_a_template_or_an_unrecorded_build() 
         farm.assert_nothing_left();
     }
     let shown = table(&rows);
-    println!("chaos matrix ({}):\n{shown}", if full { "every pair" } else { "sampled; `make chaos` runs every pair" });
+    let title = format!("chaos matrix ({}):", if full { "every pair" } else { "sampled; `make chaos` runs every pair" });
+    println!("{title}\n{shown}");
+    // make test prints it after the run (a passing test's output is not shown).
+    let _ = std::fs::write(Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos-matrix.txt"), format!("{title}\n{shown}"));
     let bad: Vec<&Row> = rows.iter().filter(|r| r.instances_left + r.templates_left + r.builds_missing > 0 || r.exit.is_none()).collect();
     assert!(bad.is_empty(), "something was left behind:\n{shown}");
 }
