@@ -12,9 +12,8 @@ use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::redact::{Redactor, Shared};
 use crate::protocol::{Envelope, Event, Stream, VERSION};
-
-const REDACTED: &str = "******";
 
 enum Msg {
     Event(Event),
@@ -26,17 +25,7 @@ enum Msg {
 #[derive(Clone)]
 pub struct Events {
     tx: mpsc::Sender<Msg>,
-}
-
-/// Replaces every secret with `******` in `text`.
-pub fn redact(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_string();
-    for s in secrets.iter().filter(|s| !s.is_empty()) {
-        if out.contains(s.as_str()) {
-            out = out.replace(s.as_str(), REDACTED);
-        }
-    }
-    out
+    redactor: Shared,
 }
 
 /// The writer task, and word of its failure: the events file is what a controller resumes
@@ -62,8 +51,10 @@ impl Events {
         let (tx, rx) = mpsc::channel::<Msg>(1024);
         let (failed_tx, failed) = watch::channel(None);
         let path = file.to_path_buf();
+        let redactor: Shared = std::sync::Arc::new(std::sync::RwLock::new(Redactor::new(&secrets)));
+        let shared = redactor.clone();
         let task = tokio::spawn(async move {
-            let written = writer(rx, out, tokio::fs::File::from_std(log), secrets).await;
+            let written = writer(rx, out, tokio::fs::File::from_std(log), shared).await;
             if let Err(e) = &written {
                 let why = format!("failed to write the events file {}: {e}", path.display());
                 // In the agent's log, whatever else happens.
@@ -72,7 +63,18 @@ impl Events {
             }
             written
         });
-        Ok((Events { tx }, Writer { task, failed }))
+        Ok((Events { tx, redactor }, Writer { task, failed }))
+    }
+
+    /// Adds secrets learnt while the job runs (an ECR token): every event written from
+    /// now on, queued ones included, is redacted of them too.
+    pub fn add_secrets(&self, secrets: &[String]) {
+        self.redactor.write().unwrap_or_else(std::sync::PoisonError::into_inner).add(secrets);
+    }
+
+    /// The redactor output readers use to mask secrets before cutting long lines.
+    pub fn redactor(&self) -> Shared {
+        self.redactor.clone()
     }
 
     pub async fn emit(&self, event: Event) {
@@ -107,7 +109,7 @@ async fn writer<W>(
     mut rx: mpsc::Receiver<Msg>,
     mut out: W,
     log: tokio::fs::File,
-    secrets: Vec<String>,
+    redactor: Shared,
 ) -> std::io::Result<()>
 where
     W: tokio::io::AsyncWrite + Unpin,
@@ -128,12 +130,13 @@ where
             }
         }
         let mut flushes = Vec::new();
+        let redactor = redactor.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         for msg in batch {
             match msg {
                 Msg::Flush(done) => flushes.push(done),
                 Msg::Event(mut event) => {
                     if let Event::Log { line, .. } = &mut event {
-                        *line = redact(line, &secrets);
+                        *line = redactor.redact(line);
                     }
                     seq += 1;
                     let env = Envelope {
@@ -143,8 +146,8 @@ where
                         event,
                     };
                     let json = serde_json::to_string(&env).expect("events always serialise");
-                    // Secrets in other fields (or split across escapes) are caught here.
-                    let json = redact(&json, &secrets);
+                    // Secrets in other fields (or in their escaped form) are caught here.
+                    let json = redactor.redact(&json);
                     buf.extend_from_slice(json.as_bytes());
                     buf.push(b'\n');
                 }
@@ -239,11 +242,20 @@ mod tests {
         events.say("x", "lost").await;
     }
 
-    #[test]
-    fn redaction_replaces_every_occurrence() {
-        let s = vec!["hunter2".to_string(), String::new()];
-        assert_eq!(redact("pw=hunter2 again hunter2", &s), "pw=****** again ******");
-        assert_eq!(redact("nothing", &s), "nothing");
+    #[tokio::test]
+    async fn secrets_added_later_are_redacted_from_then_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("events.ndjson");
+        let (events, writer) = Events::start(tokio::io::sink(), &file, vec!["first-secret".into()]).unwrap();
+        events.say("x", "first-secret and ecr-token-1234").await;
+        events.flush().await;
+        events.add_secrets(&["ecr-token-1234".into()]);
+        events.say("x", "ecr-token-1234 again").await;
+        drop(events);
+        writer.task.await.unwrap().unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(!text.contains("first-secret"));
+        assert!(text.contains("****** again"), "{text}");
     }
 
     #[tokio::test]

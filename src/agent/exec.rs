@@ -121,7 +121,7 @@ async fn pump(
     events: Events,
     observer: Option<Observer>,
 ) {
-    let mut splitter = LineSplitter::default();
+    let mut splitter = LineSplitter::redacting(events.redactor());
     let mut buf = vec![0u8; 64 * 1024];
     let mut lines = Vec::new();
     loop {

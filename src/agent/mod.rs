@@ -33,6 +33,7 @@ pub mod job;
 pub mod lines;
 pub mod machine;
 pub mod publish;
+pub mod redact;
 pub mod run;
 pub mod step;
 pub mod stop;

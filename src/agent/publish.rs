@@ -51,6 +51,10 @@ pub async fn prepare(mut docker: Docker, cx: &CheckedJob, events: &Events) -> To
             }
         }
     };
+    // A token fetched here (ECR's) is as secret as a password given in the job.
+    if let Some(b) = &basic {
+        events.add_secrets(&[b.password.clone(), b.header().trim_start_matches("Basic ").to_string()]);
+    }
     let auth = Authenticator::with_basic(basic.clone());
     let client = Client::new(cx.registry.clone(), &RegistryConfig::default(), auth).ok();
     let Some(basic) = basic else {

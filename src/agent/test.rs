@@ -13,10 +13,27 @@ use super::step::{NotRun, Step, StepStatus};
 use crate::errors::error_chain;
 use crate::protocol::{JobProject, JobTest};
 
-/// Runs test job `test` of project `p`; on success the image gains the test tag by a
-/// manifest copy.
+/// Runs test job `test` of project `p` on the image `cache-<hash>` points at, by its
+/// digest; on success that digest (not whatever the tag points at by then) gains the test
+/// tag by a manifest copy, and a tag that moved while the test ran records no pass.
 pub async fn test(step: &Step, tools: &Tools, cx: &CheckedJob, p: &JobProject, test: &JobTest) -> StepStatus {
-    let image = cx.image(&p.name, &p.tag);
+    let Some(client) = &tools.client else {
+        step.say("error: no registry client to pin the tested image or record the pass").await;
+        return StepStatus::Errored;
+    };
+    let repository = cx.registry.repository(&p.name);
+    let tested = match client.digest(&repository, &p.tag).await {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            step.say(format!("error: {repository}:{} is not in the registry", p.tag)).await;
+            return StepStatus::Errored;
+        }
+        Err(e) => {
+            step.say(format!("error: failed to read {repository}:{}: {}", p.tag, error_chain(&e))).await;
+            return StepStatus::Errored;
+        }
+    };
+    let image = format!("{}@{tested}", cx.repo(&p.name));
     let ran = if test.host {
         on_host(step, cx, p, test, &image).await
     } else {
@@ -25,13 +42,21 @@ pub async fn test(step: &Step, tools: &Tools, cx: &CheckedJob, p: &JobProject, t
     if !ran.passed() {
         return ran;
     }
-    let Some(client) = &tools.client else {
-        step.say("error: no registry client to record the pass").await;
-        return StepStatus::Errored;
-    };
-    match client.copy_tag(&cx.registry.repository(&p.name), &p.tag, &test.tag).await {
+    match client.digest(&repository, &p.tag).await {
+        Ok(Some(now)) if now == tested => {}
+        Ok(now) => {
+            let now = now.unwrap_or_else(|| "nothing".into());
+            step.say(format!("error: {} moved from {tested} to {now} while its test ran: the pass is not recorded", p.tag)).await;
+            return StepStatus::Errored;
+        }
+        Err(e) => {
+            step.say(format!("error: failed to check {}: {}", p.tag, error_chain(&e))).await;
+            return StepStatus::Errored;
+        }
+    }
+    match client.copy_tag(&repository, &tested, &test.tag).await {
         Ok(()) => {
-            step.say(format!("passed: tagged {}", test.tag)).await;
+            step.say(format!("passed: tagged {} ({tested})", test.tag)).await;
             StepStatus::Passed
         }
         Err(e) => {
@@ -51,10 +76,12 @@ async fn on_host(step: &Step, cx: &CheckedJob, p: &JobProject, test: &JobTest, i
     let mut cmd = Command::new(program);
     // What the Aztec build-system's `run_tests` scripts expect, under their names too;
     // the image is already pulled, so `docker run "$IMAGE_URI"` needs no login.
+    // SPOTBUILD_IMAGE is pinned to the digest under test; IMAGE_URI keeps the tag form
+    // those scripts compute themselves.
     cmd.args(args)
         .current_dir(&dir)
         .env("SPOTBUILD_IMAGE", image)
-        .env("IMAGE_URI", image)
+        .env("IMAGE_URI", cx.image(&p.name, &p.tag))
         .env("CONTENT_HASH", &p.hash)
         .env("COMMIT_HASH", &cx.job.commit)
         .env("ROOT_PATH", &cx.src)

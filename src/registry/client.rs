@@ -91,6 +91,32 @@ impl Client {
         }
     }
 
+    /// The digest `reference` (a tag) of `repository` points at, if it exists: what a
+    /// test ran is recorded by it, so that a tag moved meanwhile is noticed.
+    pub async fn digest(&self, repository: &str, reference: &str) -> Result<Option<String>, RegistryError> {
+        let path = format!("/v2/{repository}/manifests/{reference}");
+        let what = format!("{repository}:{reference}");
+        let resp = self
+            .request(Method::GET, &path, &pull_scope(repository), &what, |r| r.header(ACCEPT, MANIFEST_ACCEPT))
+            .await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let header = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(String::from);
+                let body = resp.bytes().await.map_err(|e| RegistryError::Unreachable {
+                    host: self.reference.host.clone(),
+                    detail: e.without_url().to_string(),
+                })?;
+                // The registry's word, else the manifest's own hash (what a digest is).
+                Ok(Some(header.unwrap_or_else(|| {
+                    use sha2::Digest;
+                    format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)))
+                })))
+            }
+            s => Err(self.status_error(&what, s, String::new())),
+        }
+    }
+
     /// Every tag of `repository`, following pagination. A missing repository has none.
     pub async fn list_tags(&self, repository: &str) -> Result<Vec<String>, RegistryError> {
         #[derive(serde::Deserialize)]
@@ -129,8 +155,8 @@ impl Client {
         }
     }
 
-    /// Points `to` at the manifest `from` points at, by copying the manifest bytes: no layer
-    /// is pulled or pushed.
+    /// Points `to` at the manifest `from` (a tag or a digest) points at, by copying the
+    /// manifest bytes: no layer is pulled or pushed.
     pub async fn copy_tag(&self, repository: &str, from: &str, to: &str) -> Result<(), RegistryError> {
         let scope = format!("repository:{repository}:pull,push");
         let what = format!("{repository}:{from}");

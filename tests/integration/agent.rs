@@ -195,6 +195,39 @@ fn a_failing_test_job_fails_and_is_not_tagged() {
 }
 
 #[test]
+fn a_pass_is_recorded_on_the_digest_tested_and_not_if_the_tag_moved_meanwhile() {
+    docker_required();
+    let registry = Registry::start();
+    let _images = Images::of(&registry);
+    let repo = chain_repo();
+    // A host test that moves the image's tag while it runs (as a racing job could).
+    repo.write(
+        "a/move-tag.sh",
+        "#!/bin/sh\nset -e\nrepo=${SPOTBUILD_IMAGE%@*}\n\
+         printf 'FROM %s\\nLABEL moved=1\\n' \"$SPOTBUILD_IMAGE\" | docker build -q -t \"$repo:cache-$CONTENT_HASH\" - >/dev/null\n\
+         docker push -q \"$repo:cache-$CONTENT_HASH\" >/dev/null\necho moved\n",
+    );
+    std::fs::set_permissions(repo.path().join("a/move-tag.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    repo.manifest(json!({
+        "a": {"buildDir": "a", "tests": {
+            "unit": {"command": ["/bin/busybox", "true"]},
+            "racy": {"command": ["./move-tag.sh"], "host": true}
+        }}
+    }));
+    repo.commit("a test that moves the tag");
+    let (run, events) = build(&repo, &registry, &[]);
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(result(&events)["failed_steps"], json!(["a:test:racy"]), "{}", run.stdout);
+    assert!(events.iter().any(|e| e["line"].as_str().is_some_and(|l| l.contains("while its test ran: the pass is not recorded"))), "{}", run.stdout);
+    let t = tags(&registry, "t/a");
+    assert!(t.iter().any(|t| t.ends_with("-unit")), "{t:?}");
+    assert!(!t.iter().any(|t| t.ends_with("-racy")), "{t:?}");
+    // The unit pass names the digest it ran on, which the tag pointed at then.
+    let said = events.iter().filter_map(|e| e["line"].as_str()).find(|l| l.starts_with("passed: tagged")).unwrap().to_string();
+    assert!(said.contains("sha256:"), "{said}");
+}
+
+#[test]
 fn an_interruption_notice_stops_new_steps_and_keeps_finished_work() {
     docker_required();
     let registry = Registry::start();
