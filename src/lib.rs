@@ -23,3 +23,4 @@ pub mod reap;
 pub mod registry;
 pub mod settings;
 pub mod transport;
+pub mod trust;

@@ -34,6 +34,9 @@ pub struct Config {
     pub ledger: LedgerConfig,
     #[serde(default)]
     pub plan: PlanConfig,
+    /// Which refs are trusted, and where untrusted builds write.
+    #[serde(default)]
+    pub trust: crate::trust::TrustConfig,
 }
 
 /// How the planner reads the manifest.
@@ -272,7 +275,11 @@ pub struct CloudConfig {
     pub max_spot_price_per_vcpu_hour: Option<f64>,
     /// An AMI id (`ami-…`) or an SSM parameter path (`/…`) resolved at launch.
     pub ami: Option<String>,
+    /// The instance profile of trusted builds.
     pub instance_profile: Option<String>,
+    /// The instance profile of untrusted builds (pull requests): it may push only to the
+    /// untrusted namespace. Required to build untrusted refs remotely.
+    pub untrusted_instance_profile: Option<String>,
     #[serde(default)]
     pub security_groups: Vec<String>,
     #[serde(default = "default_root_volume_gb")]
@@ -365,6 +372,7 @@ impl Default for CloudConfig {
             max_spot_price_per_vcpu_hour: None,
             ami: None,
             instance_profile: None,
+            untrusted_instance_profile: None,
             security_groups: Vec::new(),
             root_volume_gb: default_root_volume_gb(),
             ttl: default_ttl(),

@@ -63,6 +63,22 @@ pub struct BuildPlan {
 }
 
 /// Plans the build of `repo:tag` (`repo` is `host/repository`) from a Dockerfile with
+impl BuildPlan {
+    /// Also reads the main branch's newest builds in `repo` (an untrusted build's trusted
+    /// namespace, which it may read but never write), after its own sources.
+    pub fn read_main_branch_of(&mut self, repo: &str, main_branch: &str) {
+        let main = branch_tag(main_branch);
+        for s in &mut self.stages {
+            let stage_tag = s.image.tag.split("-cache-").next().unwrap_or_default().to_string();
+            s.cache_from.push(format!("{repo}:{stage_tag}-{main}"));
+        }
+        let stages: Vec<String> = self.stages.iter().filter_map(|s| s.cache_from.last().cloned()).collect();
+        self.image.cache_from.extend(stages);
+        self.image.cache_from.push(format!("{repo}:{main}"));
+        self.image.cache_refs_from.push(format!("{repo}:buildcache-{main}"));
+    }
+}
+
 /// `stages`, for a build of `branch`. The cache sources are the newest builds of the
 /// branch, then of the main branch.
 pub fn plan(stages: &[Stage], builder: BuilderKind, repo: &str, tag: &str, branch: &str, main_branch: &str) -> BuildPlan {
@@ -157,7 +173,7 @@ pub async fn build(step: &Step, docker: &Docker, cx: &CheckedJob, p: &JobProject
             return errored();
         }
     };
-    let images: BTreeMap<String, String> = cx.job.projects.iter().map(|q| (q.name.clone(), cx.image(&q.name, &q.tag))).collect();
+    let images: BTreeMap<String, String> = cx.job.projects.iter().map(|q| (q.name.clone(), cx.existing(q))).collect();
     let (pinned, changes) = dockerfile::pin(&text, &images);
     for (from, to) in &changes {
         step.say(format!("FROM {from} pinned to {to}")).await;
@@ -173,7 +189,10 @@ pub async fn build(step: &Step, docker: &Docker, cx: &CheckedJob, p: &JobProject
         return errored();
     }
 
-    let plan = plan(&dockerfile::stages(&pinned), docker.kind, &cx.repo(&p.name), &p.tag, cx.branch(), &cx.job.main_branch);
+    let mut plan = plan(&dockerfile::stages(&pinned), docker.kind, &cx.repo(&p.name), &p.tag, cx.branch(), &cx.job.main_branch);
+    if let Some(trusted) = cx.trusted_repo(&p.name) {
+        plan.read_main_branch_of(&trusted, &cx.job.main_branch);
+    }
     let counter = Arc::new(Mutex::new(LayerCount::default()));
     let observer: exec::Observer = {
         let c = counter.clone();

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::protocol::{Job, VERSION};
+use crate::protocol::{Job, JobProject, VERSION};
 use crate::registry::auth::Basic;
 use crate::registry::{RegistryError, RegistryRef};
 
@@ -76,9 +76,33 @@ impl CheckedJob {
         format!("{}/{}", self.registry.host, self.registry.repository(project))
     }
 
-    /// A project's image with `tag`.
+    /// A project's image with `tag`, in the job's own namespace.
     pub fn image(&self, project: &str, tag: &str) -> String {
         format!("{}:{tag}", self.repo(project))
+    }
+
+    /// Where `p`'s existing image is: where the plan found it (another namespace), else
+    /// the job's own.
+    pub fn existing(&self, p: &JobProject) -> String {
+        p.image.clone().unwrap_or_else(|| self.image(&p.name, &p.tag))
+    }
+
+    /// The repository (without the host) holding `p`'s existing image.
+    pub fn existing_repository(&self, p: &JobProject) -> String {
+        match &p.image {
+            Some(image) => {
+                let path = image.strip_prefix(&format!("{}/", self.registry.host)).unwrap_or(image);
+                path.rsplit_once(':').map(|(repo, _)| repo).unwrap_or(path).to_string()
+            }
+            None => self.registry.repository(&p.name),
+        }
+    }
+
+    /// The trusted namespace's `host/repository` of a project, for an untrusted job.
+    pub fn trusted_repo(&self, project: &str) -> Option<String> {
+        let url = self.job.registry.trusted.as_deref()?;
+        let r = RegistryRef::parse(url).ok()?;
+        Some(format!("{}/{}", r.host, r.repository(project)))
     }
 
     /// The branch this build is of (the main branch when the job names none).

@@ -21,7 +21,10 @@ pub async fn test(step: &Step, tools: &Tools, cx: &CheckedJob, p: &JobProject, t
         step.say("error: no registry client to pin the tested image or record the pass").await;
         return StepStatus::Errored;
     };
-    let repository = cx.registry.repository(&p.name);
+    // Where the image is (an untrusted job may test one of the trusted namespace), and
+    // where the pass is recorded: always the job's own namespace.
+    let repository = cx.existing_repository(p);
+    let own = cx.registry.repository(&p.name);
     let tested = match client.digest(&repository, &p.tag).await {
         Ok(Some(d)) => d,
         Ok(None) => {
@@ -33,7 +36,7 @@ pub async fn test(step: &Step, tools: &Tools, cx: &CheckedJob, p: &JobProject, t
             return StepStatus::Errored;
         }
     };
-    let image = format!("{}@{tested}", cx.repo(&p.name));
+    let image = format!("{}/{repository}@{tested}", cx.registry.host);
     let ran = if test.host {
         on_host(step, cx, p, test, &image).await
     } else {
@@ -54,7 +57,12 @@ pub async fn test(step: &Step, tools: &Tools, cx: &CheckedJob, p: &JobProject, t
             return StepStatus::Errored;
         }
     }
-    match client.copy_tag(&repository, &tested, &test.tag).await {
+    let recorded = if repository == own {
+        client.copy_tag(&own, &tested, &test.tag).await
+    } else {
+        client.copy_across(&repository, &tested, &own, &test.tag).await
+    };
+    match recorded {
         Ok(()) => {
             step.say(format!("passed: tagged {} ({tested})", test.tag)).await;
             StepStatus::Passed
@@ -81,7 +89,7 @@ async fn on_host(step: &Step, cx: &CheckedJob, p: &JobProject, test: &JobTest, i
     cmd.args(args)
         .current_dir(&dir)
         .env("SPOTBUILD_IMAGE", image)
-        .env("IMAGE_URI", cx.image(&p.name, &p.tag))
+        .env("IMAGE_URI", cx.existing(p))
         .env("CONTENT_HASH", &p.hash)
         .env("COMMIT_HASH", &cx.job.commit)
         .env("ROOT_PATH", &cx.src)

@@ -83,7 +83,7 @@ impl Worker {
                 // Host jobs (scripts above all) get the image too: they run it themselves.
                 if !pulled.contains(&p.name) {
                     let (step, t) = self.begin(format!("{}:pull", p.name), Some(&p.name), StepKind::Pull).await;
-                    let status = step.run(tools.docker.pull(&self.cx.image(&p.name, &p.tag))).await;
+                    let status = step.run(tools.docker.pull(&self.cx.existing(p))).await;
                     self.end(&step, t, &status, None).await;
                     if !status.passed() {
                         break;

@@ -108,6 +108,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         registry: args.flags.registry.clone(),
         registry_auth: args.registry_auth,
         test: None,
+        force_untrusted: args.flags.untrusted,
     })
     .await?;
     let unplanned = planned.report_broken();

@@ -250,6 +250,8 @@ impl From<BuildError> for Error {
             BuildError::NoTypeWithCpus(_) => Error::of(Exit::Usage, e).hint("add types of that size to [cloud] instance_types"),
             BuildError::LocalDir(_) => Error::of(Exit::Failed, e),
             BuildError::Replan { source, .. } => source.into(),
+            BuildError::NoUntrustedProfile(_) => Error::of(Exit::Usage, e)
+                .hint("set [cloud] untrusted_instance_profile (`terraform output untrusted_instance_profile`), or build a trusted ref ([trust] trusted_branches)"),
             BuildError::Settings(ref c) => {
                 let hint = match c {
                     crate::settings::SettingsConflict::TtlTooShort { .. } => {

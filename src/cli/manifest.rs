@@ -84,6 +84,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Manif
         registry: None,
         registry_auth: None,
         test: None,
+        force_untrusted: false,
     })
     .await?;
     let m = &planned.hashes.manifest;

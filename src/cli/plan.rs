@@ -70,6 +70,11 @@ pub struct PlanArgs {
     #[arg(long, value_enum, value_name = "MODE")]
     pub registry_auth: Option<AuthMode>,
 
+    /// Plan as an untrusted build (as a pull request would be): read the trusted
+    /// namespace and the untrusted one. Trust can only be lowered, never raised.
+    #[arg(long)]
+    pub untrusted: bool,
+
     /// Plan one test invocation of the named project, as `spotbuild test PROJECT JOB -- ARGS`
     /// would run it: its success tag is shown (with ARGS, it carries their digest).
     #[arg(long, value_name = "JOB", conflicts_with = "script")]
@@ -141,6 +146,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
         registry: args.registry.clone(),
         registry_auth: args.registry_auth,
         test: test.clone(),
+        force_untrusted: args.untrusted,
     })
     .await?;
     if let Some(run) = &test {

@@ -81,20 +81,33 @@ pub struct ReapArgs {
     pub json: bool,
 }
 
-/// The ledger to read heartbeats from: the flag, else the default file if it exists.
-async fn open_ledger(args: &ReapArgs) -> Result<Option<Arc<dyn LedgerStore>>, Error> {
+/// The ledger to read heartbeats from (the flag, else the default file if it exists), and
+/// its untrusted part (where untrusted builds beat) when it exists.
+async fn open_ledgers(args: &ReapArgs) -> Result<Vec<Arc<dyn LedgerStore>>, Error> {
     let location: Location = match &args.ledger {
         Some(s) => s.parse().map_err(|e: ledger::LedgerError| {
             Error::new(Exit::Usage, e.to_string()).hint("e.g. --ledger ~/ledger.sqlite, --ledger s3://acme-ci/spotbuild, or --ledger off")
         })?,
         None => match ledger::default_location() {
             Location::Sqlite(p) if p.is_file() => Location::Sqlite(p),
-            _ => return Ok(None),
+            _ => return Ok(Vec::new()),
         },
     };
-    ledger::open(&location, args.region.clone(), args.ledger_endpoint.clone())
-        .await
-        .map_err(|e| Error::of(Exit::Usage, e).hint("the reaper reads the ledger the builds write; pass --ledger off to reap by expiry only"))
+    let open = |l: Location| async move {
+        ledger::open(&l, args.region.clone(), args.ledger_endpoint.clone())
+            .await
+            .map_err(|e| Error::of(Exit::Usage, e).hint("the reaper reads the ledger the builds write; pass --ledger off to reap by expiry only"))
+    };
+    let untrusted = location.untrusted();
+    let mut ledgers: Vec<Arc<dyn LedgerStore>> = open(location).await?.into_iter().collect();
+    let exists = match &untrusted {
+        Location::Sqlite(p) => p.is_file(),
+        _ => true,
+    };
+    if exists {
+        ledgers.extend(open(untrusted).await?);
+    }
+    Ok(ledgers)
 }
 
 fn cloud_error(e: ReapError) -> Error {
@@ -110,24 +123,24 @@ fn cloud_error(e: ReapError) -> Error {
 
 pub async fn run(args: ReapArgs) -> Result<Exit, Error> {
     let cloud = AwsCloud::from_env(args.region.clone(), args.endpoint.clone()).await;
-    let ledger = open_ledger(&args).await?;
+    let ledgers = open_ledgers(&args).await?;
     let rules = Rules {
         older_than: args.older_than,
-        heartbeat_window: ledger.is_some().then_some(args.heartbeat_window),
+        heartbeat_window: (!ledgers.is_empty()).then_some(args.heartbeat_window),
     };
     if args.lambda {
-        let function = lambda::Function { cloud, ledger, rules };
+        let function = lambda::Function { cloud, ledgers, rules };
         return lambda::serve(function)
             .await
             .map(|()| Exit::Success)
             .map_err(|e| Error::new(Exit::Failed, format!("the Lambda runtime stopped: {e}")));
     }
-    if ledger.is_none() && !args.json {
+    if ledgers.is_empty() && !args.json {
         eprintln!("note: no ledger: only expired instances are reaped (--ledger, SPOTBUILD_LEDGER)");
     }
     let reaper = Reaper {
         cloud: &cloud,
-        ledger: ledger.as_deref(),
+        ledgers: ledgers.iter().map(|l| l.as_ref()).collect(),
         rules,
         dry_run: args.dry_run,
     };

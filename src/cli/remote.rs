@@ -60,9 +60,16 @@ pub struct RemoteFlags {
 
     /// Where to record what the build cost: a file (SQLite), `s3://bucket/prefix` (one
     /// shared ledger for many CI jobs), or `off` [default: `[ledger] url`, else
-    /// ~/.local/share/spotbuild/ledger.sqlite].
+    /// ~/.local/share/spotbuild/ledger.sqlite]. Untrusted builds record under its
+    /// `untrusted` part.
     #[arg(long, value_name = "LOCATION", env = "SPOTBUILD_LEDGER")]
     pub ledger: Option<String>,
+
+    /// Build as untrusted whatever the ref (trust can only be lowered): write only the
+    /// untrusted namespace, with the untrusted instance profile. Pull requests and
+    /// branches outside `[trust] trusted_branches` are untrusted anyway.
+    #[arg(long)]
+    pub untrusted: bool,
 }
 
 
@@ -92,6 +99,7 @@ impl Remote<'_> {
                 Scope::Test(run) => Some(run.clone()),
                 _ => None,
             },
+            force_untrusted: self.flags.untrusted,
         }
     }
 }
@@ -130,8 +138,8 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: R
     }
     let settings = planned.config.clone();
     let ssm = ssm_clients(&settings).await?;
-    let ledger = super::report::open_ledger(remote.flags.ledger.as_deref(), &settings).await?;
-    let cloud = Arc::new(AwsCloud::from_env(settings.cloud.region.clone(), settings.cloud.endpoint.clone()).await);
+    let ledger = super::report::open_ledger(remote.flags.ledger.as_deref(), &settings, planned.trust.level).await?;
+    let cloud = Arc::new(AwsCloud::from_settings(&settings.cloud).await);
     let deps = Deps {
         cloud,
         connector: Arc::new(Connectors { settings: settings.clone(), ssm }),
@@ -146,6 +154,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: R
         build_id,
         work,
         settings,
+        trust: planned.trust.clone(),
         git_dir: planned.repo.git_dir().to_path_buf(),
         cpus: remote.flags.cpus,
         max_instances: remote.max_instances,
@@ -202,12 +211,16 @@ impl View {
     fn show(&self, e: &FarmEvent) {
         let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match e {
-            FarmEvent::Started { build_id, commit, groups } => {
+            FarmEvent::Started { build_id, commit, trust, groups } => {
                 if self.json {
-                    let line = serde_json::json!({ "type": "build", "build_id": build_id, "commit": commit, "groups": groups });
+                    let line = serde_json::json!({ "type": "build", "build_id": build_id, "commit": commit, "trust": trust, "groups": groups });
                     let _ = writeln!(std::io::stdout().lock(), "{line}");
                 } else {
-                    eprintln!("build {build_id}: commit {}", &commit[..commit.len().min(12)]);
+                    let level = match trust.level {
+                        crate::trust::Level::Trusted => "trusted",
+                        crate::trust::Level::Untrusted => "untrusted",
+                    };
+                    eprintln!("build {build_id}: commit {} ({level}: {})", &commit[..commit.len().min(12)], trust.reason);
                     for (i, g) in groups.iter().enumerate() {
                         eprintln!("  instance {}: {}", i + 1, g.join(", "));
                     }

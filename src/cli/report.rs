@@ -93,8 +93,13 @@ pub fn parse_when(s: &str, now: SystemTime) -> Result<SystemTime, WhenError> {
 /// The ledger location: the flag (or `SPOTBUILD_LEDGER`), then `[ledger] url`, then the
 /// default file. A malformed location is a usage error; a ledger that cannot be opened
 /// is reported and skipped (`None`), never a reason to fail a build.
-pub async fn open_ledger(flag: Option<&str>, cfg: &Config) -> Result<Option<Arc<dyn LedgerStore>>, Error> {
-    match open_at(&resolve(flag, cfg)?, cfg).await {
+pub async fn open_ledger(flag: Option<&str>, cfg: &Config, trust: crate::trust::Level) -> Result<Option<Arc<dyn LedgerStore>>, Error> {
+    let location = resolve(flag, cfg)?;
+    let location = match trust {
+        crate::trust::Level::Trusted => location,
+        crate::trust::Level::Untrusted => location.untrusted(),
+    };
+    match open_at(&location, cfg).await {
         Ok(l) => Ok(l),
         Err(e) => {
             eprintln!("warning: the build's cost will not be recorded: {e}");
@@ -141,7 +146,20 @@ pub async fn run(repo: Option<PathBuf>, config: Option<PathBuf>, args: ReportArg
         .await
         .map_err(|e| Error::new(Exit::Failed, e.to_string()))?
         .ok_or_else(|| Error::new(Exit::Usage, "the ledger is `off`: there is nothing to report").hint("pass --ledger LOCATION"))?;
-    let entries = store.list(since, until).await.map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
+    let mut entries = store.list(since, until).await.map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
+    // Untrusted builds (pull requests) record in a part of their own; they cost too.
+    let untrusted = location.untrusted();
+    let exists = match &untrusted {
+        Location::Sqlite(path) => tokio::fs::try_exists(path).await.unwrap_or(false),
+        _ => true,
+    };
+    if exists {
+        if let Ok(Some(part)) = open_at(&untrusted, &cfg).await {
+            let more = part.list(since, until).await.map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
+            entries.extend(more);
+            entries.sort_by(|a, b| (a.started(), &a.build_id).cmp(&(b.started(), &b.build_id)));
+        }
+    }
     let report = Report::new(&entries, since, until, args.by);
     let mut buf = Vec::new();
     match args.format {

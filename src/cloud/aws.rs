@@ -70,6 +70,12 @@ impl AwsCloud {
         AwsCloud::new(&sdk_config(region, endpoint).await)
     }
 
+    /// From [`sdk_config`] and `[cloud]`: its region, endpoint and launch call bound.
+    pub async fn from_settings(cfg: &crate::settings::CloudConfig) -> AwsCloud {
+        let config = sdk_config(cfg.region.clone(), cfg.endpoint.clone()).await;
+        AwsCloud::with_bounds(&config, cfg.launch_call_timeout, TERMINATE_VERIFY_TIMEOUT)
+    }
+
     /// From ready-made clients: `launch` should have SDK retries off.
     pub fn from_clients(launch: aws_sdk_ec2::Client, ec2: aws_sdk_ec2::Client) -> AwsCloud {
         AwsCloud {

@@ -58,6 +58,9 @@ pub struct BuildRequest {
     /// The first plan's work (the caller planned to decide whether to rent at all).
     pub work: Work,
     pub settings: Config,
+    /// How far the build is trusted: an untrusted one runs with the untrusted instance
+    /// profile.
+    pub trust: crate::trust::Decision,
     /// The repository's git dir, to bundle the commit from.
     pub git_dir: PathBuf,
     /// Only instance types with this many vCPUs.
@@ -168,6 +171,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Settings(#[from] SettingsConflict),
+    #[error("this build is untrusted ({0}), and no [cloud] untrusted_instance_profile is set: it would run with the trusted instance profile")]
+    NoUntrustedProfile(String),
 }
 
 /// One instance group's share of the build, and its ledger entry.
@@ -202,6 +207,15 @@ pub async fn run(
         return Err(BuildError::MissingSettings(missing));
     }
     settings.check_remote(request.timeout)?;
+    // An untrusted build's instance gets the untrusted profile, which may write only the
+    // untrusted namespace. With no profile at all, instances carry no credentials.
+    if request.trust.level == crate::trust::Level::Untrusted {
+        match (&settings.cloud.instance_profile, &settings.cloud.untrusted_instance_profile) {
+            (_, Some(untrusted)) => settings.cloud.instance_profile = Some(untrusted.clone()),
+            (Some(_), None) => return Err(BuildError::NoUntrustedProfile(request.trust.reason.clone())),
+            (None, None) => {}
+        }
+    }
     if let Some(n) = request.cpus {
         settings.cloud.instance_types.retain(|t| crate::cloud::aws::vcpus(t) == Some(n));
         if settings.cloud.instance_types.is_empty() {
@@ -222,6 +236,7 @@ pub async fn run(
     on_event(FarmEvent::Started {
         build_id: request.build_id.clone(),
         commit: work.commit.clone(),
+        trust: request.trust.clone(),
         groups: if groups.len() > 1 { groups.iter().flatten().cloned().collect() } else { Vec::new() },
     });
     let mut plans = Vec::new();

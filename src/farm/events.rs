@@ -17,7 +17,12 @@ pub struct Origin {
 pub enum FarmEvent {
     /// The build is about to rent: its id, commit, and (with several instances) the
     /// projects each instance group covers.
-    Started { build_id: String, commit: String, groups: Vec<Vec<String>> },
+    Started {
+        build_id: String,
+        commit: String,
+        trust: crate::trust::Decision,
+        groups: Vec<Vec<String>>,
+    },
     /// An attempt moved to a new phase, or says how one goes; `detail` says what happened.
     Phase { origin: Origin, phase: Phase, detail: String },
     /// One of the agent's events, as it sent it.

@@ -55,6 +55,8 @@ struct FakeCloud {
     find_fails_while_launching: std::sync::atomic::AtomicBool,
     /// Idempotency tokens seen, and the instance each launched (as EC2 keeps them).
     tokens: Mutex<BTreeMap<String, String>>,
+    /// The instance profile of each launch call.
+    profiles: Mutex<Vec<Option<String>>>,
 }
 
 impl FakeCloud {
@@ -97,6 +99,7 @@ impl Cloud for FakeCloud {
         Box::pin(async move {
             let takes = *self.launch_takes.lock().unwrap();
             tokio::time::sleep(takes).await;
+            self.profiles.lock().unwrap().push(spec.instance_profile.clone());
             let token = spec.client_token(market);
             let known = self.tokens.lock().unwrap().get(&token).cloned();
             let id = match known {
@@ -422,6 +425,7 @@ fn job(commit: &str, projects: &[&str]) -> Job {
             username: None,
             password: None,
             region: None,
+            trusted: None,
         },
         branch: None,
         main_branch: "main".into(),
@@ -432,6 +436,7 @@ fn job(commit: &str, projects: &[&str]) -> Job {
                 hash: "h".into(),
                 tag: "cache-h".into(),
                 build: true,
+                image: None,
                 build_dir: p.to_string(),
                 dockerfile: format!("{p}/Dockerfile"),
                 project_dir: p.to_string(),
@@ -488,6 +493,13 @@ struct Run {
     events: Vec<FarmEvent>,
 }
 
+fn trusted() -> crate::trust::Decision {
+    crate::trust::Decision {
+        level: crate::trust::Level::Trusted,
+        reason: "branch main is trusted".into(),
+    }
+}
+
 /// Runs a build of `projects` with the fakes; `stop_when` sends SIGTERM at the first event
 /// it accepts.
 async fn build(
@@ -523,6 +535,7 @@ async fn build_recorded(
         build_id: format!("t{}x{n}", std::process::id()),
         work: work(&repo.commit, projects),
         settings: settings(),
+        trust: trusted(),
         git_dir: repo.git_dir(),
         cpus: None,
         max_instances: Some(max_instances),
@@ -878,4 +891,44 @@ fn build_ids_are_unique_and_sort_by_time() {
     let (time, random) = id.split_once('-').unwrap();
     assert_eq!(random.len(), 16, "64 random bits: {id}");
     assert!(time.len() >= 8, "{id}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_untrusted_build_never_runs_with_the_trusted_instance_profile() {
+    let repo = Repo::new();
+    let cloud = Arc::new(FakeCloud::default());
+    let mut settings = settings();
+    settings.cloud.instance_profile = Some("spotbuild-trusted".into());
+    let request = |settings: Config| BuildRequest {
+        build_id: format!("u{}", std::process::id()),
+        work: work(&repo.commit, &["api"]),
+        settings,
+        trust: crate::trust::Decision {
+            level: crate::trust::Level::Untrusted,
+            reason: "a fork's pull request (#42)".into(),
+        },
+        git_dir: repo.git_dir(),
+        cpus: None,
+        max_instances: None,
+        market: None,
+        timeout: Duration::from_secs(3600),
+        owner: None,
+        branch: None,
+    };
+    let deps = || Deps {
+        cloud: cloud.clone(),
+        connector: Arc::new(connector(&cloud, &[Agent::Succeeds])),
+        ledger: None,
+        planner: planner(Vec::new()),
+    };
+    let refused = super::run(request(settings.clone()), deps(), &|_| {}, std::future::pending()).await;
+    assert!(matches!(refused, Err(super::BuildError::NoUntrustedProfile(_))), "{:?}", refused.err());
+    assert!(cloud.launched().is_empty(), "refused before renting anything");
+    assert_eq!(crate::cli::error::Error::from(refused.err().unwrap()).exit, Exit::Usage);
+
+    settings.cloud.untrusted_instance_profile = Some("spotbuild-untrusted".into());
+    let outcome = super::run(request(settings), deps(), &|_| {}, std::future::pending()).await.unwrap();
+    assert!(matches!(outcome, BuildOutcome::Finished { .. }));
+    assert_eq!(*cloud.profiles.lock().unwrap(), [Some("spotbuild-untrusted".to_string())]);
+    assert!(cloud.leaked().is_empty());
 }

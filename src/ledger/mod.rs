@@ -214,6 +214,29 @@ impl std::str::FromStr for Location {
     }
 }
 
+impl Location {
+    /// Where untrusted builds record: a part of the ledger of its own (`PREFIX/untrusted`,
+    /// or `NAME-untrusted.sqlite`), so that a trusted build's breaker never reads what an
+    /// untrusted one wrote, and IAM can let untrusted controllers write only there.
+    pub fn untrusted(&self) -> Location {
+        match self {
+            Location::Sqlite(path) => {
+                let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "ledger".into());
+                let name = match path.extension() {
+                    Some(ext) => format!("{stem}-untrusted.{}", ext.to_string_lossy()),
+                    None => format!("{stem}-untrusted"),
+                };
+                Location::Sqlite(path.with_file_name(name))
+            }
+            Location::S3 { bucket, prefix } => Location::S3 {
+                bucket: bucket.clone(),
+                prefix: if prefix.is_empty() { "untrusted".into() } else { format!("{prefix}/untrusted") },
+            },
+            Location::Off => Location::Off,
+        }
+    }
+}
+
 impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -269,6 +292,14 @@ mod tests {
         );
         assert_eq!("/var/lib/l.sqlite".parse::<Location>().unwrap(), Location::Sqlite("/var/lib/l.sqlite".into()));
         assert!("gs://x/y".parse::<Location>().is_err());
+        assert_eq!(
+            "s3://acme-ledger/ci".parse::<Location>().unwrap().untrusted(),
+            Location::S3 {
+                bucket: "acme-ledger".into(),
+                prefix: "ci/untrusted".into()
+            }
+        );
+        assert_eq!("/var/lib/l.sqlite".parse::<Location>().unwrap().untrusted(), Location::Sqlite("/var/lib/l-untrusted.sqlite".into()));
         assert!("s3:///nobucket".parse::<Location>().is_err());
     }
 }

@@ -430,6 +430,10 @@ pub struct ProjectPlan {
     pub tag: String,
     pub needs_build: Option<bool>,
     pub reason: String,
+    /// Where its image is, when it exists (an untrusted build may take it from the trusted
+    /// namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     pub dependencies: Vec<String>,
     pub tests: Vec<TestPlan>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -461,38 +465,56 @@ fn test_runs(hashes: &Hashes, i: usize, asked: Option<&TestRun>) -> Vec<TestRun>
     }
 }
 
-/// Decides what the selected projects need. With no store (offline), nothing is decided.
-/// With `asked`, the plan covers that one test invocation instead of the manifest's jobs.
+/// Decides what the selected projects need, from what the namespaces in `read` hold (in
+/// order: a trusted build reads only the project repositories; an untrusted one, those and
+/// then its own). A tag found in any counts; the first that has a project's image is where
+/// it is taken from. With no namespace (offline), nothing is decided. With `asked`, the
+/// plan covers that one test invocation instead of the manifest's jobs.
 pub async fn decide(
     hashes: &Hashes,
     selection: &[usize],
     forced: &Forced,
-    store: Option<&dyn ImageStore>,
+    read: &[&dyn ImageStore],
     asked: Option<&TestRun>,
 ) -> Plan {
-    // Every tag we might need, looked up concurrently in one wave.
-    let mut lookups: Vec<(String, String)> = Vec::new();
+    // Every tag we might need, in every namespace, looked up concurrently in one wave.
+    let mut lookups: Vec<(usize, String, String)> = Vec::new();
     for &i in selection {
         let p = &hashes.manifest.projects[i];
         let hash = &hashes.hashes[i];
-        lookups.push((p.name.clone(), build_tag(hash)));
-        for run in test_runs(hashes, i, asked) {
-            lookups.push((p.name.clone(), test_tag(hash, &run.key())));
+        for ns in 0..read.len() {
+            lookups.push((ns, p.name.clone(), build_tag(hash)));
+            for run in test_runs(hashes, i, asked) {
+                lookups.push((ns, p.name.clone(), test_tag(hash, &run.key())));
+            }
         }
     }
-    let found: BTreeMap<(String, String), Result<bool, RegistryError>> = match store {
-        None => BTreeMap::new(),
-        Some(store) => {
-            stream::iter(lookups)
-                .map(|(project, tag)| async move {
-                    let r = store.tag_exists(&project, &tag).await;
-                    ((project, tag), r)
-                })
-                .buffer_unordered(store.concurrency())
-                .collect()
-                .await
+    let concurrency = read.first().map(|s| s.concurrency()).unwrap_or(1);
+    let found: BTreeMap<(usize, String, String), Result<bool, RegistryError>> = stream::iter(lookups)
+        .map(|(ns, project, tag)| async move {
+            let r = read[ns].tag_exists(&project, &tag).await;
+            ((ns, project, tag), r)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    // Where `tag` of `project` is: the first namespace that has it; else whether every
+    // namespace could be asked (the first error otherwise).
+    let lookup = |project: &str, tag: &str| -> Result<Option<usize>, &RegistryError> {
+        let mut error = None;
+        for ns in 0..read.len() {
+            match &found[&(ns, project.to_string(), tag.to_string())] {
+                Ok(true) => return Ok(Some(ns)),
+                Ok(false) => {}
+                Err(e) => error = error.or(Some(e)),
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(None),
         }
     };
+    let store = read.last().copied();
 
     let projects = selection
         .iter()
@@ -501,13 +523,18 @@ pub async fn decide(
             let hash = hashes.hashes[i].clone();
             let tag = build_tag(&hash);
             let forced_reason = forced.reason(&p.name);
-            let image = |t: &str| store.map_or_else(|| t.to_string(), |s| s.image_ref(&p.name, t));
+            let image = |ns: usize, t: &str| read[ns].image_ref(&p.name, t);
+            let own = |t: &str| store.map_or_else(|| t.to_string(), |s| s.image_ref(&p.name, t));
+            let mut source = None;
             let (needs_build, reason) = match (store, &forced_reason) {
                 (None, _) => (None, "offline: registry not asked".to_string()),
                 (Some(_), Some(why)) => (Some(true), why.clone()),
-                (Some(_), None) => match &found[&(p.name.clone(), tag.clone())] {
-                    Ok(true) => (Some(false), format!("{} exists", image(&tag))),
-                    Ok(false) => (Some(true), format!("no {} in the registry", image(&tag))),
+                (Some(_), None) => match lookup(&p.name, &tag) {
+                    Ok(Some(ns)) => {
+                        source = Some(read[ns].image_ref(&p.name, &tag));
+                        (Some(false), format!("{} exists", image(ns, &tag)))
+                    }
+                    Ok(None) => (Some(true), format!("no {} in the registry", own(&tag))),
                     Err(e) => (
                         Some(true),
                         format!("registry could not be asked ({}); assuming not built", error_chain(e)),
@@ -527,9 +554,9 @@ pub async fn decide(
                                 None => "the image is not built at this hash yet".to_string(),
                             },
                         ),
-                        _ => match &found[&(p.name.clone(), ttag.clone())] {
-                            Ok(true) => (Some(false), format!("passed: {} exists", image(&ttag))),
-                            Ok(false) => (Some(true), format!("no {} in the registry", image(&ttag))),
+                        _ => match lookup(&p.name, &ttag) {
+                            Ok(Some(ns)) => (Some(false), format!("passed: {} exists", image(ns, &ttag))),
+                            Ok(None) => (Some(true), format!("no {} in the registry", own(&ttag))),
                             Err(e) => (
                                 Some(true),
                                 format!("registry could not be asked ({}); assuming not run", error_chain(e)),
@@ -555,6 +582,7 @@ pub async fn decide(
                 tag,
                 needs_build,
                 reason,
+                image: source,
                 dependencies: p.dependencies.clone(),
                 tests,
                 explain: None,

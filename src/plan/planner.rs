@@ -31,6 +31,8 @@ pub struct PlanRequest {
     pub registry_auth: Option<AuthMode>,
     /// One test invocation to plan instead of the manifest's jobs.
     pub test: Option<TestRun>,
+    /// Plan as an untrusted build whatever the ref (`--untrusted`).
+    pub force_untrusted: bool,
 }
 
 /// A computed plan and what it was computed from.
@@ -39,7 +41,13 @@ pub struct Planned {
     pub config: Config,
     pub hashes: Hashes,
     pub plan: Plan,
+    /// The registry of the namespace this build writes: the project repositories when it
+    /// is trusted, the untrusted prefix's when it is not.
     pub client: Option<Client>,
+    /// Whether the build is trusted, and why.
+    pub trust: crate::trust::Decision,
+    /// For an untrusted build: the trusted namespace it reads (`HOST[:PORT][/PREFIX]`).
+    pub trusted_namespace: Option<String>,
     /// When every project was asked for: the entries that could not be planned. (A named
     /// project that is broken, or depends on one that is, is an error instead.)
     pub broken: Vec<Arc<ManifestError>>,
@@ -75,7 +83,7 @@ pub async fn plan(request: &PlanRequest) -> Result<Planned, PlanningError> {
     };
     let request_blocking = request.clone();
     // Everything up to asking the registry reads the repository: off the async workers.
-    let (repo, config, hashes, selection, forced) = tokio::task::spawn_blocking(move || -> Result<_, PlanningError> {
+    let (repo, config, hashes, selection, forced, trust) = tokio::task::spawn_blocking(move || -> Result<_, PlanningError> {
         let request = request_blocking;
         let repo = Repo::discover(&cwd)?;
         let config = Config::load(request.settings.as_deref(), repo.workdir())?;
@@ -86,7 +94,9 @@ pub async fn plan(request: &PlanRequest) -> Result<Planned, PlanningError> {
         let hashes = super::hash_commit(&repo, commit, options)?;
         let selection = super::select(&hashes, &request.projects)?;
         let forced = Forced::from_message(&repo.commit_message(commit)?);
-        Ok((repo, config, hashes, selection, forced))
+        let ci = crate::trust::CiRef::from_env(repo.current_branch());
+        let trust = crate::trust::decide(&config.trust, &ci, request.force_untrusted);
+        Ok((repo, config, hashes, selection, forced, trust))
     })
     .await
     .map_err(PlanningError::Task)??;
@@ -102,12 +112,23 @@ pub async fn plan(request: &PlanRequest) -> Result<Planned, PlanningError> {
             warnings.push(format!("the commit message forces a rebuild of `{name}`, which is not in the manifest"));
         }
     }
-    let client = if request.offline {
-        None
+    // A trusted build reads and writes the project repositories. An untrusted one reads
+    // them and its own namespace, and writes only its own: nothing it writes is read by a
+    // trusted build.
+    let (trusted, own) = if request.offline {
+        (None, None)
     } else {
-        Some(open_registry(&config, request.registry.as_deref(), request.registry_auth)?)
+        let trusted = open_registry(&config, request.registry.as_deref(), request.registry_auth)?;
+        let own = match trust.level {
+            crate::trust::Level::Trusted => None,
+            crate::trust::Level::Untrusted => Some(trusted.within(&config.trust.untrusted_prefix)),
+        };
+        (Some(trusted), own)
     };
-    let plan = super::decide(&hashes, &selection, &forced, client.as_ref().map(|c| c as &dyn ImageStore), request.test.as_ref()).await;
+    let read: Vec<&dyn ImageStore> = trusted.iter().chain(own.iter()).map(|c| c as &dyn ImageStore).collect();
+    let plan = super::decide(&hashes, &selection, &forced, &read, request.test.as_ref()).await;
+    let trusted_namespace = own.as_ref().and(trusted.as_ref()).map(|c| c.reference().to_string());
+    let client = own.or(trusted);
     let unasked = plan.projects.iter().filter(|p| p.reason.starts_with("registry could not be asked")).count();
     if unasked > 0 {
         warnings.push(format!(
@@ -122,6 +143,8 @@ pub async fn plan(request: &PlanRequest) -> Result<Planned, PlanningError> {
         hashes,
         plan,
         client,
+        trust,
+        trusted_namespace,
         broken,
         warnings,
     })

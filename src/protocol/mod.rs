@@ -95,6 +95,10 @@ pub struct JobRegistry {
     pub password: Option<String>,
     #[serde(default)]
     pub region: Option<String>,
+    /// For an untrusted job (which writes `url`, its own namespace): the trusted namespace,
+    /// `HOST[:PORT][/PREFIX]`, read for the main branch's cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted: Option<String>,
 }
 
 impl std::fmt::Debug for JobRegistry {
@@ -117,6 +121,10 @@ pub struct JobProject {
     pub tag: String,
     /// Whether to build it (false: it exists in the registry already).
     pub build: bool,
+    /// Where its image is when it exists outside the job's own namespace (an untrusted job
+    /// takes it from the trusted one): `HOST/REPOSITORY:TAG`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Repo-relative build context.
     pub build_dir: String,
     /// Repo-relative Dockerfile.
@@ -375,6 +383,7 @@ mod tests {
             username: Some("u".into()),
             password: Some("hunter2".into()),
             region: None,
+            trusted: None,
         };
         assert!(!format!("{r:?}").contains("hunter2"));
     }

@@ -23,7 +23,8 @@ pub const WINDOW_ENV: &str = "SPOTBUILD_REAP_HEARTBEAT_WINDOW";
 /// What every invocation shares.
 pub struct Function {
     pub cloud: AwsCloud,
-    pub ledger: Option<Arc<dyn LedgerStore>>,
+    /// The ledger and its untrusted part.
+    pub ledgers: Vec<Arc<dyn LedgerStore>>,
     pub rules: Rules,
 }
 
@@ -31,7 +32,7 @@ impl Function {
     async fn invoke(&self) -> Result<Report, super::ReapError> {
         Reaper {
             cloud: &self.cloud,
-            ledger: self.ledger.as_deref(),
+            ledgers: self.ledgers.iter().map(|l| l.as_ref()).collect(),
             rules: self.rules,
             dry_run: false,
         }

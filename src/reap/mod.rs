@@ -12,8 +12,8 @@
 //! - Idempotent: a second pass finds nothing more to do.
 //!
 //! # Assumptions
-//! - The reaper reads the same ledger the builds write (`--ledger`, `SPOTBUILD_LEDGER`).
-//!   Without one, only expiry applies.
+//! - The reaper reads the same ledger the builds write (`--ledger`, `SPOTBUILD_LEDGER`),
+//!   and its untrusted part. Without one, only expiry applies.
 //!
 //! # Caveats
 //! - A build whose first ledger write failed has no heartbeat: its instances are reaped at
@@ -42,7 +42,8 @@ pub const DEFAULT_HEARTBEAT_WINDOW: Duration = Duration::from_secs(600);
 /// What one pass talks to, and how it judges.
 pub struct Reaper<'a> {
     pub cloud: &'a AwsCloud,
-    pub ledger: Option<&'a dyn LedgerStore>,
+    /// Where builds beat: the ledger and its untrusted part (see `ledger::Location`).
+    pub ledgers: Vec<&'a dyn LedgerStore>,
     pub rules: Rules,
     pub dry_run: bool,
 }
@@ -75,7 +76,7 @@ impl Reaper<'_> {
         let now = SystemTime::now();
         let mut report = Report {
             dry_run: self.dry_run,
-            ledger: self.ledger.map(|l| l.place()),
+            ledger: (!self.ledgers.is_empty()).then(|| self.ledgers.iter().map(|l| l.place()).collect::<Vec<_>>().join(", ")),
             ..Report::default()
         };
         let instances = self.cloud.list_spotbuild_instances().await?;
@@ -86,7 +87,8 @@ impl Reaper<'_> {
             .filter_map(|o| o.build_id().map(String::from))
             .chain(templates.iter().filter_map(|t| t.build_id.clone()))
             .collect();
-        let beats = self.beats(builds.into_iter().collect(), &mut report.warnings).await;
+        let located = self.beats(builds.into_iter().collect(), &mut report.warnings).await;
+        let beats: BTreeMap<String, Beat> = located.iter().map(|(id, (_, b))| (id.clone(), b.clone())).collect();
         let decision = decide::decide(&instances, &beats, now, self.rules);
         let ids: Vec<String> = decision.terminate.iter().map(|v| v.instance_id.clone()).collect();
         if !self.dry_run && !ids.is_empty() {
@@ -106,7 +108,8 @@ impl Reaper<'_> {
         }
         if !self.dry_run {
             for beat in &decision.abandoned {
-                match self.mark_abandoned(beat).await {
+                let Some((i, _)) = located.get(&beat.build_id) else { continue };
+                match self.mark_abandoned(self.ledgers[*i], beat).await {
                     Ok(true) => report.abandoned_builds.push(beat.build_id.clone()),
                     Ok(false) => {}
                     Err(why) => report.warnings.push(format!("build {} was not marked abandoned in the ledger: {why}", beat.build_id)),
@@ -118,28 +121,26 @@ impl Reaper<'_> {
         Ok(report)
     }
 
-    /// The heartbeats of `builds`, by build id (none without a ledger, or when it fails).
-    async fn beats(&self, builds: Vec<String>, warnings: &mut Vec<String>) -> BTreeMap<String, Beat> {
-        let Some(ledger) = self.ledger.filter(|_| self.rules.heartbeat_window.is_some() && !builds.is_empty()) else {
-            return BTreeMap::new();
-        };
-        match tokio::time::timeout(LEDGER_CALL_TIMEOUT, ledger.beats(&builds)).await {
-            Ok(Ok(beats)) => beats.into_iter().map(|b| (b.build_id.clone(), b)).collect(),
-            Ok(Err(e)) => {
-                warnings.push(format!("heartbeats could not be read, so only expiry applied: {}", error_chain(&e)));
-                BTreeMap::new()
-            }
-            Err(_) => {
-                warnings.push(format!("{} did not answer within {}s, so only expiry applied", ledger.place(), LEDGER_CALL_TIMEOUT.as_secs()));
-                BTreeMap::new()
+    /// The heartbeats of `builds`, by build id, from every part of the ledger (none without
+    /// a ledger; a part that fails is said and skipped).
+    async fn beats(&self, builds: Vec<String>, warnings: &mut Vec<String>) -> BTreeMap<String, (usize, Beat)> {
+        let mut out = BTreeMap::new();
+        if self.rules.heartbeat_window.is_none() || builds.is_empty() {
+            return out;
+        }
+        for (i, ledger) in self.ledgers.iter().enumerate() {
+            match tokio::time::timeout(LEDGER_CALL_TIMEOUT, ledger.beats(&builds)).await {
+                Ok(Ok(beats)) => out.extend(beats.into_iter().map(|b| (b.build_id.clone(), (i, b)))),
+                Ok(Err(e)) => warnings.push(format!("heartbeats in {} could not be read, so only expiry applied there: {}", ledger.place(), error_chain(&e))),
+                Err(_) => warnings.push(format!("{} did not answer within {}s, so only expiry applied there", ledger.place(), LEDGER_CALL_TIMEOUT.as_secs())),
             }
         }
+        out
     }
 
-    /// Marks a dead build's entry `abandoned`, its attempt under way ending now; whether
-    /// there was a running entry to mark.
-    async fn mark_abandoned(&self, beat: &Beat) -> Result<bool, String> {
-        let Some(ledger) = self.ledger else { return Ok(false) };
+    /// Marks a dead build's entry `abandoned` in the part of the ledger it beat in, its
+    /// attempt under way ending now; whether there was a running entry to mark.
+    async fn mark_abandoned(&self, ledger: &dyn LedgerStore, beat: &Beat) -> Result<bool, String> {
         let bounded = |what: &'static str| move |_| format!("{} did not answer {what} within {}s", ledger.place(), LEDGER_CALL_TIMEOUT.as_secs());
         let entry = tokio::time::timeout(LEDGER_CALL_TIMEOUT, ledger.get(&beat.build_id, &beat.started_at))
             .await

@@ -214,7 +214,8 @@ impl Authenticator {
             realm: realm.to_string(),
             detail,
         };
-        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        // Several scopes (a blob mount needs two repositories) are several parameters.
+        let mut query: Vec<(&str, &str)> = scope.split_whitespace().map(|s| ("scope", s)).collect();
         if let Some(s) = service {
             query.push(("service", s));
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::future::BoxFuture;
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LINK, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LINK, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 
 use super::auth::{Authenticator, Challenge};
@@ -23,7 +23,8 @@ application/vnd.docker.distribution.manifest.v2+json";
 pub struct Client {
     reference: RegistryRef,
     http: reqwest::Client,
-    auth: Authenticator,
+    /// Shared with the clients of the same registry's other namespaces (tokens and all).
+    auth: std::sync::Arc<Authenticator>,
     retries: usize,
     concurrency: usize,
     /// First backoff delay; tests shorten it.
@@ -57,12 +58,26 @@ impl Client {
         Ok(Client {
             reference,
             http,
-            auth,
+            auth: std::sync::Arc::new(auth),
             retries: settings.retries,
             concurrency: settings.concurrency.max(1),
             backoff_base: Duration::from_millis(200),
             down: std::sync::Mutex::new(None),
         })
+    }
+
+    /// A client for the same registry under `sub` of this prefix (an untrusted build's
+    /// namespace), sharing the connection pool and credentials.
+    pub fn within(&self, sub: &str) -> Client {
+        Client {
+            reference: self.reference.within(sub),
+            http: self.http.clone(),
+            auth: self.auth.clone(),
+            retries: self.retries,
+            concurrency: self.concurrency,
+            backoff_base: self.backoff_base,
+            down: std::sync::Mutex::new(None),
+        }
     }
 
     /// Shortens backoff delays (for tests that exercise retries).
@@ -194,6 +209,114 @@ impl Client {
         }
     }
 
+    /// Copies the manifest `digest` of `from` (another repository of this registry) to
+    /// `to` as `tag`, with every blob it names: mounted from `from` when the registry can,
+    /// else sent through; blobs `to` already has are skipped. A manifest list or index is
+    /// copied whole, with its children. (An untrusted build records a test pass on an image
+    /// of the trusted namespace this way, in its own.)
+    pub async fn copy_across(&self, from: &str, digest: &str, to: &str, tag: &str) -> Result<(), RegistryError> {
+        let (media_type, body) = self.manifest(from, digest).await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
+            host: self.reference.host.clone(),
+            what: format!("{from}@{digest}"),
+            status: 200,
+            body: format!("not a manifest: {e}"),
+        })?;
+        if let Some(children) = v["manifests"].as_array() {
+            for child in children.iter().filter_map(|c| c["digest"].as_str()) {
+                Box::pin(self.copy_across(from, child, to, child)).await?;
+            }
+        }
+        let blobs = v["config"]["digest"].as_str().into_iter().chain(v["layers"].as_array().into_iter().flatten().filter_map(|l| l["digest"].as_str()));
+        for blob in blobs {
+            self.mount_blob(from, to, blob).await?;
+        }
+        self.put_manifest(to, tag, &media_type, body).await
+    }
+
+    /// A manifest's media type and bytes.
+    async fn manifest(&self, repository: &str, reference: &str) -> Result<(HeaderValue, Vec<u8>), RegistryError> {
+        let what = format!("{repository}@{reference}");
+        let resp = self
+            .request(Method::GET, &format!("/v2/{repository}/manifests/{reference}"), &pull_scope(repository), &what, |r| r.header(ACCEPT, MANIFEST_ACCEPT))
+            .await?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(self.status_error(&what, status, body));
+        }
+        let media_type = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json"));
+        let body = resp.bytes().await.map_err(|e| RegistryError::Unreachable {
+            host: self.reference.host.clone(),
+            detail: e.without_url().to_string(),
+        })?;
+        Ok((media_type, body.to_vec()))
+    }
+
+    async fn put_manifest(&self, repository: &str, reference: &str, media_type: &HeaderValue, body: Vec<u8>) -> Result<(), RegistryError> {
+        let scope = format!("repository:{repository}:pull,push");
+        let what = format!("{repository}:{reference}");
+        let resp = self
+            .request(Method::PUT, &format!("/v2/{repository}/manifests/{reference}"), &scope, &what, |r| {
+                r.header(CONTENT_TYPE, media_type.clone()).body(body.clone())
+            })
+            .await?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            let body = resp.text().await.unwrap_or_default();
+            Err(self.status_error(&what, status, body))
+        }
+    }
+
+    /// Makes blob `digest` of `from` exist in `to`: already there, mounted, or sent through.
+    async fn mount_blob(&self, from: &str, to: &str, digest: &str) -> Result<(), RegistryError> {
+        let what = format!("{to}@{digest}");
+        let scope = format!("repository:{to}:pull,push repository:{from}:pull");
+        let head = self.request(Method::HEAD, &format!("/v2/{to}/blobs/{digest}"), &scope, &what, |r| r).await?;
+        if head.status().is_success() {
+            return Ok(());
+        }
+        let mount = self
+            .request(Method::POST, &format!("/v2/{to}/blobs/uploads/?mount={digest}&from={from}"), &scope, &what, |r| r.header(CONTENT_LENGTH, "0"))
+            .await?;
+        let status = mount.status();
+        if status == StatusCode::CREATED {
+            return Ok(());
+        }
+        if status != StatusCode::ACCEPTED {
+            let body = mount.text().await.unwrap_or_default();
+            return Err(self.status_error(&what, status, body));
+        }
+        // No mount: an upload session was opened instead; send the blob through it.
+        let location = mount.headers().get(LOCATION).and_then(|v| v.to_str().ok()).map(String::from).unwrap_or_default();
+        let blob = self.request(Method::GET, &format!("/v2/{from}/blobs/{digest}"), &scope, &format!("{from}@{digest}"), |r| r).await?;
+        if !blob.status().is_success() {
+            let status = blob.status();
+            return Err(self.status_error(&format!("{from}@{digest}"), status, String::new()));
+        }
+        let bytes = blob.bytes().await.map_err(|e| RegistryError::Unreachable {
+            host: self.reference.host.clone(),
+            detail: e.without_url().to_string(),
+        })?;
+        let path = upload_path(&location, digest);
+        let put = self
+            .request(Method::PUT, &path, &scope, &what, |r| r.header(CONTENT_TYPE, "application/octet-stream").body(bytes.clone()))
+            .await?;
+        match put.status() {
+            s if s.is_success() => Ok(()),
+            s => {
+                let body = put.text().await.unwrap_or_default();
+                Err(self.status_error(&what, s, body))
+            }
+        }
+    }
+
     fn status_error(&self, what: &str, status: StatusCode, body: String) -> RegistryError {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return RegistryError::Unauthorized {
@@ -298,6 +421,16 @@ impl Client {
         }
         unreachable!("the loop returns in its second round")
     }
+}
+
+/// The path (and query) of an upload session's `Location`, finished with `digest`.
+fn upload_path(location: &str, digest: &str) -> String {
+    let path = match location.find("://") {
+        Some(i) => location[i + 3..].find('/').map(|p| location[i + 3 + p..].to_string()).unwrap_or_default(),
+        None => location.to_string(),
+    };
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{sep}digest={digest}")
 }
 
 fn pull_scope(repository: &str) -> String {

@@ -149,6 +149,20 @@ impl RegistryRef {
         })
     }
 
+    /// The same registry, under `sub` of this prefix (an untrusted build's namespace).
+    pub fn within(&self, sub: &str) -> RegistryRef {
+        let sub = sub.trim_matches('/');
+        RegistryRef {
+            scheme: self.scheme,
+            host: self.host.clone(),
+            prefix: match (self.prefix.is_empty(), sub.is_empty()) {
+                (_, true) => self.prefix.clone(),
+                (true, false) => sub.to_string(),
+                (false, false) => format!("{}/{sub}", self.prefix),
+            },
+        }
+    }
+
     /// The repository that holds `project`'s images.
     pub fn repository(&self, project: &str) -> String {
         if self.prefix.is_empty() {

@@ -16,4 +16,5 @@ mod manifest_errors;
 mod registry;
 mod ssm;
 mod support;
+mod trust;
 mod wild_manifests;

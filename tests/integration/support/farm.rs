@@ -142,6 +142,7 @@ impl LocalFarm {
 
     /// What any command (spotbuild, or a CI step's shell calling it) needs to use this farm.
     pub fn env<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        super::outside_ci(cmd);
         // Through the environment, so that a test can still pass a --config of its own.
         cmd.env("SPOTBUILD_CONFIG", self.config())
             .env("SPOTBUILD", env!("CARGO_BIN_EXE_spotbuild"))

@@ -15,9 +15,44 @@ use std::path::Path;
 use std::process::Command;
 
 /// The binary under test, with no inherited spotbuild settings.
+/// What the CI running these tests says about its own ref: a test's builds must not take
+/// it for theirs (it decides a build's trust).
+pub const CI_REF_VARIABLES: &[&str] = &[
+    "CIRCLECI",
+    "CIRCLE_BRANCH",
+    "CIRCLE_TAG",
+    "CIRCLE_PR_NUMBER",
+    "CIRCLE_PULL_REQUEST",
+    "GITHUB_ACTIONS",
+    "GITHUB_EVENT_NAME",
+    "GITHUB_HEAD_REF",
+    "GITHUB_REF",
+    "GITHUB_REF_NAME",
+    "GITHUB_REF_TYPE",
+    "GITLAB_CI",
+    "CI_COMMIT_BRANCH",
+    "CI_COMMIT_TAG",
+    "CI_COMMIT_REF_NAME",
+    "CI_MERGE_REQUEST_IID",
+    "BUILDKITE",
+    "BUILDKITE_BRANCH",
+    "BUILDKITE_TAG",
+    "BUILDKITE_PULL_REQUEST",
+    "BRANCH_NAME",
+];
+
+/// Removes the CI's own ref from `cmd`'s environment.
+pub fn outside_ci(cmd: &mut Command) -> &mut Command {
+    for var in CI_REF_VARIABLES {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 pub fn spotbuild(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_spotbuild"));
     cmd.arg("-C").arg(dir);
+    outside_ci(&mut cmd);
     for var in [
         "SPOTBUILD_REGISTRY",
         "SPOTBUILD_CONFIG",
