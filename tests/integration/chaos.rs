@@ -83,16 +83,46 @@ struct Row {
     secs: f64,
 }
 
-/// The pairs to run: all of them, or each fault twice, at phases spread over the lifecycle
-/// so that every phase is hit too.
+impl Fault {
+    /// The phase where this fault does the most harm (a lost launch answer only matters
+    /// while launching; a killed agent while it runs).
+    fn worst_phase(self) -> &'static str {
+        match self {
+            Fault::SigtermController | Fault::FleetAnswerLost | Fault::NotFoundAfterLaunch | Fault::Throttled => "launching",
+            Fault::SigkillController | Fault::KillAgent | Fault::FreezeHost | Fault::CutConnection => "running",
+        }
+    }
+}
+
+/// The pairs to run: all of them (`full`); each fault at its worst phase and at another
+/// spread over the lifecycle, so that every phase is hit too (the default); or those
+/// named in `SPOTBUILD_CHAOS` as `phase:Fault,…` (to run one again).
 fn cases(full: bool) -> Vec<(&'static str, Fault)> {
     if full {
         return PHASES.iter().flat_map(|p| FAULTS.iter().map(move |f| (*p, *f))).collect();
     }
+    if let Ok(named) = std::env::var("SPOTBUILD_CHAOS") {
+        let picked: Vec<(&'static str, Fault)> = named
+            .split(',')
+            .filter_map(|pair| {
+                let (phase, fault) = pair.split_once(':')?;
+                let phase = PHASES.iter().find(|p| **p == phase)?;
+                let fault = FAULTS.iter().find(|f| format!("{f:?}") == fault)?;
+                Some((*phase, *fault))
+            })
+            .collect();
+        if !picked.is_empty() {
+            return picked;
+        }
+    }
     FAULTS
         .iter()
         .enumerate()
-        .flat_map(|(i, f)| [(PHASES[(i * 3 + 1) % PHASES.len()], *f), (PHASES[(i * 3 + 5) % PHASES.len()], *f)])
+        .flat_map(|(i, f)| {
+            let spread = PHASES[(i * 3 + 5) % PHASES.len()];
+            let other = if spread == f.worst_phase() { PHASES[(i * 3 + 1) % PHASES.len()] } else { spread };
+            [(f.worst_phase(), *f), (other, *f)]
+        })
         .collect()
 }
 
