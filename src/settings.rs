@@ -157,7 +157,7 @@ pub enum TransportKind {
 pub struct SsmConfig {
     /// The S3 bucket for commands' input and the event chunks (required for `ssm`).
     pub bucket: Option<String>,
-    /// Keys go under `PREFIX/BUILD/ATTEMPT/`.
+    /// Keys go under `PREFIX/[ROLE_ID:INSTANCE/]BUILD/ATTEMPT/`.
     #[serde(default = "default_ssm_prefix")]
     pub prefix: String,
     /// The SSM API endpoint [default: AWS's; an emulator's for tests].
@@ -167,6 +167,12 @@ pub struct SsmConfig {
     /// Bound on one command (receive, start); also the lifetime of its presigned URL.
     #[serde(default = "default_command_timeout", with = "humantime_serde_compat")]
     pub command_timeout: Duration,
+    /// The unique id of the trusted instance role (`terraform output instance_role_id`).
+    /// Set, an attempt's objects go under `PREFIX/<role id>:<instance id>/`, the only
+    /// place that instance's role may write (its `aws:userid`).
+    pub role_id: Option<String>,
+    /// The same for the untrusted instance role (`terraform output untrusted_instance_role_id`).
+    pub untrusted_role_id: Option<String>,
 }
 
 fn default_ssm_prefix() -> String {
@@ -184,6 +190,8 @@ impl Default for SsmConfig {
             endpoint: None,
             s3_endpoint: None,
             command_timeout: default_command_timeout(),
+            role_id: None,
+            untrusted_role_id: None,
         }
     }
 }

@@ -89,12 +89,25 @@ async fn write_docker_config(dir: &Path, bin: &Path, host: &str) -> std::io::Res
 
 /// Pushes `image` (`cache-<hash>`) and its `stages`, then points the branch's tags at them by
 /// manifest copy within `repository`.
+///
+/// `cache-<hash>` is immutable where the registry enforces it (the Terraform module's
+/// repositories): when another job has pushed it already (same inputs), that image stands
+/// and this one is not pushed; a push refused because it appeared meanwhile counts as done.
 pub async fn push(step: &Step, tools: &Tools, repository: &str, image: &Image, stages: &[Image]) -> StepStatus {
-    let all: Vec<&Image> = std::iter::once(image).chain(stages).collect();
-    let pushed = push_images(step, &tools.docker, all.iter().map(|i| i.reference.as_str())).await;
-    if !pushed.passed() {
-        return pushed;
+    let there = exists(tools, repository, &image.tag).await;
+    if there {
+        step.say(format!("{} is already in the registry (another job built the same inputs): kept", image.tag)).await;
     }
+    let to_push: Vec<&Image> = std::iter::once(image).filter(|_| !there).chain(stages).collect();
+    let pushed = push_images(step, &tools.docker, to_push.iter().map(|i| i.reference.as_str())).await;
+    if !pushed.passed() {
+        let raced = !there && exists(tools, repository, &image.tag).await;
+        if !raced {
+            return pushed;
+        }
+        step.say(format!("{} appeared while this job pushed it: the registry's copy stands", image.tag)).await;
+    }
+    let all: Vec<&Image> = std::iter::once(image).chain(stages).collect();
     let Some(client) = &tools.client else {
         step.say(format!("warning: no registry client; {} not moved", image.branch_tag)).await;
         return StepStatus::Passed;
@@ -107,6 +120,14 @@ pub async fn push(step: &Step, tools: &Tools, repository: &str, image: &Image, s
         }
     }
     StepStatus::Passed
+}
+
+/// Whether `repository` has `tag` (not known: no).
+async fn exists(tools: &Tools, repository: &str, tag: &str) -> bool {
+    match &tools.client {
+        Some(c) => c.has_tag(repository, tag).await.unwrap_or(false),
+        None => false,
+    }
 }
 
 /// Pushes `images` in order, stopping at the first that fails.

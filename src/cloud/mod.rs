@@ -25,6 +25,8 @@ pub mod tags {
     pub const BUILD_ID: &str = "spotbuild:build-id";
     /// Which attempt of the build launched it: an ambiguous launch looks for its own.
     pub const ATTEMPT: &str = "spotbuild:attempt";
+    /// `trusted` or `untrusted`: the untrusted controller role may end only the latter.
+    pub const TRUST: &str = "spotbuild:trust";
     pub const PROJECT: &str = "spotbuild:project";
     pub const COMMIT: &str = "spotbuild:commit";
     pub const EXPIRES_AT: &str = "spotbuild:expires-at";
@@ -155,6 +157,8 @@ pub struct LaunchSpec {
     pub attempt: u32,
     /// What the instance builds, for its `spotbuild:project` tag (cut to fit, with a count).
     pub projects: Vec<String>,
+    /// How far its build is trusted (`spotbuild:trust`).
+    pub trust: crate::trust::Level,
     pub commit: String,
     /// The CI job URL, when known.
     pub owner: Option<String>,
@@ -180,6 +184,14 @@ impl LaunchSpec {
         let mut t = BTreeMap::new();
         t.insert(tags::BUILD_ID.into(), self.build_id.clone());
         t.insert(tags::ATTEMPT.into(), self.attempt.to_string());
+        t.insert(
+            tags::TRUST.into(),
+            match self.trust {
+                crate::trust::Level::Trusted => "trusted",
+                crate::trust::Level::Untrusted => "untrusted",
+            }
+            .into(),
+        );
         t.insert(tags::PROJECT.into(), tags::list_value(&self.projects));
         t.insert(tags::COMMIT.into(), self.commit.clone());
         t.insert(
@@ -448,6 +460,7 @@ pub(crate) fn test_spec() -> LaunchSpec {
         build_id: "b1".into(),
         attempt: 1,
         projects: vec!["api".into()],
+        trust: crate::trust::Level::Trusted,
         commit: "abc".into(),
         owner: None,
         expires_at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
@@ -521,11 +534,11 @@ mod tests {
         assert_eq!(f.tags.len(), tags::MAX_TAGS);
         assert!(f.tags.values().all(|v| v.chars().count() <= tags::MAX_VALUE));
         assert!(f.tags.keys().all(|k| k.chars().count() <= tags::MAX_KEY));
-        for k in [tags::BUILD_ID, tags::ATTEMPT, tags::PROJECT, tags::COMMIT, tags::EXPIRES_AT, tags::OWNER] {
+        for k in [tags::BUILD_ID, tags::ATTEMPT, tags::TRUST, tags::PROJECT, tags::COMMIT, tags::EXPIRES_AT, tags::OWNER] {
             assert!(f.tags.contains_key(k), "{k} kept");
         }
         assert_eq!(f.cut, [tags::OWNER.to_string()]);
-        assert_eq!(f.dropped.len(), 60 + 1 - (tags::MAX_TAGS - 6));
+        assert_eq!(f.dropped.len(), 60 + 1 - (tags::MAX_TAGS - 7));
         assert!(spec.client_token(Market::OnDemand).len() <= 64);
         assert_eq!(spec.client_token(Market::Spot), "b1-a1-spot");
     }

@@ -215,6 +215,7 @@ pub async fn run(
             (Some(_), None) => return Err(BuildError::NoUntrustedProfile(request.trust.reason.clone())),
             (None, None) => {}
         }
+        settings.remote.ssm.role_id = settings.remote.ssm.untrusted_role_id.clone();
     }
     if let Some(n) = request.cpus {
         settings.cloud.instance_types.retain(|t| crate::cloud::aws::vcpus(t) == Some(n));
@@ -263,6 +264,7 @@ pub async fn run(
             teardown: teardown.clone(),
             deadline,
             market,
+            trust: request.trust.level,
             progress: Progress::default(),
             on_event,
         });

@@ -26,6 +26,9 @@ pub struct Target {
     pub host_public: String,
     /// This attempt's private directory on this machine.
     pub dir: PathBuf,
+    /// The unique id of the instance's role, when known: SSM objects then go where only
+    /// this instance may write (`PREFIX/<role id>:<instance id>/`).
+    pub role_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,17 @@ pub trait Connector: Send + Sync {
     fn describe(&self, to: &Target) -> String;
     /// Connects, bounded by the connect timeout of the settings.
     fn connect<'a>(&'a self, to: &'a Target) -> BoxFuture<'a, Result<Box<dyn Transport>, ConnectError>>;
+}
+
+/// Where an attempt's SSM objects go: `PREFIX/BUILD/aN`, or, with the role's id known,
+/// `PREFIX/<role id>:<instance id>/BUILD/aN` (an instance role's `aws:userid`), the only
+/// place the instance may write.
+pub fn transport_prefix(prefix: &str, to: &Target) -> String {
+    let prefix = prefix.trim_end_matches('/');
+    match &to.role_id {
+        Some(role) => format!("{prefix}/{role}:{}/{}/a{}", to.instance_id, to.build_id, to.attempt),
+        None => format!("{prefix}/{}/a{}", to.build_id, to.attempt),
+    }
 }
 
 /// What the SSM transport talks to.
@@ -139,7 +153,7 @@ impl Connectors {
         let clients = self.ssm.clone().ok_or(ConnectError::NoSsmClients)?;
         let target = SsmTarget {
             instance_id: to.instance_id.clone(),
-            prefix: format!("{}/{}/a{}", remote.ssm.prefix.trim_end_matches('/'), to.build_id, to.attempt),
+            prefix: transport_prefix(&remote.ssm.prefix, to),
             agent: remote.agent.clone(),
             region: self.settings.cloud.region.clone(),
             connect_timeout: remote.connect_timeout,
@@ -149,5 +163,27 @@ impl Connectors {
         };
         let t = SsmTransport::connect(target, clients.commands, clients.objects).await.map_err(ConnectError::Transport)?;
         Ok(Box::new(t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_instance_writes_its_objects_only_under_its_own_role_session() {
+        let mut to = Target {
+            build_id: "b1".into(),
+            attempt: 2,
+            instance_id: "i-0abc".into(),
+            address: None,
+            client_key: PathBuf::new(),
+            host_public: String::new(),
+            dir: PathBuf::new(),
+            role_id: None,
+        };
+        assert_eq!(transport_prefix("spotbuild/", &to), "spotbuild/b1/a2");
+        to.role_id = Some("AROAEXAMPLE".into());
+        assert_eq!(transport_prefix("spotbuild", &to), "spotbuild/AROAEXAMPLE:i-0abc/b1/a2");
     }
 }

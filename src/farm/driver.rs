@@ -47,6 +47,8 @@ pub struct Group<'a> {
     pub teardown: Teardown,
     pub deadline: tokio::time::Instant,
     pub market: MarketPolicy,
+    /// How far the build is trusted: its launches say so in their tags.
+    pub trust: crate::trust::Level,
     /// What this group has done so far, for the ledger.
     pub progress: Progress,
     pub on_event: &'a (dyn Fn(FarmEvent) + Send + Sync),
@@ -281,6 +283,7 @@ impl Attempt<'_, '_> {
             client_key: r.launched.keys.client.private_path.clone(),
             host_public: r.launched.keys.host_public.clone(),
             dir: self.g.attempt_dir(self.n),
+            role_id: self.g.settings.remote.ssm.role_id.clone(),
         };
         self.say(Phase::Connecting, self.g.connector.describe(&target));
         let started = tokio::time::Instant::now();

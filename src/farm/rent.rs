@@ -55,6 +55,7 @@ impl Attempt<'_, '_> {
             build_id: g.build_id.clone(),
             attempt: self.n,
             projects: g.projects.clone(),
+            trust: g.trust,
             commit: g.commit.clone(),
             owner: g.owner.clone(),
             expires_at: SystemTime::now() + cfg.ttl,

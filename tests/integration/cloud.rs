@@ -66,6 +66,7 @@ impl Farm {
             build_id: build_id.into(),
             attempt: 1,
             projects: vec!["api".into()],
+            trust: spotbuild::trust::Level::Trusted,
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
             owner: Some("https://ci.example/job/1".into()),
             expires_at,
@@ -116,6 +117,7 @@ fn spot_launches_are_tagged_and_terminate_idempotently() {
         assert_eq!(t[tags::OWNER], "https://ci.example/job/1");
         assert_eq!(t["team"], "platform");
         assert_eq!(t[tags::ATTEMPT], "1");
+        assert_eq!(t[tags::TRUST], "trusted");
         assert!(humantime::parse_rfc3339(&t[tags::EXPIRES_AT]).is_ok(), "{}", t[tags::EXPIRES_AT]);
         // Found by its build's tag, as teardown and an ambiguous launch look for it.
         let found = f.cloud.find(&["b-launch".to_string()]).await.unwrap();
