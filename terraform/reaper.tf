@@ -66,15 +66,14 @@ data "aws_iam_policy_document" "reaper" {
     actions   = ["s3:GetObject", "s3:PutObject"]
     resources = ["${aws_s3_bucket.spotbuild.arn}/${var.ledger_prefix}/*"]
   }
+  # Unconditioned: S3 answers a GET of a missing key with 404 only to a principal
+  # that may list the bucket without a prefix condition (403 otherwise), and a
+  # missing key is an answer here (no heartbeat yet, no chunk yet). Key names hold
+  # no secrets; reading and writing stay limited to the prefixes above.
   statement {
-    sid       = "ListTheLedgerOnly"
+    sid       = "ListTheLedgerBucket"
     actions   = ["s3:ListBucket"]
     resources = [aws_s3_bucket.spotbuild.arn]
-    condition {
-      test     = "StringLike"
-      variable = "s3:prefix"
-      values   = ["${var.ledger_prefix}/*"]
-    }
   }
   statement {
     sid       = "EncryptWithTheKey"

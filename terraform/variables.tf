@@ -44,7 +44,7 @@ variable "repositories" {
 }
 
 variable "ledger_bucket_name" {
-  description = "Name of the S3 bucket for the cost ledger, SSM transport objects and logs (created here)."
+  description = "Name of the S3 bucket for the cost ledger (created here)."
   type        = string
 }
 
@@ -55,9 +55,15 @@ variable "ledger_prefix" {
 }
 
 variable "transport_prefix" {
-  description = "Key prefix of SSM transport objects (commands' input, event chunks) in the bucket."
+  description = "Key prefix of SSM transport objects (commands' input, event chunks) in the transport bucket. Each instance writes only under PREFIX/<its role's unique id>:<instance id>/."
   type        = string
   default     = "ssm"
+}
+
+variable "transport_bucket_name" {
+  description = "Name of the S3 bucket for SSM transport objects (created here, unversioned). Empty: \"<ledger_bucket_name>-transport\"."
+  type        = string
+  default     = ""
 }
 
 variable "ami_parameter" {
@@ -85,15 +91,51 @@ variable "untagged_image_days" {
 }
 
 variable "transport_object_days" {
-  description = "Days SSM transport objects may live (the controller deletes them; this catches a killed controller)."
+  description = "Days SSM transport objects may live (the controller deletes them when their command ends; this catches a killed controller)."
   type        = number
-  default     = 2
+  default     = 1
+  validation {
+    condition     = var.transport_object_days >= 1 && floor(var.transport_object_days) == var.transport_object_days
+    error_message = "transport_object_days is a whole number of days, at least 1."
+  }
 }
 
 variable "controller_principals" {
-  description = "IAM principal ARNs (CI roles) allowed to assume the controller role. Empty: attach the controller policy yourself."
+  description = "IAM principal ARNs (CI roles of trusted jobs: protected branches, tags) allowed to assume the controller role. Empty: attach the controller policy yourself."
   type        = list(string)
   default     = []
+}
+
+variable "untrusted_controller_principals" {
+  description = "IAM principal ARNs (CI roles of pull-request jobs) allowed to assume the untrusted controller role, which launches only untrusted instances and writes only the ledger's untrusted part. Empty: attach the untrusted controller policy yourself."
+  type        = list(string)
+  default     = []
+}
+
+variable "trusted_branches" {
+  description = "[trust] trusted_branches: branches whose builds are trusted (globs: * matches within a path component, ** across). Pull requests are never trusted."
+  type        = list(string)
+  default     = ["main", "master"]
+}
+
+variable "untrusted_prefix" {
+  description = "Untrusted builds (pull requests) write only the repositories NAME/<this>/<project>."
+  type        = string
+  default     = "pr"
+  validation {
+    condition     = can(regex("^[a-z0-9]+(?:[._-][a-z0-9]+)*$", var.untrusted_prefix))
+    error_message = "untrusted_prefix is one lowercase repository path component: letters, digits, and single . _ - between them."
+  }
+}
+
+variable "untrusted_image_days" {
+  description = "Days after which images in the untrusted repositories expire (counted from their push)."
+  type        = number
+  default     = 14
+  validation {
+    condition     = var.untrusted_image_days >= 1 && floor(var.untrusted_image_days) == var.untrusted_image_days
+    error_message = "untrusted_image_days is a whole number of days, at least 1."
+  }
 }
 
 variable "tags" {

@@ -1,5 +1,11 @@
 # A worked example: spotbuild for the monorepo in examples/monorepo, in two subnets, with
-# the SSM transport (no inbound port) and a CI role from another account allowed to run it.
+# the SSM transport (no inbound port) and CI roles from another account allowed to run it:
+# one for trusted jobs (main, tags) and one for pull-request jobs, which get the untrusted
+# controller role (untrusted instances, the untrusted namespace, the ledger's untrusted
+# part). The CI account's roles decide which job gets which: circleci-oidc's trust policy
+# accepts only CircleCI OIDC tokens whose oidc.circleci.com/vcs-ref claim is
+# refs/heads/main or refs/tags/*, and every other job (pull requests) assumes
+# circleci-oidc-pull-requests, which may assume only the untrusted controller role.
 #
 #   make -C ../.. reaper-zip     # the reaper's Lambda function (target/lambda/reaper.zip)
 #   terraform init && terraform apply
@@ -10,7 +16,7 @@ terraform {
   required_providers {
     aws = {
       source  = "hashicorp/aws"
-      version = ">= 5.40"
+      version = ">= 6.8.0"
     }
   }
 }
@@ -30,6 +36,9 @@ module "spotbuild" {
   reaper_zip = "${path.module}/../../target/lambda/reaper.zip"
   controller_principals = [
     "arn:aws:iam::210987654321:role/circleci-oidc",
+  ]
+  untrusted_controller_principals = [
+    "arn:aws:iam::210987654321:role/circleci-oidc-pull-requests",
   ]
   tags = {
     team        = "platform"

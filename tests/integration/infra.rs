@@ -76,13 +76,45 @@ fn statements(doc: &Value) -> Vec<Value> {
     out
 }
 
+fn find_policy_doc<'a>(file: &'a Value, name: &str) -> Option<&'a Value> {
+    file["data"].as_array()?.iter().find_map(|d| d.get("aws_iam_policy_document").and_then(|k| k.get(name)))
+}
+
 fn policy_doc<'a>(file: &'a Value, name: &str) -> &'a Value {
-    file["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|d| d.get("aws_iam_policy_document").and_then(|k| k.get(name)))
-        .unwrap_or_else(|| panic!("no policy document {name}"))
+    find_policy_doc(file, name).unwrap_or_else(|| panic!("no policy document {name}"))
+}
+
+/// What policy document `name` grants in effect: its own statements and those of the
+/// documents it pulls in through `source_policy_documents`
+/// (`${data.aws_iam_policy_document.X.json}`), found among `files`, recursively.
+fn effective_statements(files: &[&Value], name: &str) -> Vec<Value> {
+    let doc = files.iter().find_map(|f| find_policy_doc(f, name)).unwrap_or_else(|| panic!("no policy document {name}"));
+    let mut out = statements(doc);
+    for source in strings(&doc["source_policy_documents"]) {
+        let inner = source
+            .strip_prefix("${data.aws_iam_policy_document.")
+            .and_then(|s| s.strip_suffix(".json}"))
+            .map(|s| s.split('[').next().unwrap_or(s))
+            .unwrap_or_else(|| panic!("{name}: a source document that is not one of the module's policy documents: {source}"));
+        assert_ne!(inner, name, "{name} pulls in itself");
+        out.extend(effective_statements(files, inner));
+    }
+    out
+}
+
+/// Where an instance may write: its own transport objects, under its session's
+/// `aws:userid` ("<role unique id>:<instance id>"), escaped so Terraform leaves it to IAM.
+const OWN_TRANSPORT_OBJECTS: &str = "${aws_s3_bucket.transport.arn}/${var.transport_prefix}/$${aws:userid}/*";
+
+/// ECR actions that write a repository.
+const ECR_WRITES: [&str; 4] = ["ecr:PutImage", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload"];
+
+/// `pattern` with `*` matching any run of characters (ECR's WILDCARD filters).
+fn wildcard(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, rest)) => s.starts_with(head) && (head.len()..=s.len()).any(|i| wildcard(rest, &s[i..])),
+    }
 }
 
 fn condition(st: &Value) -> Vec<(String, String, Vec<String>)> {
@@ -222,8 +254,9 @@ fn the_launch_template_and_the_policies_keep_their_guarantees() {
     assert_eq!(one(&ssh["from_port"]), 22);
 
     // Controller: no wildcard actions; launches need the build-id tag in the request;
-    // teardown needs it on the resource; PassRole only the instance role.
-    let docs = statements(policy_doc(controller, "controller"));
+    // teardown needs it on the resource; PassRole only the instance role. Its statements
+    // include those it shares with the untrusted controller.
+    let docs = effective_statements(&[main, controller], "controller");
     let tagged_request = |st: &Value| condition(st).iter().any(|(t, v, vals)| t == "Null" && v == "aws:RequestTag/${local.build_tag}" && vals == &["false"]);
     let tagged_resource = |st: &Value, key: &str| condition(st).iter().any(|(t, v, vals)| t == "Null" && v == &format!("{key}/${{local.build_tag}}") && vals == &["false"]);
     let mut saw = BTreeSet::new();
@@ -253,35 +286,239 @@ fn the_launch_template_and_the_policies_keep_their_guarantees() {
     }
     assert_eq!(saw, ["launch", "passrole", "ssm", "terminate"].into_iter().collect());
 
-    // Instances: S3 writes only under the two prefixes; ECR push only to the projects.
-    for st in statements(policy_doc(main, "instance")) {
+    // Instances: the one S3 write is PutObject of their own transport objects, in the
+    // transport bucket under their aws:userid; ECR push only to the projects.
+    let mut s3 = 0;
+    for st in effective_statements(&[main, controller], "instance") {
         let actions = strings(&st["actions"]);
         let resources = strings(&st["resources"]);
         if actions.iter().any(|a| a.starts_with("s3:")) {
-            assert_eq!(actions, ["s3:PutObject"]);
-            assert!(resources.iter().all(|r| r.ends_with("${var.ledger_prefix}/*") || r.ends_with("${var.transport_prefix}/*")), "{st}");
+            assert_eq!(actions, ["s3:PutObject"], "{st}");
+            assert_eq!(resources, [OWN_TRANSPORT_OBJECTS], "{st}");
+            s3 += 1;
         }
         if actions.iter().any(|a| a == "ecr:PutImage") {
             assert_eq!(resources, ["${local.repo_arns}"]);
         }
     }
-    // SSM core only in SSM mode.
-    let core = resource(main, "aws_iam_role_policy_attachment", "ssm_core");
-    assert_eq!(one(&core["count"]), "${local.ssm_mode ? 1 : 0}");
+    assert_eq!(s3, 1, "the instances write their transport objects");
+    // SSM core only in SSM mode, for both instance roles.
+    for name in ["ssm_core", "ssm_core_untrusted"] {
+        let core = resource(main, "aws_iam_role_policy_attachment", name);
+        assert_eq!(one(&core["count"]), "${local.ssm_mode ? 1 : 0}", "{name}");
+    }
 
-    // Images: every image counts toward the cap, untagged ones expire.
+    // Images: every image counts toward the cap, untagged ones expire; in the untrusted
+    // namespace every image expires by age.
     let lifecycle = one(&resource(main, "aws_ecr_lifecycle_policy", "project")["policy"]).as_str().unwrap().to_string();
     assert!(lifecycle.contains("tagStatus = \"any\"") || lifecycle.contains("'tagStatus': 'any'"), "{lifecycle}");
     assert!(lifecycle.contains("untagged"), "{lifecycle}");
-    // Bucket: versioned, encrypted with KMS, no public access.
+    let lifecycle = one(&resource(main, "aws_ecr_lifecycle_policy", "untrusted")["policy"]).as_str().unwrap().to_string();
+    assert!(lifecycle.contains("tagStatus = \"any\"") || lifecycle.contains("'tagStatus': 'any'"), "{lifecycle}");
+    assert!(lifecycle.contains("var.untrusted_image_days") && lifecycle.contains("sinceImagePushed"), "{lifecycle}");
+    // Buckets: encrypted with KMS, no public access, TLS only; the ledger versioned, the
+    // transport bucket not (its objects live minutes) and emptied by its lifecycle.
     let versioning = resource(main, "aws_s3_bucket_versioning", "spotbuild");
     assert_eq!(one(&one(&versioning["versioning_configuration"])["status"]), "Enabled");
-    let sse = resource(main, "aws_s3_bucket_server_side_encryption_configuration", "spotbuild");
-    assert_eq!(one(&one(&one(&sse["rule"])["apply_server_side_encryption_by_default"])["sse_algorithm"]), "aws:kms");
-    let block = resource(main, "aws_s3_bucket_public_access_block", "spotbuild");
-    for k in ["block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets"] {
-        assert_eq!(one(&block[k]), true, "{k}");
+    assert!(main["resource"].as_array().unwrap().iter().all(|r| r.get("aws_s3_bucket_versioning").and_then(|v| v.get("transport")).is_none()), "the transport bucket keeps no versions");
+    for bucket in ["spotbuild", "transport"] {
+        let sse = resource(main, "aws_s3_bucket_server_side_encryption_configuration", bucket);
+        assert_eq!(one(&one(&one(&sse["rule"])["apply_server_side_encryption_by_default"])["sse_algorithm"]), "aws:kms", "{bucket}");
+        let block = resource(main, "aws_s3_bucket_public_access_block", bucket);
+        for k in ["block_public_acls", "block_public_policy", "ignore_public_acls", "restrict_public_buckets"] {
+            assert_eq!(one(&block[k]), true, "{bucket}: {k}");
+        }
+        let ownership = resource(main, "aws_s3_bucket_ownership_controls", bucket);
+        assert_eq!(one(&one(&ownership["rule"])["object_ownership"]), "BucketOwnerEnforced", "{bucket}");
+        assert!(resource(main, "aws_s3_bucket_policy", bucket).is_object(), "{bucket}");
     }
+    let expiry = one(&resource(main, "aws_s3_bucket_lifecycle_configuration", "transport")["rule"]);
+    assert_eq!(one(&expiry["filter"]), &serde_json::json!({}), "every transport object expires: {expiry}");
+    assert_eq!(one(&one(&expiry["expiration"])["days"]), "${var.transport_object_days}");
+    assert_eq!(one(&one(&expiry["abort_incomplete_multipart_upload"])["days_after_initiation"]), 1);
+    let tls = statements(policy_doc(main, "transport_bucket"));
+    assert!(
+        tls.iter().any(|st| strings(&st["effect"]) == ["Deny"] && condition(st).iter().any(|(t, v, vals)| t == "Bool" && v == "aws:SecureTransport" && vals == &["false"])),
+        "the transport bucket takes TLS only: {tls:?}"
+    );
+}
+
+#[test]
+fn untrusted_code_cannot_write_the_trusted_cache_or_the_ledger() {
+    let main = "terraform/main.tf".to_string();
+    let controller = "terraform/controller.tf".to_string();
+    let parsed = hcl(&[main.clone(), controller.clone()]);
+    let (main, controller) = (&parsed[&main], &parsed[&controller]);
+    let files = [main, controller];
+    let local = |name: &str| -> String {
+        let l = main["locals"].as_array().unwrap().iter().find_map(|l| l.get(name)).unwrap_or_else(|| panic!("no local.{name}"));
+        one(l).as_str().unwrap().to_string()
+    };
+
+    // The two namespaces: the projects' repositories and, under the untrusted prefix, the
+    // pull requests'. The ARN lists the policies use are exactly these.
+    assert_eq!(local("repo_arns"), "${[for r in aws_ecr_repository.project : r.arn]}");
+    assert_eq!(local("untrusted_repo_arns"), "${[for r in aws_ecr_repository.untrusted : r.arn]}");
+    let trusted = resource(main, "aws_ecr_repository", "project");
+    let untrusted = resource(main, "aws_ecr_repository", "untrusted");
+    assert_eq!(one(&trusted["name"]), "${var.name}/${each.value}");
+    assert_eq!(one(&untrusted["name"]), "${var.name}/${var.untrusted_prefix}/${each.value}");
+    assert_eq!(one(&one(&untrusted["encryption_configuration"])["encryption_type"]), "KMS");
+    assert_eq!(one(&one(&untrusted["image_scanning_configuration"])["scan_on_push"]), true);
+
+    // (a) Untrusted instances pull the projects and write only their own namespace.
+    let is_trusted_repo = |r: &String| r.contains("local.repo_arns") || r.contains("aws_ecr_repository.project");
+    let mut pulls_trusted = false;
+    let mut pushes = 0;
+    for st in effective_statements(&files, "instance_untrusted") {
+        let actions = strings(&st["actions"]);
+        let resources = strings(&st["resources"]);
+        if strings(&st["effect"]) == ["Deny"] {
+            continue;
+        }
+        if actions.iter().any(|a| ECR_WRITES.contains(&a.as_str())) {
+            assert!(!resources.iter().any(is_trusted_repo), "untrusted instances write the trusted repositories: {st}");
+            assert_eq!(resources, ["${local.untrusted_repo_arns}"], "untrusted instances write beyond their namespace: {st}");
+            pushes += 1;
+        }
+        if resources.iter().any(is_trusted_repo) {
+            assert!(actions.iter().all(|a| a.starts_with("ecr:") && !ECR_WRITES.contains(&a.as_str())), "{st}");
+            pulls_trusted |= actions.iter().any(|a| a == "ecr:BatchGetImage");
+        }
+        assert!(!actions.iter().any(|a| a.contains('*')), "a wildcard action: {st}");
+    }
+    assert!(pulls_trusted, "untrusted instances read the trusted cache");
+    assert_eq!(pushes, 1, "untrusted instances push to their namespace");
+    // The untrusted profile carries the untrusted role, whose one inline policy is that
+    // document; besides it, only SSM core is attached.
+    let profile = resource(main, "aws_iam_instance_profile", "instance_untrusted");
+    assert_eq!(one(&profile["role"]), "${aws_iam_role.instance_untrusted.name}");
+    let inline = resource(main, "aws_iam_role_policy", "instance_untrusted");
+    assert_eq!(one(&inline["role"]), "${aws_iam_role.instance_untrusted.id}");
+    assert_eq!(one(&inline["policy"]), "${data.aws_iam_policy_document.instance_untrusted.json}");
+    for r in main["resource"].as_array().unwrap() {
+        for (kind, name) in [("aws_iam_role_policy_attachment", "attachment"), ("aws_iam_role_policy", "inline policy")] {
+            for (id, res) in r.get(kind).and_then(|k| k.as_object()).into_iter().flatten() {
+                let role = one(&res["role"]).as_str().unwrap_or("");
+                if !role.starts_with("${aws_iam_role.instance") {
+                    continue;
+                }
+                match kind {
+                    "aws_iam_role_policy" => assert!(matches!(id.as_str(), "instance" | "instance_untrusted"), "another {name} on an instance role: {id}"),
+                    _ => assert!(strings(&res["policy_arn"])[0].ends_with(":iam::aws:policy/AmazonSSMManagedInstanceCore"), "another {name} on an instance role: {id}"),
+                }
+            }
+        }
+    }
+
+    // (b) No instance, trusted or not, reaches the ledger: the one S3 action of each, in
+    // its own statements or those it shares, is PutObject of its own transport objects.
+    for name in ["instance", "instance_untrusted"] {
+        let mut s3 = 0;
+        for st in effective_statements(&files, name) {
+            let actions = strings(&st["actions"]);
+            let resources = strings(&st["resources"]);
+            assert!(
+                !resources.iter().any(|r| r.contains("aws_s3_bucket.spotbuild") || r.contains("var.ledger_prefix")),
+                "{name} reaches the ledger: {st}"
+            );
+            if actions.iter().any(|a| a.starts_with("s3:")) {
+                assert_eq!(actions, ["s3:PutObject"], "{name}: {st}");
+                assert_eq!(resources, [OWN_TRANSPORT_OBJECTS], "{name}: {st}");
+                s3 += 1;
+            }
+        }
+        assert_eq!(s3, 1, "{name} writes its transport objects");
+    }
+
+    // (c) The trusted cache is immutable: only branch-*, stage-* and buildcache-* tags move;
+    // cache-<hash> (and the test passes recorded as cache-<hash>-<job>) never do.
+    assert_eq!(one(&trusted["image_tag_mutability"]), "IMMUTABLE_WITH_EXCLUSION");
+    let filters = trusted["image_tag_mutability_exclusion_filter"].as_array().cloned().unwrap_or_default();
+    for f in &filters {
+        assert_eq!(one(&f["filter_type"]), "WILDCARD", "{f}");
+    }
+    let excluded: BTreeSet<String> = filters.iter().map(|f| one(&f["filter"]).as_str().unwrap().to_string()).collect();
+    assert_eq!(filters.len(), 3, "{filters:?}");
+    assert_eq!(excluded, ["branch-*", "stage-*", "buildcache-*"].into_iter().map(String::from).collect());
+    for tag in ["cache-3f9a2b", "cache-3f9a2b-test", "cache-3f9a2b-test-1"] {
+        assert!(!excluded.iter().any(|p| wildcard(p, tag)), "{tag} could be rewritten");
+    }
+    assert!(excluded.iter().any(|p| wildcard(p, "branch-main")), "the wildcard matcher works");
+    assert_eq!(one(&untrusted["image_tag_mutability"]), "MUTABLE");
+
+    // (d) The untrusted controller passes only the untrusted role, launches only with the
+    // request's trust tag "untrusted", ends and commands only what carries it, and writes
+    // only the ledger's untrusted part and the untrusted instances' transport objects.
+    let ledger_objects = "${aws_s3_bucket.spotbuild.arn}/${var.ledger_prefix}/untrusted/";
+    let untrusted_transport = "${aws_s3_bucket.transport.arn}/${var.transport_prefix}/${aws_iam_role.instance_untrusted.unique_id}:";
+    let has = |st: &Value, test: &str, variable: &str, value: &str| condition(st).iter().any(|(t, v, vals)| t == test && v == variable && vals == &[value]);
+    let untrusted_request = |st: &Value| has(st, "Null", "aws:RequestTag/${local.build_tag}", "false") && has(st, "StringEquals", "aws:RequestTag/${local.trust_tag}", "untrusted");
+    let untrusted_resource = |st: &Value, key: &str| has(st, "StringEquals", &format!("{key}/${{local.trust_tag}}"), "untrusted");
+    let mut saw = BTreeSet::new();
+    for st in effective_statements(&files, "controller_untrusted") {
+        let actions = strings(&st["actions"]);
+        let resources = strings(&st["resources"]);
+        assert!(!actions.iter().any(|a| a.contains('*')), "a wildcard action: {st}");
+        assert!(!actions.iter().any(|a| ECR_WRITES.contains(&a.as_str())), "the untrusted controller writes images: {st}");
+        let launch = actions.iter().any(|a| matches!(a.as_str(), "ec2:RunInstances" | "ec2:CreateFleet" | "ec2:CreateLaunchTemplate"));
+        if launch && resources.iter().any(|r| r.contains(":instance/")) {
+            assert!(untrusted_request(&st), "launching without the untrusted trust tag in the request: {st}");
+            saw.insert("launch");
+        }
+        if launch && resources.iter().all(|r| r.contains(":launch-template/")) {
+            assert!(untrusted_resource(&st, "ec2:ResourceTag"), "launching from a template not tagged untrusted: {st}");
+            saw.insert("template");
+        }
+        if actions.iter().any(|a| matches!(a.as_str(), "ec2:TerminateInstances" | "ec2:DeleteLaunchTemplate" | "ec2:CancelSpotInstanceRequests")) {
+            assert!(untrusted_resource(&st, "ec2:ResourceTag"), "ending what is not tagged untrusted: {st}");
+            saw.insert("terminate");
+        }
+        if actions.iter().any(|a| a == "ec2:CreateTags") {
+            assert!(condition(&st).iter().any(|(_, v, _)| v == "ec2:CreateAction"), "tagging outside a launch: {st}");
+        }
+        if actions.iter().any(|a| a == "iam:PassRole") {
+            assert_eq!(resources, ["${aws_iam_role.instance_untrusted.arn}"], "PassRole beyond the untrusted instance role: {st}");
+            assert!(has(&st, "StringEquals", "iam:PassedToService", "ec2.amazonaws.com"), "{st}");
+            saw.insert("passrole");
+        }
+        if actions.iter().any(|a| a == "ssm:SendCommand") && resources.iter().any(|r| r.contains(":instance/")) {
+            assert!(untrusted_resource(&st, "ssm:resourceTag"), "commands to instances not tagged untrusted: {st}");
+            saw.insert("ssm");
+        }
+        if actions.iter().any(|a| a.starts_with("s3:")) {
+            if actions.iter().any(|a| a == "s3:ListBucket") {
+                // Listing (names only) is whole-bucket: S3 answers a missing key with 404,
+                // not 403, only to a principal that may list without a prefix condition.
+                assert_eq!(actions, ["s3:ListBucket"], "{st}");
+                assert!(resources == ["${aws_s3_bucket.spotbuild.arn}"] || resources == ["${aws_s3_bucket.transport.arn}"], "listing another bucket: {st}");
+                assert!(condition(&st).is_empty(), "a prefix condition turns missing keys into 403s: {st}");
+                if resources == ["${aws_s3_bucket.spotbuild.arn}"] {
+                    saw.insert("ledger-list");
+                }
+            } else {
+                assert!(actions.iter().all(|a| matches!(a.as_str(), "s3:GetObject" | "s3:PutObject" | "s3:DeleteObject")), "{st}");
+                for r in &resources {
+                    if r.starts_with("${aws_s3_bucket.spotbuild.arn}") {
+                        assert!(r.starts_with(ledger_objects), "ledger objects beyond the untrusted part: {st}");
+                        saw.insert("ledger");
+                    } else {
+                        assert!(r.starts_with(untrusted_transport), "S3 beyond the ledger's untrusted part and untrusted transport objects: {st}");
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(saw, ["launch", "ledger", "ledger-list", "passrole", "ssm", "template", "terminate"].into_iter().collect());
+    // The policy is that document, and the role (when principals are given) carries it.
+    let policy = resource(controller, "aws_iam_policy", "controller_untrusted");
+    assert_eq!(one(&policy["policy"]), "${data.aws_iam_policy_document.controller_untrusted.json}");
+    let attachment = resource(controller, "aws_iam_role_policy_attachment", "controller_untrusted");
+    assert_eq!(one(&attachment["role"]), "${aws_iam_role.controller_untrusted[0].name}");
+    assert_eq!(one(&attachment["policy_arn"]), "${aws_iam_policy.controller_untrusted.arn}");
+    let assume = statements(policy_doc(controller, "controller_untrusted_assume"));
+    assert_eq!(assume.len(), 1, "{assume:?}");
+    assert_eq!(strings(&one(&assume[0]["principals"])["identifiers"]), ["${var.untrusted_controller_principals}"]);
 }
 
 #[test]
@@ -357,8 +594,7 @@ fn the_reaper_runs_by_itself_with_least_privilege() {
             if actions.iter().any(|a| a == "s3:ListBucket") {
                 assert_eq!(actions, ["s3:ListBucket"], "{st}");
                 assert_eq!(resources, ["${aws_s3_bucket.spotbuild.arn}"], "{st}");
-                let prefixes: Vec<Vec<String>> = condition(st).into_iter().filter(|(t, v, _)| t == "StringLike" && v == "s3:prefix").map(|(_, _, vals)| vals).collect();
-                assert_eq!(prefixes, [["${var.ledger_prefix}/*"]], "listing beyond the ledger: {st}");
+                assert!(condition(st).is_empty(), "a prefix condition turns missing heartbeats into 403s: {st}");
                 saw.insert("list");
             } else {
                 assert!(actions.iter().all(|a| a == "s3:GetObject" || a == "s3:PutObject"), "{st}");
@@ -383,7 +619,24 @@ fn the_outputs_name_every_spotbuild_toml_key_and_the_file_they_print_parses() {
     let path = "terraform/outputs.tf".to_string();
     let parsed = hcl(&[path.clone()]);
     let outputs: BTreeSet<String> = parsed[&path]["output"].as_array().unwrap().iter().flat_map(|o| o.as_object().unwrap().keys().cloned()).collect();
-    for key in ["region", "subnets", "ami", "instance_profile", "security_groups", "registry", "transport", "transport_bucket", "ledger", "spotbuild_toml"] {
+    for key in [
+        "region",
+        "subnets",
+        "ami",
+        "instance_profile",
+        "untrusted_instance_profile",
+        "security_groups",
+        "registry",
+        "transport",
+        "transport_bucket",
+        "instance_role_id",
+        "untrusted_instance_role_id",
+        "ledger",
+        "trusted_branches",
+        "untrusted_prefix",
+        "controller_untrusted_role",
+        "spotbuild_toml",
+    ] {
         assert!(outputs.contains(key), "no output {key}");
     }
     // The printed file, with placeholders for what only AWS knows, is a valid config.
@@ -392,8 +645,19 @@ fn the_outputs_name_every_spotbuild_toml_key_and_the_file_they_print_parses() {
     let unindented = toml.replace("    ", "");
     let filled = regex::Regex::new(r"\$\{[^}]*\}").unwrap().replace_all(&unindented, "x");
     let filled = filled.replace("subnets = x", "subnets = [\"subnet-1\"]").replace("tags = x", "tags = {}").replace("root_volume_gb = x", "root_volume_gb = 200")
-        .replace("transport = \"x\"", "transport = \"ssm\"");
-    spotbuild::settings::Config::parse(&filled, Path::new("spotbuild.toml")).unwrap_or_else(|e| panic!("{e}\n{filled}"));
+        .replace("transport = \"x\"", "transport = \"ssm\"").replace("trusted_branches = x", "trusted_branches = [\"main\"]");
+    let config = spotbuild::settings::Config::parse(&filled, Path::new("spotbuild.toml")).unwrap_or_else(|e| panic!("{e}\n{filled}"));
+    // Both trust levels are configured: the untrusted profile, both roles' ids (which
+    // prefix their instances' transport objects), and the [trust] table.
+    assert_eq!(config.cloud.untrusted_instance_profile.as_deref(), Some("x"), "{filled}");
+    assert_eq!(config.remote.ssm.role_id.as_deref(), Some("x"), "{filled}");
+    assert_eq!(config.remote.ssm.untrusted_role_id.as_deref(), Some("x"), "{filled}");
+    assert_eq!(config.trust.trusted_branches, ["main"], "{filled}");
+    assert!(toml.contains("trusted_branches = ${jsonencode(var.trusted_branches)}"), "{toml}");
+    assert!(toml.contains("untrusted_prefix = \"${var.untrusted_prefix}\""), "{toml}");
+    assert!(toml.contains("bucket = \"${aws_s3_bucket.transport.id}\""), "{toml}");
+    assert!(toml.contains("role_id = \"${aws_iam_role.instance.unique_id}\""), "{toml}");
+    assert!(toml.contains("untrusted_role_id = \"${aws_iam_role.instance_untrusted.unique_id}\""), "{toml}");
 }
 
 #[test]
