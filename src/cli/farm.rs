@@ -15,15 +15,20 @@ use crate::localfarm::{self, FarmState, Settings};
 const FARM_AFTER_HELP: &str = "\
 Examples:
   sudo spotbuild farm up                       start it in the background (state in .farm/)
-  spotbuild --config .farm/spotbuild.toml build --all
+  eval \"$(sudo spotbuild farm env)\"            the farm's key and config, for this shell
+  spotbuild build --all                        a build on the farm, over SSH
+  spotbuild --config .farm/spotbuild-ssm.toml build --all    the same over SSM
   spotbuild farm status                        services and hosts
   spotbuild farm interrupt i-0abc --kill-after 5s   a spot interruption, played out
   spotbuild farm down                          stop it and remove every host
 
-`farm up` writes .farm/spotbuild.toml: builds that use it launch into the farm's subnet,
-and the controller refuses to connect anywhere else. Set AWS_ACCESS_KEY_ID and
-AWS_SECRET_ACCESS_KEY to anything (the emulator accepts any).
-Needs root, iproute2, sshd, docker-registry, and moto_server (`make farm-deps`).";
+`farm up` writes .farm/spotbuild.toml (SSH) and .farm/spotbuild-ssm.toml (SSM): builds
+that use them launch into the farm's subnet, and the controller refuses to connect
+anywhere else. The emulator answers only requests signed with the farm's key, and the
+control API only its token: both are in .farm/farm.json, readable by root alone. Hosts
+log in and run commands as the non-root build user (`spotbuild`, created if missing, in
+the Docker socket's group), as on an instance baked with ami/.
+Needs root, iproute2, sshd, useradd, docker-registry, and moto_server (`make farm-deps`).";
 
 #[derive(Debug, Args)]
 #[command(about = "Run the local farm: emulated EC2, real hosts, a local registry", after_help = FARM_AFTER_HELP)]
@@ -58,6 +63,9 @@ pub enum FarmCommand {
         /// Bound on the farm becoming ready.
         #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// The non-root account hosts log in as (created if missing).
+        #[arg(long, value_name = "NAME", default_value = "spotbuild")]
+        user: String,
     },
     /// Stop the farm: every host, namespace and service it started.
     Down {
@@ -81,6 +89,12 @@ pub enum FarmCommand {
     Kill { instance: String },
     /// Cut every SSH connection to a host (it keeps running).
     Cut { instance: String },
+    /// Print shell exports for using the farm: its key, region and config.
+    Env {
+        /// The SSM transport's config rather than SSH's.
+        #[arg(long)]
+        ssm: bool,
+    },
 }
 
 pub async fn run(args: FarmArgs) -> Result<Exit, Error> {
@@ -92,16 +106,21 @@ pub async fn run(args: FarmArgs) -> Result<Exit, Error> {
             region,
             timeout,
             mirror,
+            user,
         } => {
             if subnet.octets()[3] != 0 {
                 return Err(Error::new(Exit::Usage, format!("--subnet {subnet} must end in .0 (a /24)")));
             }
+            if crate::cloud::userdata::validate_user(&user).is_err() {
+                return Err(Error::new(Exit::Usage, format!("--user {user:?} is not a build user the farm accepts")).hint("a lowercase login name other than root"));
+            }
             if foreground {
-                up(&args.dir, subnet, moto_server, region, mirror).await
+                up(&args.dir, subnet, moto_server, region, mirror, user).await
             } else {
-                up_background(&args.dir, subnet, moto_server, &region, timeout, mirror).await
+                up_background(&args.dir, subnet, moto_server, &region, timeout, mirror, &user).await
             }
         }
+        FarmCommand::Env { ssm } => env(&args.dir, ssm).await,
         FarmCommand::Down { timeout } => down(&args.dir, timeout).await,
         FarmCommand::Status { json } => status(&args.dir, json).await,
         FarmCommand::Interrupt { instance, kill_after } => {
@@ -147,7 +166,7 @@ async fn create_dir(dir: &Path) -> Result<(), Error> {
         .map_err(|e| Error::new(Exit::Failed, format!("failed to create {}: {e}", dir.display())))
 }
 
-async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, region: String, mirror: Option<PathBuf>) -> Result<Exit, Error> {
+async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, region: String, mirror: Option<PathBuf>, user: String) -> Result<Exit, Error> {
     create_dir(dir).await?;
     let dir = tokio::fs::canonicalize(dir).await.unwrap_or_else(|_| dir.to_path_buf());
     let settings = Settings {
@@ -160,6 +179,7 @@ async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, regio
         region,
         poll: Duration::from_millis(250),
         mirror_of: mirror,
+        user,
     };
     localfarm::run(settings, super::signals::stop(), |s| {
         eprintln!("farm up: EC2 {} · registry {} · subnet {} · config {}", s.ec2_endpoint, s.registry, s.subnet_cidr, s.config.display());
@@ -169,6 +189,7 @@ async fn up(dir: &Path, subnet: std::net::Ipv4Addr, moto: Option<PathBuf>, regio
         let hint = match e {
             localfarm::FarmError::NotRoot => Some("run it with sudo (make demo and make test do)"),
             localfarm::FarmError::Missing(_) => Some("run `make farm-deps` to install the farm's tools"),
+            localfarm::FarmError::Closed { .. } => Some("put the farm's --dir where every directory above it is searchable (chmod o+x), e.g. under /tmp"),
             _ => None,
         };
         let err = Error::new(Exit::Failed, format!("failed to run the local farm: {}", error_chain(&e)));
@@ -187,6 +208,7 @@ async fn up_background(
     region: &str,
     timeout: Duration,
     mirror: Option<PathBuf>,
+    user: &str,
 ) -> Result<Exit, Error> {
     if let Some(s) = localfarm::read_state(dir).await.filter(|s| localfarm::pid_alive(s.pid)) {
         eprintln!("the farm is already up (pid {}); config: {}", s.pid, s.config.display());
@@ -199,7 +221,7 @@ async fn up_background(
     let exe = std::env::current_exe().map_err(|e| Error::new(Exit::Failed, format!("failed to find this program: {e}")))?;
     // tokio's Command, so the wait below polls the child without blocking the runtime.
     let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg("farm").arg("--dir").arg(dir).args(["up", "--foreground", "--subnet", &subnet.to_string(), "--region", region]);
+    cmd.arg("farm").arg("--dir").arg(dir).args(["up", "--foreground", "--subnet", &subnet.to_string(), "--region", region, "--user", user]);
     if let Some(m) = moto {
         cmd.arg("--moto-server").arg(m);
     }
@@ -269,6 +291,12 @@ async fn down(dir: &Path, timeout: Duration) -> Result<Exit, Error> {
 }
 
 async fn state_or_err(dir: &Path) -> Result<FarmState, Error> {
+    let path = dir.join(localfarm::STATE_FILE);
+    if let Err(e) = tokio::fs::File::open(&path).await {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err(Error::new(Exit::Usage, format!("{} is the farm owner's alone", path.display())).hint("run it as the user who started the farm (sudo)"));
+        }
+    }
     localfarm::read_state(dir)
         .await
         .filter(|s| localfarm::pid_alive(s.pid))
@@ -277,7 +305,10 @@ async fn state_or_err(dir: &Path) -> Result<FarmState, Error> {
 
 async fn status(dir: &Path, json: bool) -> Result<Exit, Error> {
     let state = state_or_err(dir).await?;
-    let hosts: serde_json::Value = reqwest::get(format!("{}/hosts", state.control))
+    let hosts: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/hosts", state.control))
+        .bearer_auth(&state.token)
+        .send()
         .await
         .and_then(|r| r.error_for_status())
         .map_err(|e| Error::new(Exit::Failed, format!("failed to ask the farm: {e}")))?
@@ -286,7 +317,12 @@ async fn status(dir: &Path, json: bool) -> Result<Exit, Error> {
         .map_err(|e| Error::new(Exit::Failed, format!("failed to read the farm's answer: {e}")))?;
     let mut out = String::new();
     if json {
-        let _ = writeln!(out, "{}", serde_json::json!({ "farm": state, "hosts": hosts }));
+        let mut farm = serde_json::to_value(&state).expect("serialisable");
+        // Secrets stay in farm.json: `farm env` prints the key for a shell that asks.
+        for secret in ["token", "secret_access_key"] {
+            farm.as_object_mut().map(|o| o.remove(secret));
+        }
+        let _ = writeln!(out, "{}", serde_json::json!({ "farm": farm, "hosts": hosts }));
         return print(&out).await;
     }
     let _ = writeln!(out, "farm pid {} · EC2 {} · registry {} · subnet {}", state.pid, state.ec2_endpoint, state.registry, state.subnet_cidr);
@@ -308,6 +344,21 @@ async fn status(dir: &Path, json: bool) -> Result<Exit, Error> {
     print(&out).await
 }
 
+/// `export …` lines: what a shell needs to build on the farm.
+async fn env(dir: &Path, ssm: bool) -> Result<Exit, Error> {
+    let state = state_or_err(dir).await?;
+    let config = if ssm { &state.config_ssm } else { &state.config };
+    let q = |s: &str| crate::transport::shell_quote(s);
+    let out = format!(
+        "export AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} AWS_REGION={} SPOTBUILD_CONFIG={}\n",
+        q(&state.access_key_id),
+        q(&state.secret_access_key),
+        q(&state.region),
+        q(&config.to_string_lossy())
+    );
+    print(&out).await
+}
+
 /// Writes to stdout through the runtime (a full pipe must not stall a worker thread).
 async fn print(text: &str) -> Result<Exit, Error> {
     use tokio::io::AsyncWriteExt;
@@ -321,6 +372,7 @@ async fn control(dir: &Path, path: &str) -> Result<Exit, Error> {
     let state = state_or_err(dir).await?;
     let resp = reqwest::Client::new()
         .post(format!("{}{path}", state.control))
+        .bearer_auth(&state.token)
         .send()
         .await
         .map_err(|e| Error::new(Exit::Failed, format!("failed to reach the farm: {e}")))?;

@@ -21,9 +21,53 @@ pub struct UserData<'a> {
 pub enum UserDataError {
     #[error("the {0} would break the user data script (it contains a quote, newline or the heredoc marker)")]
     Unsafe(&'static str),
+    #[error("`{0}` is not a login spotbuild uses: a lowercase user name other than root ([remote] user)")]
+    User(String),
+    #[error("the authorized key is not one `TYPE BASE64 [COMMENT]` line of an SSH public key")]
+    AuthorizedKey,
+    #[error("the host key is not one OpenSSH private key")]
+    HostKey,
 }
 
 const HEREDOC: &str = "SPOTBUILD_HOST_KEY";
+
+/// Checks every value that goes into (or comes out of) user data: a user name that is a
+/// plain, non-root login; one SSH public key line; one OpenSSH private key. The local farm
+/// checks what it reads back too: it runs as root and trusts nothing the emulator holds.
+pub fn validate(user: &str, authorized_key: &str, host_private_key: &str) -> Result<(), UserDataError> {
+    validate_user(user)?;
+    let mut parts = authorized_key.splitn(3, ' ');
+    let (kind, key, comment) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let key_ok = ["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"].contains(&kind)
+        && !key.is_empty()
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'=')
+        && comment.bytes().all(|b| b.is_ascii_alphanumeric() || b"@._:+-".contains(&b));
+    if !key_ok {
+        return Err(UserDataError::AuthorizedKey);
+    }
+    let body = host_private_key.trim_end();
+    let lines: Vec<&str> = body.lines().collect();
+    let host_ok = lines.len() >= 3
+        && lines.first() == Some(&"-----BEGIN OPENSSH PRIVATE KEY-----")
+        && lines.last() == Some(&"-----END OPENSSH PRIVATE KEY-----")
+        && lines[1..lines.len() - 1].iter().all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/' || b == b'='));
+    if !host_ok {
+        return Err(UserDataError::HostKey);
+    }
+    Ok(())
+}
+
+/// A plain login name (lowercase, at most 32 characters, as `useradd` takes), never root.
+pub fn validate_user(user: &str) -> Result<(), UserDataError> {
+    let plain = !user.is_empty()
+        && user.len() <= 32
+        && user.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && user.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !plain || user == "root" {
+        return Err(UserDataError::User(user.to_string()));
+    }
+    Ok(())
+}
 
 impl UserData<'_> {
     /// A POSIX shell script (cloud-init runs `#!` user data as root).
@@ -32,12 +76,10 @@ impl UserData<'_> {
         if !plain(self.authorized_key) {
             return Err(UserDataError::Unsafe("authorized key"));
         }
-        if !self.user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') || self.user.is_empty() {
-            return Err(UserDataError::Unsafe("user name"));
-        }
         if self.host_private_key.contains(HEREDOC) || self.host_private_key.contains('\'') {
             return Err(UserDataError::Unsafe("host key"));
         }
+        validate(self.user, self.authorized_key, self.host_private_key)?;
         // `shutdown` takes whole minutes; round up so the TTL is never cut short.
         let minutes = self.ttl.as_secs().div_ceil(60).max(1);
         let key = self.host_private_key.trim_end();
@@ -82,18 +124,21 @@ pub struct Parsed {
     pub host_private_key: String,
 }
 
-/// Reads back a script that [`UserData::render`] wrote; `None` for anything else.
+/// Reads back a script that [`UserData::render`] wrote; `None` for anything else, and for
+/// values [`validate`] refuses (a root login, a second key line, …).
 pub fn parse(script: &str) -> Option<Parsed> {
     let secs = script.split("(sleep ").nth(1)?.split(' ').next()?.parse().ok()?;
     let start = format!("<<'{HEREDOC}'\n");
     let key = script.split(&start).nth(1)?.split(&format!("\n{HEREDOC}\n")).next()?;
     let user = script.split("getent passwd ").nth(1)?.split(' ').next()?;
     let authorized = script.split("printf '%s\\n' '").nth(1)?.split('\'').next()?;
+    let host_private_key = format!("{key}\n");
+    validate(user, authorized, &host_private_key).ok()?;
     Some(Parsed {
         ttl: Duration::from_secs(secs),
         user: user.to_string(),
         authorized_key: authorized.to_string(),
-        host_private_key: format!("{key}\n"),
+        host_private_key,
     })
 }
 
@@ -138,5 +183,26 @@ mod tests {
         assert!(data("ssh-ed25519 AAAA' ; rm -rf /", "k").render().is_err());
         assert!(data("ssh-ed25519 AAAA\nmore", "k").render().is_err());
         assert!(data("ssh-ed25519 AAAA", "x\nSPOTBUILD_HOST_KEY\ny").render().is_err());
+    }
+
+    #[test]
+    fn only_plain_values_go_in_or_come_out() {
+        let host = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc+/=\n-----END OPENSSH PRIVATE KEY-----\n";
+        let key = "ssh-ed25519 AAAAC3Nza build-b1";
+        assert_eq!(validate("spotbuild", key, host), Ok(()));
+        for user in ["root", "Root", "", "a b", "x;y", "-dash", &"u".repeat(33)] {
+            assert!(matches!(validate(user, key, host), Err(UserDataError::User(_))), "{user:?}");
+        }
+        for bad in ["ssh-ed25519", "ssh-dss AAAA", "ssh-ed25519 AAAA comment;rm", "ssh-ed25519 AA$AA", "ssh-ed25519 AAAA a b"] {
+            assert_eq!(validate("spotbuild", bad, host), Err(UserDataError::AuthorizedKey), "{bad:?}");
+        }
+        assert_eq!(validate("spotbuild", key, "not a key"), Err(UserDataError::HostKey));
+        assert_eq!(validate("spotbuild", key, "-----BEGIN OPENSSH PRIVATE KEY-----\nab c\n-----END OPENSSH PRIVATE KEY-----\n"), Err(UserDataError::HostKey));
+        // A root login written by hand is read back as nothing: the farm backs no host.
+        let mut script = data(key, host).render().unwrap();
+        script = script.replace("getent passwd spotbuild", "getent passwd root");
+        assert_eq!(parse(&script), None);
+        let root = UserData { user: "root", ..data(key, host) };
+        assert!(matches!(root.render(), Err(UserDataError::User(_))));
     }
 }

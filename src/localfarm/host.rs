@@ -1,7 +1,9 @@
 //! One emulated instance: a network namespace at the instance's private address, running a
 //! real sshd configured from the instance's user data (its pinned host key and the build's
 //! authorized key), an IMDS endpoint at 169.254.169.254 that the farm controls, and a
-//! forwarder so that the host's 127.0.0.1:<registry port> reaches the farm's registry.
+//! forwarder so that the host's 127.0.0.1:<registry port> reaches the farm's registry, and
+//! the host's door to S3 at 127.0.0.1:<the emulator's port> (see [`super::front`]). Logins
+//! and commands run as the farm's build user, never root.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -14,7 +16,11 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use super::netns;
+use super::user::BuildUser;
 use crate::cloud::userdata::Parsed;
+
+/// The role name the host's metadata service hands credentials out for.
+pub const INSTANCE_ROLE: &str = "spotbuild-farm-instance";
 
 pub struct HostSpec<'a> {
     pub instance_id: &'a str,
@@ -27,6 +33,11 @@ pub struct HostSpec<'a> {
     pub sshd: &'a Path,
     pub registry_port: u16,
     pub boot: Option<Parsed>,
+    pub user: &'a BuildUser,
+    /// The host's door to S3: served at 127.0.0.1:PORT inside the host.
+    pub s3_door: (u16, axum::Router),
+    /// The instance role's credentials (access key id, secret), from the metadata service.
+    pub credentials: (String, String),
 }
 
 /// A running host. Dropping it does not stop it: call [`Host::destroy`].
@@ -98,6 +109,7 @@ impl Host {
         let router = axum::Router::new().fallback(metadata).with_state(Metadata {
             instance_id: self.instance_id.clone(),
             notice: self.notice.clone(),
+            credentials: Arc::new(spec.credentials.clone()),
         });
         self.tasks.push(tokio::spawn(async move {
             let _ = axum::serve(imds, router).await;
@@ -117,26 +129,39 @@ impl Host {
                 });
             }
         }));
-        // sshd, as cloud-init would have configured it from the user data. The farm's hosts
-        // log in as this machine's root, whose shell reads ~/.bashrc when sshd runs it (at
-        // SHLVL below 2): a personal rc (e.g. one that rehashes pyenv under a lock a killed
-        // host can leave behind) must not run before every command. An instance's own
-        // login user has no such rc.
+        // S3, for the SSM transport's objects: only through the host's door.
+        let (door_port, door) = spec.s3_door.clone();
+        let s3 = netns::listen_in(&spec.ns, SocketAddr::from(([127, 0, 0, 1], door_port)))
+            .await
+            .map_err(io("listen for S3 inside the host"))?;
+        let s3 = tokio::net::TcpListener::from_std(s3).map_err(io("serve the host's door to S3"))?;
+        self.tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(s3, door).await;
+        }));
+        // sshd, as cloud-init would have configured it from the user data: the farm's build
+        // user only. Its shell reads no personal rc (SHLVL below 2 would make bash read
+        // ~/.bashrc before every command).
         let Some(boot) = &spec.boot else {
-            tracing::warn!(instance = %self.instance_id, "no spotbuild user data: the host has no sshd");
+            tracing::warn!(instance = %self.instance_id, "no valid spotbuild user data: the host has no sshd");
             return Ok(());
         };
+        if boot.user != spec.user.name {
+            tracing::warn!(instance = %self.instance_id, user = %boot.user, farm_user = %spec.user.name, "the user data asks for a login other than the farm's build user: the host has no sshd");
+            return Ok(());
+        }
         let key = spec.dir.join("ssh_host_ed25519_key");
         write_private(&key, &boot.host_private_key).await?;
+        // sshd reads the authorized keys as the user it logs in.
         let authorized = spec.dir.join("authorized_keys");
         write_private(&authorized, &format!("{}\n", boot.authorized_key)).await?;
+        std::os::unix::fs::chown(&authorized, Some(spec.user.uid), Some(spec.user.gid)).map_err(io("give the authorized keys to the build user"))?;
         let config = spec.dir.join("sshd_config");
         tokio::fs::write(
             &config,
             format!(
                 "ListenAddress {addr}:22\nHostKey {key}\nAuthorizedKeysFile {authorized}\nPidFile none\n\
                  UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 PermitRootLogin prohibit-password\nAllowUsers {user}\nStrictModes no\n\
+                 PermitRootLogin no\nAllowUsers {user}\nStrictModes no\n\
                  AllowAgentForwarding no\nX11Forwarding no\nPrintMotd no\nLogLevel INFO\n\
                  SetEnv SHLVL=1\n",
                 addr = spec.address,
@@ -258,6 +283,7 @@ async fn write_private(path: &Path, text: &str) -> Result<(), HostError> {
 struct Metadata {
     instance_id: String,
     notice: Arc<AtomicU64>,
+    credentials: Arc<(String, String)>,
 }
 
 const TOKEN: &str = "spotbuild-local-farm-token";
@@ -265,8 +291,9 @@ const TOKEN: &str = "spotbuild-local-farm-token";
 /// IMDSv2, as much of it as the agent reads.
 async fn metadata(State(m): State<Metadata>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     if uri.path() == "/latest/api/token" {
-        return if method == Method::PUT && headers.contains_key("x-aws-ec2-metadata-token-ttl-seconds") {
-            TOKEN.into_response()
+        return if let (true, Some(ttl)) = (method == Method::PUT, headers.get("x-aws-ec2-metadata-token-ttl-seconds")) {
+            // The SDK wants the TTL it asked for echoed back.
+            ([("x-aws-ec2-metadata-token-ttl-seconds", ttl.clone())], TOKEN).into_response()
         } else {
             StatusCode::BAD_REQUEST.into_response()
         };
@@ -277,6 +304,20 @@ async fn metadata(State(m): State<Metadata>, method: Method, uri: Uri, headers: 
     let notice = m.notice.load(Ordering::SeqCst);
     match uri.path() {
         "/latest/meta-data/instance-id" => m.instance_id.into_response(),
+        "/latest/meta-data/iam/security-credentials/" => INSTANCE_ROLE.into_response(),
+        p if p.strip_prefix("/latest/meta-data/iam/security-credentials/") == Some(INSTANCE_ROLE) => {
+            let expires = SystemTime::now() + Duration::from_secs(6 * 3600);
+            axum::Json(serde_json::json!({
+                "Code": "Success",
+                "Type": "AWS-HMAC",
+                "AccessKeyId": m.credentials.0,
+                "SecretAccessKey": m.credentials.1,
+                "Token": "spotbuild-farm-session",
+                "LastUpdated": humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                "Expiration": humantime::format_rfc3339_seconds(expires).to_string(),
+            }))
+            .into_response()
+        }
         "/latest/meta-data/spot/instance-action" if notice > 0 => {
             let at = SystemTime::UNIX_EPOCH + Duration::from_secs(notice);
             format!(r#"{{"action":"terminate","time":"{}"}}"#, humantime::format_rfc3339_seconds(at)).into_response()

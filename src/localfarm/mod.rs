@@ -1,16 +1,24 @@
 //! The local farm: everything spotbuild needs from AWS, on one machine, with only the
-//! control plane emulated. The EC2 API is moto server; each instance it reports running is
-//! backed by a real host (see [`host`]); images go to a registry v2 server on loopback and
-//! are built by this machine's Docker engine.
+//! control plane emulated. The EC2, S3 and SSM APIs are moto server's (SSM's commands are
+//! run by the farm, see [`ssm`]); each instance it reports running is backed by a real host
+//! (see [`host`]); images go to a registry v2 server on loopback and are built by this
+//! machine's Docker engine.
 //!
 //! Guarantees: hosts live only in the farm's own subnet, which is bridged locally, so no
 //! address the emulator could invent is ever reached; every host, namespace and child
 //! process the farm starts is removed when it stops (and, after a SIGKILL, by the next
-//! `farm up` on the same subnet). Assumptions: run as root, with iproute2, sshd,
-//! docker-registry and moto_server installed (`make farm-deps`).
+//! `farm up` on the same subnet). The farm runs as root but gives no one root: the
+//! emulator lives in a namespace of its own behind a door that wants the farm's key
+//! ([`front`]), the control API wants the farm's token, both kept in the state file (mode
+//! 0600), and hosts log in and run commands only as the non-root build user ([`user`]).
+//! Assumptions: run as root, with iproute2, sshd, useradd, docker-registry and moto_server
+//! installed (`make farm-deps`).
 
+pub mod front;
 pub mod host;
 pub mod netns;
+pub mod ssm;
+pub mod user;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -30,8 +38,12 @@ use host::{Host, HostSpec};
 
 /// The farm's state file, read by `farm status`, `farm down` and the tests.
 pub const STATE_FILE: &str = "farm.json";
-/// The spotbuild.toml the farm writes for builds against it.
+/// The spotbuild.toml the farm writes for builds against it (over SSH).
 pub const CONFIG_FILE: &str = "spotbuild.toml";
+/// The same, for builds over SSM.
+pub const CONFIG_SSM_FILE: &str = "spotbuild-ssm.toml";
+/// Where the emulator listens inside its namespace.
+const EMULATOR: ([u8; 4], u16) = ([127, 0, 0, 1], 5000);
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -49,14 +61,27 @@ pub struct Settings {
     /// A repository to bake into the "image" as its git mirror, so builds ship only what
     /// the mirror lacks (as an AMI baked with `ami/` would).
     pub mirror_of: Option<PathBuf>,
+    /// The non-root account hosts log in as (created if missing).
+    pub user: String,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct FarmState {
     pub pid: u32,
+    /// The emulator's door (EC2, S3, SSM): requests signed with the farm's key only.
     pub ec2_endpoint: String,
     pub registry: String,
+    /// The control API: requests bearing `token` only.
     pub control: String,
+    pub token: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// The build user hosts log in as.
+    pub user: String,
+    /// The bucket of the SSM transport's objects.
+    pub transport_bucket: String,
+    /// The spotbuild.toml for builds over SSM.
+    pub config_ssm: PathBuf,
     pub subnet_cidr: String,
     pub subnet_id: String,
     pub ami: String,
@@ -102,6 +127,10 @@ pub enum FarmError {
     Net(#[from] netns::NetError),
     #[error(transparent)]
     Host(#[from] host::HostError),
+    #[error(transparent)]
+    User(#[from] user::UserError),
+    #[error("the build user {user} cannot reach the farm's directory: {} is closed to it", .path.display())]
+    Closed { path: PathBuf, user: String },
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> FarmError + '_ {
@@ -156,14 +185,21 @@ pub fn reconcile(seen: &BTreeMap<String, (bool, Option<Ipv4Addr>)>, hosts: &[Str
     actions
 }
 
+type Hosts = Arc<Mutex<BTreeMap<String, Host>>>;
+
 struct Farm {
     settings: Settings,
     state: FarmState,
     ec2: aws_sdk_ec2::Client,
     registry_port: u16,
     prefix: String,
-    hosts: Mutex<BTreeMap<String, Host>>,
+    hosts: Hosts,
     next_index: std::sync::atomic::AtomicU32,
+    user: user::BuildUser,
+    /// What each host's door to S3 is: the port it listens on inside, and its routes.
+    s3_door: (u16, axum::Router),
+    /// The instance role's key, from each host's metadata service.
+    instance_credentials: (String, String),
 }
 
 /// Runs the farm until `shutdown` resolves, then removes everything it started. `ready`
@@ -214,29 +250,21 @@ async fn run_owned(
     if netns::link_exists(&bridge).await {
         netns::delete_link(&bridge).await;
     }
-    tokio::fs::create_dir_all(settings.dir.join("hosts"))
-        .await
-        .map_err(io_err("create the farm directory"))?;
-    let mirror = settings.dir.join("mirror.git");
-    let _ = tokio::fs::remove_dir_all(&mirror).await;
-    if let Some(repo) = &settings.mirror_of {
-        let out = tokio::process::Command::new("git")
-            .args(["clone", "-q", "--mirror"])
-            .arg(repo)
-            .arg(&mirror)
-            .output()
-            .await
-            .map_err(io_err("run git"))?;
-        if !out.status.success() {
-            return Err(FarmError::Mirror {
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-    }
+    let user = user::ensure(&settings.user).await?;
+    prepare_dir(settings, &user).await?;
 
-    let moto_port = free_port();
+    // The emulator, in a namespace of its own: only the farm's doors lead to it.
+    let aws_ns = format!("{prefix}-aws");
+    netns::create_private(&aws_ns).await?;
+    let upstream = front::Upstream {
+        ns: aws_ns.clone(),
+        addr: std::net::SocketAddr::from(EMULATOR),
+    };
     let _moto = spawn(
-        tokio::process::Command::new(&settings.moto_server).args(["-H", "127.0.0.1", "-p", &moto_port.to_string()]),
+        tokio::process::Command::new("ip")
+            .args(["netns", "exec", &aws_ns])
+            .arg(&settings.moto_server)
+            .args(["-H", "127.0.0.1", "-p", &EMULATOR.1.to_string()]),
         &settings.dir.join("moto.log"),
     )
     .await?;
@@ -257,15 +285,60 @@ async fn run_owned(
         &settings.dir.join("registry.log"),
     )
     .await?;
-    let ec2_endpoint = format!("http://127.0.0.1:{moto_port}");
-    wait_http(&format!("{ec2_endpoint}/moto-api/"), Duration::from_secs(60), "the EC2 emulator (moto_server)").await?;
-    wait_http(&format!("http://127.0.0.1:{registry_port}/v2/"), Duration::from_secs(30), "the registry").await?;
 
-    let ec2 = ec2_client(&ec2_endpoint, &settings.region).await;
-    let (subnet_id, ami) = prepare_ec2(&ec2, settings.subnet).await?;
-    let gateway = with_last(settings.subnet, 1);
-    netns::create_bridge(&bridge, gateway, 24).await?;
+    let (access_key_id, secret_access_key, token) = (format!("AKIA{}", random_hex(8).to_uppercase()), random_hex(20), random_hex(16));
+    let hosts: Hosts = Arc::new(Mutex::new(BTreeMap::new()));
+    let door = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(io_err("listen for the emulator's door"))?;
+    let door_port = door.local_addr().map_err(io_err("listen for the emulator's door"))?.port();
+    let ec2_endpoint = format!("http://127.0.0.1:{door_port}");
+    let transport_bucket = "spotbuild-farm-transport".to_string();
+    let namespaces: ssm::Namespaces = {
+        let hosts = hosts.clone();
+        Arc::new(move |id: &str| {
+            let (hosts, id) = (hosts.clone(), id.to_string());
+            Box::pin(async move { hosts.lock().await.get(&id).map(|h| h.ns.clone()) })
+        })
+    };
+    let instance_env = vec![
+        ("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()),
+        ("AWS_REGION".to_string(), settings.region.clone()),
+        // The host's door to S3 listens at the same address inside the host.
+        ("AWS_ENDPOINT_URL_S3".to_string(), ec2_endpoint.clone()),
+    ];
+    let runner = Arc::new(ssm::Runner::new(namespaces, user.clone(), instance_env));
+    let owner = front::router(
+        upstream.clone(),
+        front::Policy::Owner {
+            key_id: access_key_id.clone(),
+            ssm: runner,
+        },
+    );
+    let door_task = tokio::spawn(async move {
+        let _ = axum::serve(door, owner).await;
+    });
     let result = async {
+        let waited = Duration::from_secs(60);
+        if !front::wait_upstream(&upstream, waited).await {
+            return Err(FarmError::NotAnswering {
+                what: "the AWS emulator (moto_server)".into(),
+                url: format!("http://{} in namespace {aws_ns}", upstream.addr),
+                waited,
+            });
+        }
+        wait_http(&format!("http://127.0.0.1:{registry_port}/v2/"), Duration::from_secs(30), "the registry").await?;
+        let sdk = sdk_config(&ec2_endpoint, &settings.region, &access_key_id, &secret_access_key).await;
+        let ec2 = aws_sdk_ec2::Client::new(&sdk);
+        let (subnet_id, ami) = prepare_ec2(&ec2, settings.subnet).await?;
+        let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build());
+        s3.create_bucket()
+            .bucket(&transport_bucket)
+            .send()
+            .await
+            .map_err(ec2_err("create the transport bucket"))?;
+        let gateway = with_last(settings.subnet, 1);
+        netns::create_bridge(&bridge, gateway, 24).await?;
         let control = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(io_err("listen for farm control"))?;
@@ -274,9 +347,15 @@ async fn run_owned(
             settings: settings.clone(),
             state: FarmState {
                 pid: std::process::id(),
-                ec2_endpoint,
+                ec2_endpoint: ec2_endpoint.clone(),
                 registry: format!("127.0.0.1:{registry_port}"),
                 control: format!("http://{control_addr}"),
+                token,
+                access_key_id: access_key_id.clone(),
+                secret_access_key: secret_access_key.clone(),
+                user: user.name.clone(),
+                transport_bucket: transport_bucket.clone(),
+                config_ssm: settings.dir.join(CONFIG_SSM_FILE),
                 subnet_cidr: format!("{}/24", settings.subnet),
                 subnet_id,
                 ami,
@@ -287,19 +366,87 @@ async fn run_owned(
             ec2,
             registry_port,
             prefix: prefix.clone(),
-            hosts: Mutex::new(BTreeMap::new()),
+            hosts: hosts.clone(),
             next_index: std::sync::atomic::AtomicU32::new(1),
+            user: user.clone(),
+            s3_door: (door_port, front::router(upstream.clone(), front::Policy::Host { bucket: transport_bucket.clone() })),
+            instance_credentials: (format!("ASIA{}", random_hex(8).to_uppercase()), random_hex(20)),
         };
         serve(farm, control, shutdown, ready).await
     }
     .await;
+    door_task.abort();
     // A host being removed by a control request when the farm stopped may be half gone:
-    // sweep every namespace of this farm, whatever state it was left in.
+    // sweep every namespace of this farm, whatever state it was left in (the emulator's too).
     for ns in netns::namespaces_with_prefix(&format!("{prefix}-")).await {
         netns::delete_host(&ns, "").await;
     }
     netns::delete_link(&bridge).await;
     result
+}
+
+/// The farm's directory as its hosts see it: open to the build user for traversal only
+/// (state, keys and logs stay root's), the agent and the git mirror baked in as an image
+/// would have them, and a work directory the build user owns.
+async fn prepare_dir(settings: &Settings, user: &user::BuildUser) -> Result<(), FarmError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = &settings.dir;
+    tokio::fs::create_dir_all(dir.join("hosts"))
+        .await
+        .map_err(io_err("create the farm directory"))?;
+    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .await
+        .map_err(io_err("open the farm directory to the build user"))?;
+    for ancestor in dir.ancestors().skip(1) {
+        let Ok(m) = tokio::fs::metadata(ancestor).await else { continue };
+        let mode = m.mode();
+        let open = mode & 0o001 != 0 || (m.uid() == user.uid && mode & 0o100 != 0) || (m.gid() == user.gid && mode & 0o010 != 0);
+        if !open {
+            return Err(FarmError::Closed {
+                path: ancestor.to_path_buf(),
+                user: user.name.clone(),
+            });
+        }
+    }
+    // The agent, where the build user can run it whatever the permissions of its source.
+    let bin = dir.join("bin");
+    tokio::fs::create_dir_all(&bin).await.map_err(io_err("create the farm's bin directory"))?;
+    let agent = bin.join("spotbuild");
+    let _ = tokio::fs::remove_file(&agent).await;
+    if tokio::fs::hard_link(&settings.agent, &agent).await.is_err() {
+        tokio::fs::copy(&settings.agent, &agent).await.map_err(io_err("copy the agent into the farm"))?;
+    }
+    tokio::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755))
+        .await
+        .map_err(io_err("make the agent runnable"))?;
+    let work = dir.join("work");
+    tokio::fs::create_dir_all(&work).await.map_err(io_err("create the work directory"))?;
+    user::give(user, &work, false).await?;
+    let mirror = dir.join("mirror.git");
+    let _ = tokio::fs::remove_dir_all(&mirror).await;
+    if let Some(repo) = &settings.mirror_of {
+        let out = tokio::process::Command::new("git")
+            .args(["clone", "-q", "--mirror"])
+            .arg(repo)
+            .arg(&mirror)
+            .output()
+            .await
+            .map_err(io_err("run git"))?;
+        if !out.status.success() {
+            return Err(FarmError::Mirror {
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        user::give(user, &mirror, true).await?;
+    }
+    Ok(())
+}
+
+/// `bytes` random bytes from the OS, as hex.
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).expect("the OS has randomness");
+    hex::encode(b)
 }
 
 /// Serves the control API on `control` and backs instances with hosts until `shutdown`;
@@ -310,15 +457,20 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&FarmState),
 ) -> Result<(), FarmError> {
-    tokio::fs::write(&farm.state.config, config_text(&farm.settings, &farm.state))
+    tokio::fs::write(&farm.state.config, config_text(&farm.settings, &farm.state, false))
         .await
         .map_err(io_err("write the farm's spotbuild.toml"))?;
+    tokio::fs::write(&farm.state.config_ssm, config_text(&farm.settings, &farm.state, true))
+        .await
+        .map_err(io_err("write the farm's spotbuild-ssm.toml"))?;
     // Written before the control API runs: connections wait in the bound listener's
-    // backlog, and a farm whose state cannot be written has started no task to stop.
+    // backlog, and a farm whose state cannot be written has started no task to stop. It
+    // holds the farm's key and token: the owner's only.
     let state_path = farm.settings.dir.join(STATE_FILE);
-    tokio::fs::write(&state_path, serde_json::to_vec_pretty(&farm.state).expect("serialisable"))
+    write_private(&state_path, &serde_json::to_vec_pretty(&farm.state).expect("serialisable"))
         .await
         .map_err(io_err("write the farm state"))?;
+    let token = farm.state.token.clone();
     let farm = Arc::new(farm);
     let router = axum::Router::new()
         .route("/hosts", axum::routing::get(list_hosts))
@@ -327,6 +479,17 @@ async fn serve(
         .route("/hosts/{id}/cut", axum::routing::post(cut_host))
         .route("/hosts/{id}/freeze", axum::routing::post(freeze_host))
         .route("/hosts/{id}/kill-agent", axum::routing::post(kill_agent))
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let bearer = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+                if bearer.is_some_and(|b| front::same_secret(b, &token)) {
+                    next.run(req).await
+                } else {
+                    (axum::http::StatusCode::UNAUTHORIZED, "spotbuild farm: the control API wants the farm's token (farm.json)\n").into_response()
+                }
+            }
+        }))
         .with_state(farm.clone());
     let control_task = tokio::spawn(async move {
         let _ = axum::serve(control, router).await;
@@ -451,6 +614,9 @@ impl Farm {
             sshd: &self.settings.sshd,
             registry_port: self.registry_port,
             boot: crate::cloud::userdata::parse(&script),
+            user: &self.user,
+            s3_door: self.s3_door.clone(),
+            credentials: self.instance_credentials.clone(),
         };
         let host = Host::start(spec).await?;
         tracing::info!(instance = %instance_id, %address, "host up");
@@ -548,11 +714,32 @@ async fn kill_agent(State(farm): State<Arc<Farm>>, UrlPath(id): UrlPath<String>)
     format!("{} agent process(es) killed\n", h.kill_agent().await).into_response()
 }
 
-fn config_text(s: &Settings, st: &FarmState) -> String {
+fn config_text(s: &Settings, st: &FarmState, ssm: bool) -> String {
+    let (file, transport) = if ssm {
+        (
+            CONFIG_SSM_FILE,
+            format!(
+                r#"# No inbound port: commands go through SSM (run by the farm on the host), bytes
+# through the transport bucket.
+transport = "ssm"
+
+[remote.ssm]
+bucket = "{bucket}"
+endpoint = "{endpoint}"
+s3_endpoint = "{endpoint}"
+"#,
+                bucket = st.transport_bucket,
+                endpoint = st.ec2_endpoint,
+            ),
+        )
+    } else {
+        (CONFIG_FILE, "transport = \"ssh\"\n".to_string())
+    };
     format!(
         r#"# The local farm's settings, written by `spotbuild farm up`. Use them with
+#   eval "$(spotbuild farm --dir {dir} env)"    (the farm's key and this file)
 #   spotbuild --config {config} build --all
-# (AWS credentials can be anything: export AWS_ACCESS_KEY_ID=farm AWS_SECRET_ACCESS_KEY=farm).
+# The emulator accepts only the farm's key. {other} is the same farm over {other_transport}.
 
 [registry]
 url = "{registry}/farm"
@@ -566,9 +753,14 @@ ami = "{ami}"
 instance_types = ["m7a.16xlarge", "c7a.16xlarge", "m6a.16xlarge"]
 ttl = "3h"
 running_timeout = "30s"
+{profile}
+[ledger]
+# What each build cost, for `spotbuild report` (the emulator's prices are not AWS's).
+url = "{ledger}"
 
 [remote]
-user = "root"
+# A non-root login, as on an instance baked with ami/.
+user = "{user}"
 agent = "{agent}"
 workdir = "{work}"
 mirror = "{mirror}"
@@ -577,19 +769,22 @@ connect_timeout = "30s"
 # A host shares this machine's kernel: at a deadline it must not power the machine off.
 # The farm plays out each instance's TTL itself.
 shutdown_command = []
-
-[ledger]
-# What each build cost, for `spotbuild report` (the emulator's prices are not AWS's).
-url = "{ledger}"
-"#,
+{transport}"#,
+        dir = s.dir.display(),
+        config = s.dir.join(file).display(),
+        // The SSM agent registers, and writes to the bucket, with the instance's role; the
+        // farm's metadata service hands out its credentials.
+        profile = if ssm { format!("instance_profile = \"{}\"\n", host::INSTANCE_ROLE) } else { String::new() },
+        other = if ssm { CONFIG_FILE } else { CONFIG_SSM_FILE },
+        other_transport = if ssm { "SSH" } else { "SSM" },
         ledger = s.dir.join("ledger.sqlite").display(),
-        config = st.config.display(),
         registry = st.registry,
         endpoint = st.ec2_endpoint,
         region = st.region,
         subnet_id = st.subnet_id,
         ami = st.ami,
-        agent = s.agent.display(),
+        user = st.user,
+        agent = s.dir.join("bin").join("spotbuild").display(),
         work = s.dir.join("work").display(),
         mirror = s.dir.join("mirror.git").display(),
         cidr = st.subnet_cidr,
@@ -621,14 +816,26 @@ async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(Str
     Ok((subnet_id, ami))
 }
 
-pub async fn ec2_client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+/// The SDK's settings for the farm's door at `endpoint`, signing with the farm's key.
+async fn sdk_config(endpoint: &str, region: &str, key_id: &str, secret: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(aws_sdk_ec2::config::Region::new(region.to_string()))
-        .credentials_provider(aws_sdk_ec2::config::Credentials::new("farm", "farm", None, None, "local-farm"))
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(key_id, secret, None, None, "local-farm"))
         .load()
-        .await;
-    aws_sdk_ec2::Client::new(&config)
+        .await
+}
+
+/// An EC2 client for the farm whose state is `state` (its door and its key).
+pub async fn ec2_client(state: &FarmState) -> aws_sdk_ec2::Client {
+    aws_sdk_ec2::Client::new(&sdk_config(&state.ec2_endpoint, &state.region, &state.access_key_id, &state.secret_access_key).await)
+}
+
+async fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).await?;
+    f.write_all(bytes).await?;
+    f.flush().await
 }
 
 fn with_last(a: Ipv4Addr, last: u8) -> Ipv4Addr {

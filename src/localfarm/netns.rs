@@ -89,6 +89,17 @@ pub async fn create_host(ns: &str, bridge: &str, veth: (&str, &str), address: Ip
     Ok(())
 }
 
+/// A namespace with nothing but loopback: what runs in it (the emulator) is reachable only
+/// through sockets the farm makes inside it ([`connect_in`]).
+pub async fn create_private(ns: &str) -> Result<(), NetError> {
+    ip(&["netns", "add", ns], &format!("create namespace {ns}")).await?;
+    if let Err(e) = ip(&["-n", ns, "link", "set", "lo", "up"], "bring up the namespace's loopback").await {
+        delete_host(ns, "").await;
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Kills every process in the namespace, then removes it (its veth goes with it).
 pub async fn delete_host(ns: &str, outer_veth: &str) {
     for _ in 0..20 {
@@ -126,25 +137,44 @@ pub async fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// A listening socket bound inside namespace `ns`. The socket keeps its namespace for
-/// life, so the farm (in the root namespace) serves connections made inside the host.
-pub async fn listen_in(ns: &str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// Runs `make` on a thread of its own that has entered namespace `ns`: a socket made there
+/// keeps that namespace for life. Not the runtime's threads or its blocking pool's: setns(2)
+/// changes the calling thread for good, and this one ends right after.
+async fn in_namespace<T: Send + 'static>(ns: &str, make: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> std::io::Result<T> {
     let path = format!("/run/netns/{ns}");
     let (tx, rx) = tokio::sync::oneshot::channel();
-    // A thread of its own, not the runtime's or its blocking pool's: setns(2) changes the
-    // calling thread for good, and this one ends right after binding.
     std::thread::spawn(move || {
-        let bound = (|| {
+        let made = (|| {
             let f = std::fs::File::open(&path)?;
             // SAFETY: setns(2) on this short-lived thread only.
             if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let l = std::net::TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+            make()
         })();
-        let _ = tx.send(bound);
+        let _ = tx.send(made);
     });
-    rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the binding thread panicked")))
+    rx.await.unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+}
+
+/// A connection to `addr` inside namespace `ns`, made within `timeout`.
+pub async fn connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Result<tokio::net::TcpStream> {
+    let s = in_namespace(ns, move || {
+        let s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    })
+    .await?;
+    tokio::net::TcpStream::from_std(s)
+}
+
+/// A listening socket bound inside namespace `ns`. The socket keeps its namespace for
+/// life, so the farm (in the root namespace) serves connections made inside the host.
+pub async fn listen_in(ns: &str, addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    in_namespace(ns, move || {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })
+    .await
 }

@@ -221,9 +221,8 @@ fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
 
 /// Launch templates the emulator still holds.
 fn templates_left(farm: &LocalFarm) -> usize {
-    let endpoint = farm.ec2_endpoint();
     runtime().block_on(async {
-        let ec2 = spotbuild::localfarm::ec2_client(&endpoint, "us-east-1").await;
+        let ec2 = farm.ec2().await;
         ec2.describe_launch_templates().send().await.unwrap().launch_templates().len()
     })
 }
@@ -243,12 +242,10 @@ fn ledger_result(farm: &LocalFarm, build_id: &str) -> Option<String> {
 /// One reaper pass straight at the emulator, reading the farm's ledger.
 fn reap_once(farm: &LocalFarm, repo: &Path) -> Run {
     Run::of(
-        crate::support::spotbuild(repo)
+        farm.with_key(&mut crate::support::spotbuild(repo))
             .args(["reap", "--json", "--heartbeat-window", &format!("{}s", HEARTBEAT_WINDOW.as_secs()), "--ledger"])
             .arg(farm.dir.path().join("ledger.sqlite"))
             .env("SPOTBUILD_EC2_ENDPOINT", farm.ec2_endpoint())
-            .env("AWS_ACCESS_KEY_ID", "farm")
-            .env("AWS_SECRET_ACCESS_KEY", "farm")
             .env("AWS_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true"),
     )

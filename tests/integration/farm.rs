@@ -17,7 +17,7 @@ use crate::support::Run;
 
 /// `base` (busybox) <- `api` (with a test job) and `web`, with content unique to this run.
 /// `web_run` adds a RUN step to web (exec form: the image has no /bin/sh).
-fn farm_repo(web_run: Option<&str>, test_script: &str) -> TestRepo {
+pub(crate) fn farm_repo(web_run: Option<&str>, test_script: &str) -> TestRepo {
     let repo = TestRepo::new();
     let id = unique();
     repo.write("base/Dockerfile", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY motd /etc/motd\n");
@@ -39,7 +39,7 @@ fn farm_repo(web_run: Option<&str>, test_script: &str) -> TestRepo {
     repo
 }
 
-const PASSING_TEST: &str = "echo api unit tests: 3 passed\n";
+pub(crate) const PASSING_TEST: &str = "echo api unit tests: 3 passed\n";
 
 pub(crate) fn tags(registry: &str, repo: &str) -> Vec<String> {
     let url = format!("http://{registry}/v2/farm/{repo}/tags/list");
@@ -54,7 +54,7 @@ pub(crate) fn tags(registry: &str, repo: &str) -> Vec<String> {
 }
 
 /// NDJSON lines of a `--json` run.
-fn events(stdout: &str) -> Vec<Value> {
+pub(crate) fn events(stdout: &str) -> Vec<Value> {
     stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
@@ -65,7 +65,7 @@ fn steps_started(ev: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn record(ev: &[Value]) -> Value {
+pub(crate) fn record(ev: &[Value]) -> Value {
     ev.iter().find(|e| e["type"] == "build_record").expect("a build record")["record"].clone()
 }
 
@@ -229,11 +229,10 @@ fn sigkill_leaves_the_instance_to_reap_and_sigterm_terminates_it_before_exiting(
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(farm.live_instances(), [instance.clone()], "SIGKILL cannot tear down: the instance is left to reap");
     let reap = Run::of(
-        crate::support::spotbuild(repo.path())
+        farm.with_key(&mut crate::support::spotbuild(repo.path()))
             .args(["reap", "--older-than", "0s", "--json", "--region", "us-east-1"])
             .env("SPOTBUILD_EC2_ENDPOINT", farm.ec2_endpoint())
-            .env("AWS_ACCESS_KEY_ID", "farm")
-            .env("AWS_SECRET_ACCESS_KEY", "farm"),
+            .env("AWS_EC2_METADATA_DISABLED", "true"),
     );
     assert_eq!(reap.code, 0, "{}\n{}", reap.stdout, reap.stderr);
     assert!(reap.stdout.contains(&instance), "{}", reap.stdout);

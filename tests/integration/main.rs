@@ -8,6 +8,7 @@ mod cli;
 mod cloud;
 mod compat;
 mod farm;
+mod farm_security;
 mod hash_properties;
 mod hashing;
 mod infra;

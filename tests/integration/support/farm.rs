@@ -124,6 +124,28 @@ impl LocalFarm {
         self.state["ec2_endpoint"].as_str().unwrap().to_string()
     }
 
+    /// The farm's key, which its emulator wants: (access key id, secret).
+    pub fn key(&self) -> (String, String) {
+        (self.state["access_key_id"].as_str().unwrap().to_string(), self.state["secret_access_key"].as_str().unwrap().to_string())
+    }
+
+    /// The farm's config for builds over SSM.
+    pub fn config_ssm(&self) -> PathBuf {
+        PathBuf::from(self.state["config_ssm"].as_str().unwrap())
+    }
+
+    /// An EC2 client signing with the farm's key.
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        let state: spotbuild::localfarm::FarmState = serde_json::from_value(self.state.clone()).unwrap();
+        spotbuild::localfarm::ec2_client(&state).await
+    }
+
+    /// `cmd` with the farm's key (and nothing else of the farm's).
+    pub fn with_key<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        let (id, secret) = self.key();
+        cmd.env("AWS_ACCESS_KEY_ID", id).env("AWS_SECRET_ACCESS_KEY", secret)
+    }
+
     /// The farm's config with `[cloud] endpoint` replaced (e.g. by a fault proxy), as a new file.
     pub fn config_with_endpoint(&self, endpoint: &str) -> PathBuf {
         let text = std::fs::read_to_string(self.config()).unwrap();
@@ -146,21 +168,21 @@ impl LocalFarm {
         // Through the environment, so that a test can still pass a --config of its own.
         cmd.env("SPOTBUILD_CONFIG", self.config())
             .env("SPOTBUILD", env!("CARGO_BIN_EXE_spotbuild"))
-            .env("AWS_ACCESS_KEY_ID", "farm")
-            .env("AWS_SECRET_ACCESS_KEY", "farm")
             .env("AWS_REGION", "us-east-1")
-            .env("TMPDIR", self.dir.path())
+            .env("TMPDIR", self.dir.path());
+        self.with_key(cmd)
     }
 
     pub fn hosts(&self) -> Vec<Value> {
         let url = format!("{}/hosts", self.state["control"].as_str().unwrap());
-        runtime().block_on(async { reqwest::get(&url).await.unwrap().json::<Vec<Value>>().await.unwrap() })
+        let token = self.state["token"].as_str().unwrap();
+        runtime().block_on(async { reqwest::Client::new().get(&url).bearer_auth(token).send().await.unwrap().json::<Vec<Value>>().await.unwrap() })
     }
 
     pub fn post(&self, path: &str) -> String {
         let url = format!("{}{path}", self.state["control"].as_str().unwrap());
         runtime().block_on(async {
-            let r = reqwest::Client::new().post(&url).send().await.unwrap();
+            let r = reqwest::Client::new().post(&url).bearer_auth(self.state["token"].as_str().unwrap()).send().await.unwrap();
             assert!(r.status().is_success(), "farm control {path}: {}", r.status());
             r.text().await.unwrap()
         })
@@ -168,9 +190,8 @@ impl LocalFarm {
 
     /// Instances the emulator says are pending or running.
     pub fn live_instances(&self) -> Vec<String> {
-        let endpoint = self.ec2_endpoint();
         runtime().block_on(async {
-            let ec2 = spotbuild::localfarm::ec2_client(&endpoint, "us-east-1").await;
+            let ec2 = self.ec2().await;
             let out = ec2.describe_instances().send().await.unwrap();
             out.reservations()
                 .iter()
@@ -183,9 +204,8 @@ impl LocalFarm {
 
     /// Every instance the emulator knows, in any state.
     pub fn all_instances(&self) -> usize {
-        let endpoint = self.ec2_endpoint();
         runtime().block_on(async {
-            let ec2 = spotbuild::localfarm::ec2_client(&endpoint, "us-east-1").await;
+            let ec2 = self.ec2().await;
             let out = ec2.describe_instances().send().await.unwrap();
             out.reservations().iter().map(|r| r.instances().len()).sum()
         })
