@@ -62,8 +62,24 @@ pub struct TrustConfig {
     #[serde(default = "default_true")]
     pub trusted_tags: bool,
     /// The repository prefix untrusted builds write under: `PREFIX/<this>/<project>`.
-    #[serde(default = "default_untrusted_prefix")]
+    #[serde(default = "default_untrusted_prefix", deserialize_with = "untrusted_prefix")]
     pub untrusted_prefix: String,
+}
+
+/// One lowercase repository path component: an empty or multi-part prefix could make the
+/// untrusted namespace the trusted one, or a project's own repository.
+fn untrusted_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    let ok = s.len() <= 64
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "untrusted_prefix {s:?} is not one lowercase repository path component (e.g. \"pr\"): untrusted builds must write a namespace of their own"
+        )))
+    }
 }
 
 fn default_trusted_branches() -> Vec<String> {
@@ -272,5 +288,15 @@ mod tests {
         assert!(glob("main", "main") && !glob("main", "mainline"));
         assert!(glob("release/*", "release/1") && !glob("release/*", "release/1/2"));
         assert!(glob("**", "a/b/c") && glob("*", "") && !glob("a*c", "abd"));
+    }
+
+    #[test]
+    fn the_untrusted_namespace_is_one_component_of_its_own() {
+        let parse = |v: &str| toml::from_str::<TrustConfig>(&format!("untrusted_prefix = {v:?}"));
+        assert_eq!(parse("pr-builds").unwrap().untrusted_prefix, "pr-builds");
+        for bad in ["", "pr/x", "PR", "-pr", "../x", &"p".repeat(65)] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("namespace of their own"), "{bad:?}: {e}");
+        }
     }
 }

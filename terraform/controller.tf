@@ -82,9 +82,11 @@ data "aws_iam_policy_document" "controller_common" {
   dynamic "statement" {
     for_each = local.ssm_mode ? [1] : []
     content {
-      #checkov:skip=CKV_AWS_356:GetCommandInvocation, ListCommands and CancelCommand have no resource-level permissions
+      #checkov:skip=CKV_AWS_356:GetCommandInvocation and CancelCommand have no resource-level permissions
+      # Not ListCommands: it returns commands' parameters (a presigned URL to a job), and
+      # the untrusted controller shares this statement.
       sid       = "FollowCommands"
-      actions   = ["ssm:GetCommandInvocation", "ssm:ListCommands", "ssm:CancelCommand"]
+      actions   = ["ssm:GetCommandInvocation", "ssm:CancelCommand"]
       resources = ["*"]
     }
   }

@@ -23,10 +23,28 @@ pub struct Verdict {
 pub struct Decision {
     pub terminate: Vec<Verdict>,
     pub keep: Vec<Verdict>,
-    /// Builds found dead (their heartbeat stopped while they ran): their ledger entries
-    /// are marked `abandoned`.
+    /// Builds found dead (their heartbeat stopped while they ran), with their key in the
+    /// heartbeats ([`beat_key`]): their ledger entries are marked `abandoned`.
     #[serde(skip)]
-    pub abandoned: Vec<Beat>,
+    pub abandoned: Vec<(String, Beat)>,
+}
+
+/// The longest an instance may be set to live: a `spotbuild:expires-at` further than this
+/// after its launch is not one spotbuild's controller wrote (its TTL is hours).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(48 * 3600);
+
+/// How long an instance without a valid `spotbuild:expires-at` is given: the controller
+/// tags at launch, so only something else launches without one.
+pub const UNTIMED_GRACE: Duration = Duration::from_secs(600);
+
+/// Where a build's heartbeat is read for one of its instances: a trusted instance's in the
+/// ledger, an untrusted one's (tagged `spotbuild:trust = untrusted`) in its untrusted part.
+/// So what an untrusted controller writes never decides about a trusted build's instances.
+pub fn beat_key(trust: Option<&str>, build_id: &str) -> String {
+    match trust {
+        Some("untrusted") => format!("untrusted/{build_id}"),
+        _ => build_id.to_string(),
+    }
 }
 
 /// What counts as dead.
@@ -43,11 +61,13 @@ fn ago(now: SystemTime, t: SystemTime) -> String {
     humantime::format_duration(Duration::from_secs(now.duration_since(t).unwrap_or_default().as_secs())).to_string()
 }
 
-/// Terminate a spotbuild instance when its `spotbuild:expires-at` has passed; when its
-/// build's heartbeat says the build is over, or stopped beating `heartbeat_window` ago;
-/// or (with `older_than`) when it was launched longer ago than that. Instances without the
-/// build-id tag are never touched; instances already ending are left alone. `beats` are
-/// the heartbeats of the instances' builds, by build id.
+/// Terminate a spotbuild instance when its `spotbuild:expires-at` has passed, or it has
+/// none that spotbuild could have written (missing, unreadable, or more than
+/// [`MAX_LIFETIME`] after launch) and was launched [`UNTIMED_GRACE`] ago; when its build's
+/// heartbeat says the build is over, or stopped beating `heartbeat_window` ago; or (with
+/// `older_than`) when it was launched longer ago than that. Instances without the build-id
+/// tag are never touched; instances already ending are left alone. `beats` are the
+/// heartbeats of the instances' builds, by [`beat_key`].
 pub fn decide(instances: &[Observed], beats: &BTreeMap<String, Beat>, now: SystemTime, rules: Rules) -> Decision {
     let mut d = Decision::default();
     for o in instances {
@@ -58,8 +78,11 @@ pub fn decide(instances: &[Observed], beats: &BTreeMap<String, Beat>, now: Syste
             continue;
         }
         let expires_raw = o.tags.get(tags::EXPIRES_AT).cloned();
-        let expires = expires_raw.as_deref().and_then(|t| humantime::parse_rfc3339_weak(t).ok());
         let age = o.launched_at.and_then(|t| now.duration_since(t).ok());
+        let expires = expires_raw
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+            .filter(|e| o.launched_at.is_none_or(|l| e.duration_since(l).map_or(true, |d| d <= MAX_LIFETIME)));
         let verdict = |reason: String| Verdict {
             instance_id: o.instance_id.clone(),
             build_id: Some(build_id.clone()),
@@ -67,7 +90,8 @@ pub fn decide(instances: &[Observed], beats: &BTreeMap<String, Beat>, now: Syste
             expires_at: expires_raw.clone(),
             reason,
         };
-        let beat = rules.heartbeat_window.and(beats.get(build_id));
+        let key = beat_key(o.tags.get(tags::TRUST).map(String::as_str), build_id);
+        let beat = rules.heartbeat_window.and(beats.get(&key));
         let last_beat = beat.and_then(Beat::at);
         let stale = match (rules.heartbeat_window, last_beat) {
             (Some(window), Some(at)) => now.duration_since(at).is_ok_and(|quiet| quiet > window),
@@ -75,6 +99,12 @@ pub fn decide(instances: &[Observed], beats: &BTreeMap<String, Beat>, now: Syste
         };
         if let Some(e) = expires.filter(|e| *e <= now) {
             d.terminate.push(verdict(format!("expired {} ago", ago(now, e))));
+        } else if let (None, Some(age)) = (expires, age.filter(|a| *a > UNTIMED_GRACE)) {
+            d.terminate.push(verdict(format!(
+                "no {} tag spotbuild could have written, and launched {} ago",
+                tags::EXPIRES_AT,
+                humantime::format_duration(Duration::from_secs(age.as_secs()))
+            )));
         } else if let (true, Some(at)) = (beat.is_some_and(|b| b.ended), last_beat) {
             d.terminate.push(verdict(format!("its build ended {} ago", ago(now, at))));
         } else if let (true, Some(b), Some(at)) = (stale, beat, last_beat) {
@@ -83,8 +113,8 @@ pub fn decide(instances: &[Observed], beats: &BTreeMap<String, Beat>, now: Syste
                 ago(now, at),
                 humantime::format_duration(rules.heartbeat_window.unwrap_or_default())
             )));
-            if !d.abandoned.iter().any(|a| a.build_id == b.build_id) {
-                d.abandoned.push(b.clone());
+            if !d.abandoned.iter().any(|(k, _)| *k == key) {
+                d.abandoned.push((key.clone(), b.clone()));
             }
         } else if let (Some(limit), Some(age)) = (rules.older_than, age.filter(|a| rules.older_than.is_some_and(|l| *a > l))) {
             d.terminate.push(verdict(format!(
@@ -100,7 +130,7 @@ pub fn decide(instances: &[Observed], beats: &BTreeMap<String, Beat>, now: Syste
             };
             let until = match expires {
                 Some(e) => format!("expires in {}", humantime::format_duration(Duration::from_secs(e.duration_since(now).unwrap_or_default().as_secs()))),
-                None => format!("no valid {} tag; use --older-than to reap it by age", tags::EXPIRES_AT),
+                None => format!("no valid {} tag; reaped {} after launch", tags::EXPIRES_AT, humantime::format_duration(UNTIMED_GRACE)),
             };
             d.keep.push(verdict(format!("{heartbeat}; {until}")));
         }
@@ -126,6 +156,7 @@ pub fn orphaned_templates(templates: &[Template], beats: &BTreeMap<String, Beat>
     let mut out = Vec::new();
     for t in templates {
         let Some(build_id) = &t.build_id else { continue };
+        // Templates carry no level here: only the trusted part speaks for them.
         let beat = rules.heartbeat_window.and(beats.get(build_id));
         let quiet = beat.and_then(Beat::at).and_then(|at| now.duration_since(at).ok());
         let age = t.created_at.and_then(|c| now.duration_since(c).ok());
@@ -247,8 +278,9 @@ mod tests {
         ];
         let d = decide(&list, &BTreeMap::new(), now, EXPIRY_ONLY);
         let ids = |v: &[Verdict]| v.iter().map(|x| x.instance_id.clone()).collect::<Vec<_>>();
-        assert_eq!(ids(&d.terminate), ["i-expired"]);
-        assert_eq!(ids(&d.keep), ["i-fresh", "i-untimed"]);
+        // An instance with no expiry spotbuild could have written is given ten minutes.
+        assert_eq!(ids(&d.terminate), ["i-expired", "i-untimed"]);
+        assert_eq!(ids(&d.keep), ["i-fresh"]);
         assert!(d.terminate[0].reason.starts_with("expired 16m"), "{}", d.terminate[0].reason);
 
         let rules = Rules {
@@ -257,6 +289,17 @@ mod tests {
         };
         let d = decide(&list, &BTreeMap::new(), now, rules);
         assert_eq!(ids(&d.terminate), ["i-expired", "i-untimed"], "--older-than reaps by age too, never i-foreign");
+
+        // Launched a minute ago without an expiry, or with one years away: the grace, then gone.
+        let far = rfc(at(9_940) + Duration::from_secs(365 * 86_400));
+        let young = vec![
+            instance("i-new-untimed", &[(tags::BUILD_ID, "b5".into())], InstanceState::Running, at(9_940)),
+            instance("i-forever", &[(tags::BUILD_ID, "b6".into()), (tags::EXPIRES_AT, far.clone())], InstanceState::Running, at(9_000)),
+        ];
+        let d = decide(&young, &BTreeMap::new(), now, EXPIRY_ONLY);
+        assert_eq!(ids(&d.keep), ["i-new-untimed"]);
+        assert_eq!(ids(&d.terminate), ["i-forever"]);
+        assert!(d.terminate[0].reason.starts_with("no spotbuild:expires-at tag spotbuild could have written"), "{}", d.terminate[0].reason);
     }
 
     #[test]
@@ -290,7 +333,20 @@ mod tests {
         assert!(d.terminate[1].reason.starts_with("its build ended"), "{}", d.terminate[1].reason);
         assert_eq!(ids(&d.keep), ["i-beating", "i-unknown"]);
         assert!(d.keep[1].reason.contains("no heartbeat in this ledger"), "{}", d.keep[1].reason);
-        assert_eq!(d.abandoned.iter().map(|b| b.build_id.as_str()).collect::<Vec<_>>(), ["b-killed"], "once per build");
+        assert_eq!(d.abandoned.iter().map(|(_, b)| b.build_id.as_str()).collect::<Vec<_>>(), ["b-killed"], "once per build");
+        // An untrusted instance reads only the untrusted part: a trusted build's heartbeat
+        // says nothing of it, and an untrusted part's beat says nothing of a trusted one's.
+        let untrusted = instance("i-pr", &[(tags::BUILD_ID, "b-alive".into()), (tags::TRUST, "untrusted".into()), (tags::EXPIRES_AT, fresh_expiry.clone())], InstanceState::Running, at(0));
+        let forged: BTreeMap<String, Beat> = [(beat_key(Some("untrusted"), "b-alive"), beats["b-alive"].clone()), ("b-killed".to_string(), beats["b-killed"].clone())]
+            .into_iter()
+            .map(|(k, mut b)| {
+                b.ended = k.starts_with("untrusted/");
+                (k, b)
+            })
+            .collect();
+        let d = decide(&[untrusted, tagged("i-trusted", "b-alive")], &forged, now, rules);
+        assert_eq!(ids(&d.terminate), ["i-pr"], "an untrusted beat ends only the untrusted instance");
+        assert_eq!(ids(&d.keep), ["i-trusted"]);
         // Without a ledger the heartbeats say nothing.
         let d = decide(&list, &beats, now, EXPIRY_ONLY);
         assert!(d.terminate.is_empty());

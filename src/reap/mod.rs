@@ -88,6 +88,7 @@ impl Reaper<'_> {
             .chain(templates.iter().filter_map(|t| t.build_id.clone()))
             .collect();
         let located = self.beats(builds.into_iter().collect(), &mut report.warnings).await;
+        // Keyed by decide::beat_key: the untrusted part's beats never stand for a trusted build.
         let beats: BTreeMap<String, Beat> = located.iter().map(|(id, (_, b))| (id.clone(), b.clone())).collect();
         let decision = decide::decide(&instances, &beats, now, self.rules);
         let ids: Vec<String> = decision.terminate.iter().map(|v| v.instance_id.clone()).collect();
@@ -107,8 +108,8 @@ impl Reaper<'_> {
             self.cloud.delete_template_ids(&template_ids).await?;
         }
         if !self.dry_run {
-            for beat in &decision.abandoned {
-                let Some((i, _)) = located.get(&beat.build_id) else { continue };
+            for (key, beat) in &decision.abandoned {
+                let Some((i, _)) = located.get(key) else { continue };
                 match self.mark_abandoned(self.ledgers[*i], beat).await {
                     Ok(true) => report.abandoned_builds.push(beat.build_id.clone()),
                     Ok(false) => {}
@@ -121,8 +122,9 @@ impl Reaper<'_> {
         Ok(report)
     }
 
-    /// The heartbeats of `builds`, by build id, from every part of the ledger (none without
-    /// a ledger; a part that fails is said and skipped).
+    /// The heartbeats of `builds`, by [`decide::beat_key`], from every part of the ledger
+    /// (none without a ledger; a part that fails is said and skipped). The first ledger is
+    /// the trusted one; any other is its untrusted part.
     async fn beats(&self, builds: Vec<String>, warnings: &mut Vec<String>) -> BTreeMap<String, (usize, Beat)> {
         let mut out = BTreeMap::new();
         if self.rules.heartbeat_window.is_none() || builds.is_empty() {
@@ -130,7 +132,7 @@ impl Reaper<'_> {
         }
         for (i, ledger) in self.ledgers.iter().enumerate() {
             match tokio::time::timeout(LEDGER_CALL_TIMEOUT, ledger.beats(&builds)).await {
-                Ok(Ok(beats)) => out.extend(beats.into_iter().map(|b| (b.build_id.clone(), (i, b)))),
+                Ok(Ok(beats)) => out.extend(beats.into_iter().map(|b| (decide::beat_key((i > 0).then_some("untrusted"), &b.build_id), (i, b)))),
                 Ok(Err(e)) => warnings.push(format!("heartbeats in {} could not be read, so only expiry applied there: {}", ledger.place(), error_chain(&e))),
                 Err(_) => warnings.push(format!("{} did not answer within {}s, so only expiry applied there", ledger.place(), LEDGER_CALL_TIMEOUT.as_secs())),
             }

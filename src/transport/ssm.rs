@@ -7,8 +7,9 @@
 //! them on. The object is deleted as soon as the command ends, which also makes the URL
 //! useless. Every wait is bounded. Closing cancels running streams and deletes what this
 //! transport put under its prefix.
-//! Assumptions: the instance runs the SSM agent and its instance profile may read and write
-//! under the prefix in the bucket (`terraform/` grants exactly that).
+//! Assumptions: the instance runs the SSM agent and its instance profile may put objects
+//! under its own part of the prefix in the bucket (`terraform/` grants exactly that); it
+//! reads a command's input through the presigned URL only.
 //! Caveats: the presigned URL is visible in the command's parameters to principals that can
 //! read SSM command history, until the object is deleted or the URL expires
 //! (`command_timeout`). SSM keeps at most 24,000 characters of a command's stdout; `exec`

@@ -370,10 +370,13 @@ fn untrusted_code_cannot_write_the_trusted_cache_or_the_ledger() {
     let is_trusted_repo = |r: &String| r.contains("local.repo_arns") || r.contains("aws_ecr_repository.project");
     let mut pulls_trusted = false;
     let mut pushes = 0;
+    let mut denies_parameters = false;
     for st in effective_statements(&files, "instance_untrusted") {
         let actions = strings(&st["actions"]);
         let resources = strings(&st["resources"]);
         if strings(&st["effect"]) == ["Deny"] {
+            // SSM core lets an instance read every parameter; untrusted code reads none.
+            denies_parameters |= resources == ["*"] && ["ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"].iter().all(|a| actions.iter().any(|x| x == a));
             continue;
         }
         if actions.iter().any(|a| ECR_WRITES.contains(&a.as_str())) {
@@ -388,6 +391,14 @@ fn untrusted_code_cannot_write_the_trusted_cache_or_the_ledger() {
         assert!(!actions.iter().any(|a| a.contains('*')), "a wildcard action: {st}");
     }
     assert!(pulls_trusted, "untrusted instances read the trusted cache");
+    assert!(denies_parameters, "untrusted instances may read SSM parameters");
+    // No controller may list commands: ListCommands returns every command's parameters
+    // (presigned URLs to jobs), and has no resource-level permissions.
+    for name in ["controller", "controller_untrusted"] {
+        for st in effective_statements(&files, name) {
+            assert!(!strings(&st["actions"]).iter().any(|a| a == "ssm:ListCommands"), "{name} lists commands: {st}");
+        }
+    }
     assert_eq!(pushes, 1, "untrusted instances push to their namespace");
     // The untrusted profile carries the untrusted role, whose one inline policy is that
     // document; besides it, only SSM core is attached.
