@@ -270,6 +270,7 @@ async fn up_background(
 }
 
 async fn down(dir: &Path, timeout: Duration) -> Result<Exit, Error> {
+    readable_state(dir).await?;
     let Some(state) = localfarm::read_state(dir).await else {
         eprintln!("no farm is running in {}", dir.display());
         return Ok(Exit::Success);
@@ -290,13 +291,19 @@ async fn down(dir: &Path, timeout: Duration) -> Result<Exit, Error> {
     Ok(Exit::Success)
 }
 
-async fn state_or_err(dir: &Path) -> Result<FarmState, Error> {
+/// Fails when the state file is there but not ours to read (it is the owner's alone).
+async fn readable_state(dir: &Path) -> Result<(), Error> {
     let path = dir.join(localfarm::STATE_FILE);
-    if let Err(e) = tokio::fs::File::open(&path).await {
-        if e.kind() == std::io::ErrorKind::PermissionDenied {
-            return Err(Error::new(Exit::Usage, format!("{} is the farm owner's alone", path.display())).hint("run it as the user who started the farm (sudo)"));
+    match tokio::fs::File::open(&path).await {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            Err(Error::new(Exit::Usage, format!("{} is the farm owner's alone", path.display())).hint("run it as the user who started the farm (sudo)"))
         }
+        _ => Ok(()),
     }
+}
+
+async fn state_or_err(dir: &Path) -> Result<FarmState, Error> {
+    readable_state(dir).await?;
     localfarm::read_state(dir)
         .await
         .filter(|s| localfarm::pid_alive(s.pid))
@@ -319,7 +326,7 @@ async fn status(dir: &Path, json: bool) -> Result<Exit, Error> {
     if json {
         let mut farm = serde_json::to_value(&state).expect("serialisable");
         // Secrets stay in farm.json: `farm env` prints the key for a shell that asks.
-        for secret in ["token", "secret_access_key"] {
+        for secret in ["token", "access_key_id", "secret_access_key"] {
             farm.as_object_mut().map(|o| o.remove(secret));
         }
         let _ = writeln!(out, "{}", serde_json::json!({ "farm": farm, "hosts": hosts }));

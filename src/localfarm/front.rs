@@ -1,15 +1,19 @@
 //! The farm's doors to the AWS emulator. The emulator (moto server) runs in a network
 //! namespace of its own, with nothing but loopback, so nothing reaches it except through a
 //! door the farm opens:
-//! - the owner's door, on this machine's loopback, lets in only requests signed with the
-//!   farm's key (written to the farm's state file, mode 0600), and answers SSM's command
-//!   calls itself by running the script on the host ([`super::ssm`]);
+//! - the owner's door, on this machine's loopback, lets in only requests signed (SigV4, in
+//!   the `Authorization` header) with the farm's key, whose secret is in the farm's state
+//!   file (mode 0600), and answers SSM's command calls itself by running the script on the
+//!   host ([`super::ssm`]);
 //! - each host's door, inside the host, lets in only S3 requests for the transport bucket,
 //!   as an instance role's policy would.
 //!
-//! Guarantees: no request reaches the emulator without passing one of the two policies.
-//! Caveats: the owner's door checks the key id a request was signed with, not the
-//! signature: the key id is a bearer token on loopback, as secret as the state file.
+//! Guarantees: no request reaches the emulator without passing one of the two policies. The
+//! owner's door checks the signature, not only the key id (which travels in presigned URLs
+//! and so on command lines), and takes no presigned URL at all: those are for hosts.
+//! Caveats: a signed request could be replayed within [`MAX_SKEW`] by someone who saw it
+//! whole, which takes root on this machine; the hosts' doors check no signature (the
+//! emulator has no IAM to check one against), only what they let through.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,8 +24,9 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
 
-use super::{netns, ssm};
+use super::{netns, sigv4, ssm};
 
 /// Where the emulator listens: an address inside its private namespace.
 #[derive(Debug, Clone)]
@@ -33,8 +38,8 @@ pub struct Upstream {
 /// Who a door lets in.
 #[derive(Clone)]
 pub enum Policy {
-    /// The farm's owner: requests signed with this key id; SSM command calls go to `ssm`.
-    Owner { key_id: String, ssm: Arc<ssm::Runner> },
+    /// The farm's owner: requests signed with this key; SSM command calls go to `ssm`.
+    Owner { key_id: String, secret: String, ssm: Arc<ssm::Runner> },
     /// A host: S3 requests for objects in `bucket`, nothing else.
     Host { bucket: String },
 }
@@ -106,14 +111,35 @@ fn denied(why: &str) -> Response {
     (StatusCode::FORBIDDEN, format!("spotbuild farm: {why}\n")).into_response()
 }
 
+/// How far a signed request's time may be from this machine's.
+pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
+
+/// Bodies the owner's door hashes itself (EC2's and SSM's; S3's carry their hash).
+const HASHED_BODY_LIMIT: usize = 16 << 20;
+
 async fn enter(State(door): State<Arc<Door>>, req: Request) -> Response {
-    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
-    let cred = credential(auth, req.uri().query());
+    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
+    let cred = credential(auth.as_deref(), req.uri().query());
+    let mut req = req;
     match &door.policy {
-        Policy::Owner { key_id, ssm } => {
-            if !cred.as_ref().is_some_and(|c| same_secret(&c.key_id, key_id)) {
+        Policy::Owner { key_id, secret, ssm } => {
+            let signed_by_owner = auth.is_some() && cred.as_ref().is_some_and(|c| same_secret(&c.key_id, key_id));
+            if !signed_by_owner {
                 return denied("requests must be signed with the farm's key (`spotbuild farm env` prints it)");
             }
+            let (parts, body) = req.into_parts();
+            // The payload's hash: S3's requests say it (and stream); others are hashed here.
+            let (payload, body) = match parts.headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()) {
+                Some(h) => (h.to_string(), body),
+                None => match axum::body::to_bytes(body, HASHED_BODY_LIMIT).await {
+                    Ok(b) => (hex::encode(Sha256::digest(&b)), Body::from(b)),
+                    Err(_) => return denied("a request body over 16 MiB without x-amz-content-sha256"),
+                },
+            };
+            if let Err(why) = sigv4::verify(&parts, &payload, secret, std::time::SystemTime::now()) {
+                return denied(&format!("the request's signature does not hold: {why}"));
+            }
+            req = Request::from_parts(parts, body);
             let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default();
             if let Some(op) = target.strip_prefix("AmazonSSM.") {
                 if ssm::Runner::answers(op) {

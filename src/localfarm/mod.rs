@@ -17,6 +17,7 @@
 pub mod front;
 pub mod host;
 pub mod netns;
+pub mod sigv4;
 pub mod ssm;
 pub mod user;
 
@@ -312,6 +313,7 @@ async fn run_owned(
         upstream.clone(),
         front::Policy::Owner {
             key_id: access_key_id.clone(),
+            secret: secret_access_key.clone(),
             ssm: runner,
         },
     );
@@ -774,7 +776,12 @@ shutdown_command = []
         config = s.dir.join(file).display(),
         // The SSM agent registers, and writes to the bucket, with the instance's role; the
         // farm's metadata service hands out its credentials.
-        profile = if ssm { format!("instance_profile = \"{}\"\n", host::INSTANCE_ROLE) } else { String::new() },
+        // Both levels: the farm emulates no IAM, so one role stands for both.
+        profile = if ssm {
+            format!("instance_profile = \"{0}\"\nuntrusted_instance_profile = \"{0}\"\n", host::INSTANCE_ROLE)
+        } else {
+            String::new()
+        },
         other = if ssm { CONFIG_FILE } else { CONFIG_SSM_FILE },
         other_transport = if ssm { "SSH" } else { "SSM" },
         ledger = s.dir.join("ledger.sqlite").display(),
@@ -849,7 +856,17 @@ async fn is_file(p: &Path) -> bool {
 
 async fn spawn(cmd: &mut tokio::process::Command, log: &Path) -> Result<tokio::process::Child, FarmError> {
     let what = format!("create {}", log.display());
-    let log = tokio::fs::File::create(log).await.map_err(io_err(&what))?.into_std().await;
+    // The owner's alone: a service's log shows requests (presigned URLs among them).
+    let log = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(log)
+        .await
+        .map_err(io_err(&what))?
+        .into_std()
+        .await;
     let err = log.try_clone().map_err(io_err(&what))?;
     // SAFETY: prctl(2) in the child before exec: it dies with the farm, even after a SIGKILL.
     unsafe {

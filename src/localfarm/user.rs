@@ -28,7 +28,7 @@ pub enum UserError {
     Command { what: String, stderr: String },
     #[error("the Docker socket {0} belongs to group root: a non-root build user could not use it")]
     DockerGroup(PathBuf),
-    #[error("`{0}` is not a build user the farm accepts: a lowercase name other than root")]
+    #[error("`{0}` is not a build user the farm accepts: a lowercase name other than root, whose uid and gid are not 0")]
     Name(String),
 }
 
@@ -61,6 +61,9 @@ pub async fn ensure(name: &str) -> Result<BuildUser, UserError> {
         what: format!("find the build user {name}"),
         stderr: "not in the passwd database after useradd".into(),
     })?;
+    if entry.0 == 0 || entry.1 == 0 {
+        return Err(UserError::Name(name.to_string()));
+    }
     if !groups_of(name).await?.contains(&docker_gid) {
         run(&["usermod", "--append", "--groups", &docker_gid.to_string(), name], &format!("add {name} to the Docker socket's group")).await?;
     }

@@ -371,7 +371,7 @@ fn no_fault_in_any_phase_leaves_an_instance_a_template_or_an_unrecorded_build() 
     docker_required();
     let full = std::env::var("SPOTBUILD_CHAOS").is_ok_and(|v| v == "full");
     let farm = LocalFarm::start();
-    let proxy = FaultProxy::start(&farm.ec2_endpoint());
+    let proxy = farm.fault_proxy();
     let config = chaos_config(&farm, &proxy);
     let repo = chaos_repo();
     let mut rows = Vec::new();
@@ -393,7 +393,7 @@ fn no_fault_in_any_phase_leaves_an_instance_a_template_or_an_unrecorded_build() 
 fn three_interruptions_in_a_row_then_success_on_demand() {
     docker_required();
     let farm = LocalFarm::start();
-    let proxy = FaultProxy::start(&farm.ec2_endpoint());
+    let proxy = farm.fault_proxy();
     // The breaker opens after the third interruption.
     let text = std::fs::read_to_string(chaos_config(&farm, &proxy)).unwrap().replace("[cloud]\n", "[cloud]\nspot_breaker = { threshold = 3 }\n");
     let config = farm.dir.path().join("interrupted.toml");

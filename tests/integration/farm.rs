@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::support::docker::{docker_out, docker_required, unique, BUSYBOX};
 use crate::support::farm::LocalFarm;
-use crate::support::fault_proxy::{Fault, FaultProxy};
+use crate::support::fault_proxy::Fault;
 use crate::support::repo::TestRepo;
 use crate::support::Run;
 
@@ -99,7 +99,7 @@ fn a_cold_build_then_no_change_then_one_file_changed() {
     assert_eq!(rep["builds"][0]["result"], "success");
 
     // 2. No change: nothing to do, no launch (not even an API call), well under 2 s.
-    let proxy = FaultProxy::start(&farm.ec2_endpoint());
+    let proxy = farm.fault_proxy();
     let config = farm.config_with_endpoint(&proxy.endpoint());
     let started = Instant::now();
     let again = Run::of(farm.spotbuild(repo.path()).arg("--config").arg(&config).args(["build", "--all"]));
@@ -204,7 +204,7 @@ fn when_every_spot_pool_fails_the_build_runs_on_demand() {
     docker_required();
     let farm = LocalFarm::start();
     let repo = farm_repo(None, PASSING_TEST);
-    let proxy = FaultProxy::start(&farm.ec2_endpoint());
+    let proxy = farm.fault_proxy();
     proxy.inject("CreateFleet", Some("DefaultTargetCapacityType=spot"), 1, Fault::FleetErrors { code: "InsufficientInstanceCapacity" });
     let config = farm.config_with_endpoint(&proxy.endpoint());
     let run = Run::of(farm.spotbuild(repo.path()).arg("--config").arg(&config).args(["build", "--all", "--json"]));

@@ -86,20 +86,30 @@ fn the_farm_answers_only_its_owner_and_hosts_never_run_as_root() {
     let state = farm.dir.path().join("farm.json");
     assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o600);
 
-    // Without the key, the emulator is out of reach: unsigned, or signed with another key.
+    // Without the key, the emulator is out of reach: unsigned, signed with another key, or
+    // with the farm's key id (it travels in presigned URLs) but not its secret.
+    let (key_id, secret) = farm.key();
     let (status, denied) = runtime().block_on(async {
         let unsigned = reqwest::Client::new().post(farm.ec2_endpoint()).body("Action=DescribeInstances&Version=2016-11-15").send().await.unwrap().status();
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .endpoint_url(farm.ec2_endpoint())
-            .region(aws_sdk_ec2::config::Region::new("us-east-1"))
-            .credentials_provider(aws_sdk_ec2::config::Credentials::new("AKIAANYONE", "anything", None, None, "test"))
-            .load()
-            .await;
-        let other = aws_sdk_ec2::Client::new(&config).describe_instances().send().await;
-        (unsigned, other.is_err())
+        let mut denied = Vec::new();
+        for (id, secret) in [("AKIAANYONE", "anything"), (key_id.as_str(), "not the secret")] {
+            let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .endpoint_url(farm.ec2_endpoint())
+                .region(aws_sdk_ec2::config::Region::new("us-east-1"))
+                .credentials_provider(aws_sdk_ec2::config::Credentials::new(id, secret, None, None, "test"))
+                .load()
+                .await;
+            denied.push(aws_sdk_ec2::Client::new(&config).describe_instances().send().await.is_err());
+        }
+        (unsigned, denied)
     });
     assert_eq!(status, reqwest::StatusCode::FORBIDDEN);
-    assert!(denied, "another key is refused");
+    assert_eq!(denied, [true, true], "another key, or the key id without its secret, is refused");
+    // No service log is readable by anyone but the farm's owner.
+    for log in ["moto.log", "registry.log"] {
+        let mode = std::fs::metadata(farm.dir.path().join(log)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{log}");
+    }
     // Without the token, the control API is out of reach.
     let control = runtime().block_on(async { reqwest::get(format!("{}/hosts", farm.state["control"].as_str().unwrap())).await.unwrap().status() });
     assert_eq!(control, reqwest::StatusCode::UNAUTHORIZED);
@@ -126,7 +136,6 @@ fn the_farm_answers_only_its_owner_and_hosts_never_run_as_root() {
     }
 
     // Commands (SSM's) run as the build user, with the Docker socket's group, never root.
-    let (key_id, secret) = farm.key();
     let (status, out) = runtime().block_on(async {
         let client = ssm(&farm, (&key_id, &secret)).await;
         run_command(&client, &as_root, "id -un; id -u; id -G").await

@@ -134,6 +134,11 @@ impl LocalFarm {
         PathBuf::from(self.state["config_ssm"].as_str().unwrap())
     }
 
+    /// A fault proxy in front of the farm's EC2 endpoint (it signs again what it rewrites).
+    pub fn fault_proxy(&self) -> super::fault_proxy::FaultProxy {
+        super::fault_proxy::FaultProxy::start_signed(&self.ec2_endpoint(), &self.key().1)
+    }
+
     /// An EC2 client signing with the farm's key.
     pub async fn ec2(&self) -> aws_sdk_ec2::Client {
         let state: spotbuild::localfarm::FarmState = serde_json::from_value(self.state.clone()).unwrap();

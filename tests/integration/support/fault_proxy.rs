@@ -48,6 +48,9 @@ struct Shared {
     hide_new_for: Mutex<Option<Duration>>,
     /// Instance ids EC2 "does not know yet", until when.
     hidden: Mutex<Vec<(String, Instant)>>,
+    /// The secret requests are signed with, when the upstream checks signatures (the local
+    /// farm's): a body rewritten here is signed again.
+    secret: Option<String>,
 }
 
 pub struct FaultProxy {
@@ -58,8 +61,18 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     pub fn start(upstream: &str) -> FaultProxy {
+        FaultProxy::start_with(upstream, None)
+    }
+
+    /// In front of an upstream that checks signatures made with `secret`.
+    pub fn start_signed(upstream: &str, secret: &str) -> FaultProxy {
+        FaultProxy::start_with(upstream, Some(secret.to_string()))
+    }
+
+    fn start_with(upstream: &str, secret: Option<String>) -> FaultProxy {
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
+            secret,
             ..Default::default()
         });
         let server = super::server::TestServer::start(axum::Router::new().fallback(handle).with_state(shared.clone()));
@@ -225,6 +238,15 @@ async fn handle(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers:
         }
         Some(Fault::FleetPoolFails { instance_type, code }) => {
             let (body, failed) = without_pool(&text, instance_type);
+            let mut headers = headers.clone();
+            if let Some(secret) = &s.secret {
+                let mut req = axum::http::Request::builder().method(method.clone()).uri(uri.clone()).body(()).unwrap();
+                *req.headers_mut() = headers.clone();
+                let (parts, ()) = req.into_parts();
+                let payload = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+                let auth = spotbuild::localfarm::sigv4::resign(&parts, &payload, secret).expect("a signed request");
+                headers.insert("authorization", auth.parse().unwrap());
+            }
             let answer = forward(&s, method, &uri, &headers, Bytes::from(body)).await;
             let (status, xml) = answer;
             let items = fleet_errors_xml(&failed, code);
@@ -261,7 +283,8 @@ async fn forward(s: &Shared, method: Method, uri: &Uri, headers: &HeaderMap, bod
     let client = reqwest::Client::new();
     let mut req = client.request(method, url).body(body);
     for (k, v) in headers.iter() {
-        if k != "host" && k != "content-length" {
+        // The Host header too: requests to the farm are signed over it.
+        if k != "content-length" {
             req = req.header(k, v);
         }
     }
