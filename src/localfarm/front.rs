@@ -68,7 +68,7 @@ pub fn credential(authorization: Option<&str>, query: Option<&str>) -> Option<Cr
         Some(a) => a.split("Credential=").nth(1)?.split([',', ' ']).next()?.to_string(),
         None => {
             let raw = query?.split('&').find_map(|kv| kv.strip_prefix("X-Amz-Credential="))?;
-            percent_decode(raw)?
+            super::sigv4::percent_decode(raw)
         }
     };
     // KEY/DATE/REGION/SERVICE/aws4_request
@@ -82,25 +82,6 @@ pub fn credential(authorization: Option<&str>, query: Option<&str>) -> Option<Cr
     }
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
 
 /// Compares secrets in time independent of where they differ.
 pub fn same_secret(a: &str, b: &str) -> bool {
