@@ -118,6 +118,7 @@ async fn enter(State(door): State<Arc<Door>>, req: Request) -> Response {
                 },
             };
             if let Err(why) = sigv4::verify(&parts, &payload, secret, std::time::SystemTime::now()) {
+                tracing::warn!(%why, method = %parts.method, path = %parts.uri.path(), "refused a request to the emulator");
                 return denied(&format!("the request's signature does not hold: {why}"));
             }
             req = Request::from_parts(parts, body);
