@@ -5,11 +5,13 @@
 //! by the build manifest ([`manifest`]). The [`agent`] turns a job ([`protocol`]) into
 //! pushed images and passed test tags. The controller ([`farm`]) rents an instance
 //! ([`cloud`]), reaches it ([`transport`]) and runs the agent there; [`localfarm`] emulates
-//! all of that on one machine. [`cli`] is the command-line surface.
+//! all of that on one machine. [`deploy`] promotes a green commit's images to an
+//! environment. [`cli`] is the command-line surface.
 
 pub mod agent;
 pub mod cli;
 pub mod cloud;
+pub mod deploy;
 pub mod errors;
 pub mod farm;
 pub mod ledger;

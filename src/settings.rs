@@ -37,6 +37,42 @@ pub struct Config {
     /// Which refs are trusted, and where untrusted builds write.
     #[serde(default)]
     pub trust: crate::trust::TrustConfig,
+    /// Where `spotbuild deploy` promotes images, and how long its hooks may take.
+    #[serde(default)]
+    pub deploy: DeployConfig,
+}
+
+/// `[deploy]`: the registry images are promoted to (`--to` takes precedence; the build
+/// registry when neither is set) and the bound on each hook.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployConfig {
+    /// `HOST[:PORT][/PREFIX]` of the deploy registry.
+    pub registry: Option<String>,
+    /// How to authenticate to it; basic credentials come from
+    /// SPOTBUILD_DEPLOY_REGISTRY_USERNAME and SPOTBUILD_DEPLOY_REGISTRY_PASSWORD.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// AWS region for its ECR tokens when the host does not say.
+    pub region: Option<String>,
+    /// Bound on one project's hook, unless its manifest entry sets `deploy.timeout`.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde_compat")]
+    pub hook_timeout: Duration,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig {
+            registry: None,
+            auth: AuthMode::Auto,
+            region: None,
+            hook_timeout: default_hook_timeout(),
+        }
+    }
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 
 /// How the planner reads the manifest.

@@ -33,6 +33,8 @@ pub enum Exit {
     Interrupted,
     /// The cloud API refused or failed a request that has no safe fallback.
     Cloud,
+    /// `deploy` refused: the graph at the commit is not green (nothing was touched).
+    NotGreen,
     /// Stopped by SIGINT (instances were terminated first).
     Sigint,
     /// Stopped by SIGTERM, e.g. a cancelled CI job (instances were terminated first).
@@ -54,6 +56,7 @@ impl Exit {
             Exit::Registry => 5,
             Exit::Interrupted => 6,
             Exit::Cloud => 7,
+            Exit::NotGreen => 8,
             Exit::Sigint => 130,
             Exit::Sigterm => 143,
             Exit::Command(code) => code,
@@ -72,6 +75,7 @@ pub const EXIT_TABLE: &[(&str, &str)] = &[
     ("5", "registry error where no safe fallback exists, wherever it happens, also when re-planning between attempts"),
     ("6", "interrupted by a spot interruption notice (remote: on every attempt); retrying is safe"),
     ("7", "cloud API error (permissions, configuration, unreachable), or a remote build ended by an error another attempt would not fix"),
+    ("8", "`deploy` refused: a `cache-<hash>` or test success tag is missing at the commit (each is listed); nothing was touched"),
     ("101", "internal error (a bug: please report it)"),
     ("130, 143", "stopped by SIGINT, SIGTERM (the build's instances were terminated first)"),
 ];
@@ -98,6 +102,8 @@ Exit codes:
   6    interrupted (spot interruption notice); retrying is safe
   7    cloud API error (permissions, configuration, unreachable), or a remote build
        that could not finish for a reason another attempt would not fix
+  8    deploy refused: the graph is not green (what is missing is listed;
+       nothing was touched)
   130  stopped by SIGINT; 143 stopped by SIGTERM (instances terminated first)
   101  internal error (a bug: please report it)";
 

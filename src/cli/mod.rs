@@ -3,6 +3,7 @@
 
 mod agent;
 mod build;
+mod deploy;
 pub mod error;
 mod farm;
 mod manifest;
@@ -52,6 +53,7 @@ pub enum Command {
     Build(build::BuildArgs),
     Test(oneoff::TestArgs),
     Run(oneoff::RunArgs),
+    Deploy(deploy::DeployArgs),
     Manifest(manifest::ManifestArgs),
     Registry(manifest::RegistryArgs),
     Reap(reap::ReapArgs),
@@ -114,6 +116,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Build(args) => build::run(cli.repo, cli.config, args).await,
         Command::Test(args) => oneoff::test(cli.repo, cli.config, args).await,
         Command::Run(args) => oneoff::run(cli.repo, cli.config, args).await,
+        Command::Deploy(args) => deploy::run(cli.repo, cli.config, args).await,
         Command::Manifest(args) => manifest::run(cli.repo, cli.config, args).await,
         Command::Registry(args) => manifest::registry(cli.repo, cli.config, args).await,
         Command::Reap(args) => reap::run(args).await,

@@ -365,7 +365,7 @@ fn summary(r: &BuildRecord, entry: &crate::ledger::BuildEntry, out: &mut impl Wr
 }
 
 /// The CI job's URL, for the instance's `spotbuild:owner` tag.
-fn ci_job_url() -> Option<String> {
+pub(super) fn ci_job_url() -> Option<String> {
     ["CIRCLE_BUILD_URL", "BUILD_URL", "CI_JOB_URL"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))

@@ -125,6 +125,24 @@ impl Repo {
         Ok(obj.id())
     }
 
+    /// The names of the tags (lightweight or annotated) that point at `commit`, sorted.
+    pub fn tags_at(&self, commit: CommitId) -> Result<Vec<String>, GitError> {
+        let read = |source| GitError::Read {
+            what: "the repository's tags".into(),
+            source,
+        };
+        let mut tags = Vec::new();
+        for r in self.inner.references_glob("refs/tags/*").map_err(read)? {
+            let r = r.map_err(read)?;
+            let points_here = r.peel_to_commit().map(|c| c.id() == commit).unwrap_or(false);
+            if let (true, Some(name)) = (points_here, r.shorthand()) {
+                tags.push(name.to_string());
+            }
+        }
+        tags.sort();
+        Ok(tags)
+    }
+
     pub fn commit_message(&self, commit: CommitId) -> Result<String, GitError> {
         let c = self.find_commit(commit)?;
         Ok(String::from_utf8_lossy(c.message_bytes()).into_owned())

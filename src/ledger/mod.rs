@@ -140,6 +140,36 @@ impl Beat {
     }
 }
 
+/// One project's part in one `spotbuild deploy`: what the environment got, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployEntry {
+    pub schema: u32,
+    pub deploy_id: String,
+    pub env: String,
+    pub project: String,
+    pub commit: String,
+    /// The project's content hash at the commit.
+    pub hash: String,
+    /// The image's manifest digest (equal in both registries).
+    pub digest: String,
+    /// `HOST/REPOSITORY` the image was promoted to.
+    pub destination: String,
+    /// `deployed`, `unchanged`, `failed` or `skipped`.
+    pub action: String,
+    pub tags: Vec<String>,
+    /// The hook's outcome: `ok`, `failed: …`, `timed out`, `not run`, or none without a hook.
+    pub hook: Option<String>,
+    pub ci_job_url: Option<String>,
+    /// RFC 3339.
+    pub at: String,
+}
+
+impl DeployEntry {
+    pub fn at(&self) -> Option<SystemTime> {
+        humantime::parse_rfc3339_weak(&self.at).ok()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("the ledger at {place} failed: {message}")]
@@ -177,6 +207,27 @@ pub trait LedgerStore: Send + Sync {
 
     /// The heartbeats of these builds (those that have one).
     fn beats<'a>(&'a self, build_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<Beat>, LedgerError>>;
+
+    /// Writes (or rewrites) one project's record of a deploy.
+    fn record_deploy<'a>(&'a self, entry: &'a DeployEntry) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let _ = entry;
+        Box::pin(async move { Err(self.keeps_no_deploys()) })
+    }
+
+    /// Deploy records made in `[since, until)`, oldest first.
+    fn deploys(&self, since: SystemTime, until: SystemTime) -> BoxFuture<'_, Result<Vec<DeployEntry>, LedgerError>> {
+        let _ = (since, until);
+        Box::pin(async move { Err(self.keeps_no_deploys()) })
+    }
+
+    /// The error of a store that does not keep deploy records.
+    fn keeps_no_deploys(&self) -> LedgerError {
+        LedgerError::Store {
+            place: self.place(),
+            message: "this ledger keeps no deploy records".into(),
+            source: None,
+        }
+    }
 }
 
 /// A ledger location as the user gives it.

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
-use super::{Beat, BuildEntry, Interruption, LedgerError, LedgerStore};
+use super::{Beat, BuildEntry, DeployEntry, Interruption, LedgerError, LedgerStore};
 use crate::objects::{ObjectError, ObjectStore};
 
 pub struct S3Ledger {
@@ -185,6 +185,37 @@ impl LedgerStore for S3Ledger {
                 .await
                 .map_err(|e| self.error(e))?;
             Ok(bodies.into_iter().flatten().filter_map(|b| serde_json::from_slice(&b).ok()).collect())
+        }
+        .boxed()
+    }
+
+    fn record_deploy<'a>(&'a self, entry: &'a DeployEntry) -> BoxFuture<'a, Result<(), LedgerError>> {
+        async move {
+            let at = entry.at().unwrap_or_else(SystemTime::now);
+            let key = self.key(&format!("deploys/{}/{}-{}.json", day(at), entry.deploy_id, entry.project));
+            let body = serde_json::to_vec_pretty(entry).expect("an entry always serialises");
+            self.objects.put(&key, body).await.map_err(|e| self.error(e))
+        }
+        .boxed()
+    }
+
+    fn deploys(&self, since: SystemTime, until: SystemTime) -> BoxFuture<'_, Result<Vec<DeployEntry>, LedgerError>> {
+        async move {
+            let keys = self.keys("deploys", since, until).await?;
+            let bodies: Vec<Option<Vec<u8>>> = futures::stream::iter(keys)
+                .map(|k| async move { self.objects.get(&k).await })
+                .buffered(16)
+                .try_collect()
+                .await
+                .map_err(|e| self.error(e))?;
+            let mut entries: Vec<DeployEntry> = bodies
+                .into_iter()
+                .flatten()
+                .filter_map(|b| serde_json::from_slice::<DeployEntry>(&b).ok())
+                .filter(|e| e.at().is_some_and(|t| t >= since && t < until))
+                .collect();
+            entries.sort_by(|a, b| (a.at(), &a.deploy_id, &a.project).cmp(&(b.at(), &b.deploy_id, &b.project)));
+            Ok(entries)
         }
         .boxed()
     }

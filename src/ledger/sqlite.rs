@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use rusqlite::{params, Connection};
 
-use super::{Beat, BuildEntry, Interruption, LedgerError, LedgerStore};
+use super::{Beat, BuildEntry, DeployEntry, Interruption, LedgerError, LedgerStore};
 
 pub struct SqliteLedger {
     path: PathBuf,
@@ -56,7 +56,15 @@ impl SqliteLedger {
              CREATE TABLE IF NOT EXISTS beats (
                  build_id TEXT PRIMARY KEY,
                  entry    TEXT NOT NULL
-             );",
+             );
+             CREATE TABLE IF NOT EXISTS deploys (
+                 deploy_id TEXT NOT NULL,
+                 project   TEXT NOT NULL,
+                 at        TEXT NOT NULL,
+                 entry     TEXT NOT NULL,
+                 PRIMARY KEY (deploy_id, project)
+             );
+             CREATE INDEX IF NOT EXISTS deploys_at ON deploys (at);",
         )
         .map_err(|e| store_error(path, e))?;
         Ok(SqliteLedger {
@@ -199,6 +207,35 @@ impl LedgerStore for SqliteLedger {
                         }
                     }
                     Ok(out)
+                })
+                .await?;
+            rows.iter().map(|r| serde_json::from_str(r).map_err(|e| store_error(&path, e))).collect()
+        }
+        .boxed()
+    }
+
+    fn record_deploy<'a>(&'a self, entry: &'a DeployEntry) -> BoxFuture<'a, Result<(), LedgerError>> {
+        let json = serde_json::to_string(entry).expect("an entry always serialises");
+        let (id, project, at) = (entry.deploy_id.clone(), entry.project.clone(), normalised(&entry.at));
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO deploys (deploy_id, project, at, entry) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (deploy_id, project) DO UPDATE SET at = excluded.at, entry = excluded.entry",
+                params![id, project, at, json],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn deploys(&self, since: SystemTime, until: SystemTime) -> BoxFuture<'_, Result<Vec<DeployEntry>, LedgerError>> {
+        let (since, until) = (rfc3339(since), rfc3339(until));
+        let path = self.path.clone();
+        async move {
+            let rows: Vec<String> = self
+                .with(move |c| {
+                    let mut stmt = c.prepare("SELECT entry FROM deploys WHERE at >= ?1 AND at < ?2 ORDER BY at, deploy_id, project")?;
+                    let rows = stmt.query_map(params![since, until], |r| r.get::<_, String>(0))?;
+                    rows.collect()
                 })
                 .await?;
             rows.iter().map(|r| serde_json::from_str(r).map_err(|e| store_error(&path, e))).collect()

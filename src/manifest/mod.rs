@@ -38,9 +38,11 @@ const KNOWN_KEYS: &[&str] = &[
     "tests",
     "cpus",
     "buildArgs",
+    "deploy",
 ];
 
 const KNOWN_JOB_KEYS: &[&str] = &["command", "cpus", "host"];
+const KNOWN_DEPLOY_KEYS: &[&str] = &["command", "env", "timeout"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -248,6 +250,28 @@ pub struct TestJob {
     pub host: bool,
 }
 
+/// What `spotbuild deploy` runs on the CI machine once a project's image is promoted
+/// (`terraform apply`, a service restart). Not part of the project's hash: changing how a
+/// project is deployed does not rebuild it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeployHook {
+    pub command: Vec<String>,
+    /// Set for the command, besides the `SPOTBUILD_*` variables deploy sets.
+    pub env: BTreeMap<String, String>,
+    /// Bound on the command [default: `[deploy] hook_timeout`].
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_duration")]
+    pub timeout: Option<std::time::Duration>,
+}
+
+mod opt_duration {
+    pub fn serialize<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// Where a project's rebuild patterns came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PatternSource {
@@ -274,6 +298,7 @@ pub struct Project {
     pub tests: BTreeMap<String, TestJob>,
     pub cpus: Option<u32>,
     pub build_args: BTreeMap<String, String>,
+    pub deploy: Option<DeployHook>,
 }
 
 impl Project {
@@ -663,6 +688,11 @@ fn parse_project<I: Inputs>(
         Some(Value::Object(m)) => parse_tests(name, m)?,
         Some(v) => Err(wrong("tests", "an object of named test jobs", v))?,
     };
+    let deploy = match obj.get("deploy") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(parse_deploy(name, m)?),
+        Some(v) => Err(wrong("deploy", "an object with a `command`", v))?,
+    };
 
     let (patterns, pattern_source) = match obj.get("rebuildPatterns") {
         None | Some(Value::Null) => {
@@ -748,7 +778,73 @@ fn parse_project<I: Inputs>(
         tests,
         cpus,
         build_args,
+        deploy,
     })
+}
+
+fn parse_deploy(project: &str, spec: &Map<String, Value>) -> Result<DeployHook, ManifestError> {
+    let wrong = |key: &str, expected: &'static str, v: &Value| ManifestError::WrongType {
+        project: project.to_string(),
+        key: format!("deploy.{key}"),
+        expected,
+        found: type_name(v),
+    };
+    for k in spec.keys() {
+        if !KNOWN_DEPLOY_KEYS.contains(&k.as_str()) {
+            return Err(ManifestError::UnknownKey {
+                project: project.to_string(),
+                key: format!("deploy.{k}"),
+                suggestion: closest(k, KNOWN_DEPLOY_KEYS.iter().copied()).map(|s| format!("deploy.{s}")),
+            });
+        }
+    }
+    let command = match spec.get("command") {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(wrong("command", "an array of strings", other)),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(v) => return Err(wrong("command", "a non-empty array of strings", v)),
+        None => {
+            return Err(ManifestError::Invalid {
+                project: project.to_string(),
+                message: "`deploy` needs a `command` (an array of strings)".into(),
+            })
+        }
+    };
+    let env = match spec.get("env") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::String(s) if valid_env_name(k) => Ok((k.clone(), s.clone())),
+                Value::String(_) => Err(ManifestError::Invalid {
+                    project: project.to_string(),
+                    message: format!("`deploy.env`: `{k}` is not a variable name (letters, digits and `_`, not starting with a digit)"),
+                }),
+                other => Err(wrong("env", "an object of strings", other)),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(v) => return Err(wrong("env", "an object of strings", v)),
+    };
+    let timeout = match spec.get("timeout") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(humantime::parse_duration(s).ok().filter(|d| !d.is_zero()).ok_or_else(|| {
+            ManifestError::Invalid {
+                project: project.to_string(),
+                message: format!("`deploy.timeout` `{s}` is not a duration such as \"10m\""),
+            }
+        })?),
+        Some(v) => return Err(wrong("timeout", "a duration such as \"10m\"", v)),
+    };
+    Ok(DeployHook { command, env, timeout })
+}
+
+fn valid_env_name(k: &str) -> bool {
+    let b = k.as_bytes();
+    !b.is_empty() && !b[0].is_ascii_digit() && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
 fn parse_tests(project: &str, jobs: &Map<String, Value>) -> Result<BTreeMap<String, TestJob>, ManifestError> {
@@ -947,6 +1043,31 @@ mod tests {
         assert_eq!(a.dockerfile_path(), "a/Dockerfile");
         assert_eq!(a.patterns[0].as_str(), "^a/");
         assert!(a.dependencies.is_empty());
+    }
+
+    #[test]
+    fn deploy_hooks_are_read_checked_and_left_out_of_the_hash() {
+        let with = parse(
+            r#"{"a": {"buildDir": "a", "deploy": {"command": ["terraform", "apply"], "env": {"TF_IN_AUTOMATION": "1"}, "timeout": "15m"}}}"#,
+        )
+        .unwrap();
+        let hook = with.get("a").unwrap().deploy.clone().unwrap();
+        assert_eq!(hook.command, ["terraform", "apply"]);
+        assert_eq!(hook.env["TF_IN_AUTOMATION"], "1");
+        assert_eq!(hook.timeout, Some(std::time::Duration::from_secs(900)));
+        let without = parse(r#"{"a": {"buildDir": "a"}}"#).unwrap();
+        assert_eq!(with.get("a").unwrap().canonical(), without.get("a").unwrap().canonical());
+        for bad in [
+            r#"{"command": []}"#,
+            r#"{"env": {}}"#,
+            r#"{"command": ["x"], "env": {"1X": "y"}}"#,
+            r#"{"command": ["x"], "timeout": "soon"}"#,
+            r#"{"command": ["x"], "comand": ["y"]}"#,
+            r#"["x"]"#,
+        ] {
+            let text = format!(r#"{{"a": {{"buildDir": "a", "deploy": {bad}}}}}"#);
+            assert!(parse(&text).is_err(), "{bad} was accepted");
+        }
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct Authenticator {
     /// ECR expects credentials on the first request; other registries get them only when
     /// they challenge, so anonymous-readable registries never see them.
     preemptive: bool,
+    /// Set once the registry asked for basic credentials: later requests send them at
+    /// once, so a streamed upload (which cannot be sent twice) is not refused first.
+    basic_asked: std::sync::atomic::AtomicBool,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
 }
 
@@ -101,21 +104,34 @@ pub struct Authenticator {
 const TOKEN_MARGIN: Duration = Duration::from_secs(15);
 
 impl Authenticator {
+    /// Credentials for the build registry: basic ones from SPOTBUILD_REGISTRY_USERNAME and
+    /// SPOTBUILD_REGISTRY_PASSWORD.
     pub fn new(mode: AuthMode, ecr_region: Option<String>) -> Result<Authenticator, RegistryError> {
+        Authenticator::from_env_named(mode, ecr_region, (USERNAME_ENV, PASSWORD_ENV))
+    }
+
+    /// Credentials for a registry whose basic ones are in the two variables `basic_env`
+    /// names (the deploy registry's are not the build registry's).
+    pub fn from_env_named(
+        mode: AuthMode,
+        ecr_region: Option<String>,
+        basic_env: (&str, &str),
+    ) -> Result<Authenticator, RegistryError> {
         let ecr = |region: Option<String>| Source::Ecr(EcrTokens::new(region));
+        let basic = Basic::from_env_named(basic_env.0, basic_env.1);
         let (source, preemptive) = match mode {
             AuthMode::None => (Source::None, false),
-            AuthMode::Basic => match Basic::from_env() {
+            AuthMode::Basic => match basic {
                 Some(b) => (Source::Static(b), false),
                 None => {
                     return Err(RegistryError::MissingCredentials {
                         mode: "basic",
-                        needs: format!("{USERNAME_ENV} and {PASSWORD_ENV}"),
+                        needs: format!("{} and {}", basic_env.0, basic_env.1),
                     })
                 }
             },
             AuthMode::Ecr => (ecr(ecr_region), true),
-            AuthMode::Auto => match (Basic::from_env(), ecr_region) {
+            AuthMode::Auto => match (basic, ecr_region) {
                 (Some(b), _) => (Source::Static(b), false),
                 (None, Some(region)) => (ecr(Some(region)), true),
                 (None, None) => (Source::None, false),
@@ -124,6 +140,7 @@ impl Authenticator {
         Ok(Authenticator {
             source,
             preemptive,
+            basic_asked: Default::default(),
             tokens: Mutex::new(HashMap::new()),
         })
     }
@@ -132,6 +149,7 @@ impl Authenticator {
         Authenticator {
             source: basic.map_or(Source::None, Source::Static),
             preemptive: false,
+            basic_asked: Default::default(),
             tokens: Mutex::new(HashMap::new()),
         }
     }
@@ -150,7 +168,7 @@ impl Authenticator {
         if let Some(token) = self.cached_token(scope).await {
             return Ok(Some(format!("Bearer {token}")));
         }
-        if self.preemptive {
+        if self.preemptive || self.basic_asked.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(self.basic().await?.map(|b| b.header()));
         }
         Ok(None)
@@ -175,7 +193,10 @@ impl Authenticator {
     ) -> Result<String, RegistryError> {
         match challenge {
             Challenge::Basic => match self.basic().await? {
-                Some(b) => Ok(b.header()),
+                Some(b) => {
+                    self.basic_asked.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok(b.header())
+                }
                 None => Err(RegistryError::Unauthorized {
                     host: host.to_string(),
                     what: what.to_string(),

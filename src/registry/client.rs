@@ -15,7 +15,7 @@ use crate::settings::RegistryConfig;
 
 /// Every manifest media type we are willing to see, so that a tag pointing at a
 /// multi-arch index or an OCI manifest is found, and copied byte for byte.
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+pub(super) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
@@ -88,6 +88,22 @@ impl Client {
 
     pub fn reference(&self) -> &RegistryRef {
         &self.reference
+    }
+
+    /// The connection pool, for a request that must be sent exactly once (a streamed body).
+    pub(super) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The `Authorization` header a request for `scope` would start with, once an earlier
+    /// request has learnt what the registry wants.
+    pub(super) async fn auth_header(&self, scope: &str) -> Result<Option<String>, RegistryError> {
+        self.auth.initial_header(scope).await
+    }
+
+    /// The retry budget and first backoff delay of this client's requests.
+    pub(super) fn retry_policy(&self) -> (usize, Duration) {
+        (self.retries, self.backoff_base)
     }
 
     /// Whether `repository` has `tag`. A repository that does not exist has no tags.
@@ -231,11 +247,11 @@ impl Client {
         for blob in blobs {
             self.mount_blob(from, to, blob).await?;
         }
-        self.put_manifest(to, tag, &media_type, body).await
+        self.put_manifest(to, tag, &media_type, body).await.map(|_| ())
     }
 
     /// A manifest's media type and bytes.
-    async fn manifest(&self, repository: &str, reference: &str) -> Result<(HeaderValue, Vec<u8>), RegistryError> {
+    pub(super) async fn manifest(&self, repository: &str, reference: &str) -> Result<(HeaderValue, Vec<u8>), RegistryError> {
         let what = format!("{repository}@{reference}");
         let resp = self
             .request(Method::GET, &format!("/v2/{repository}/manifests/{reference}"), &pull_scope(repository), &what, |r| r.header(ACCEPT, MANIFEST_ACCEPT))
@@ -257,7 +273,8 @@ impl Client {
         Ok((media_type, body.to_vec()))
     }
 
-    async fn put_manifest(&self, repository: &str, reference: &str, media_type: &HeaderValue, body: Vec<u8>) -> Result<(), RegistryError> {
+    /// Puts a manifest under `reference`; returns the digest the registry says it stored.
+    pub(super) async fn put_manifest(&self, repository: &str, reference: &str, media_type: &HeaderValue, body: Vec<u8>) -> Result<Option<String>, RegistryError> {
         let scope = format!("repository:{repository}:pull,push");
         let what = format!("{repository}:{reference}");
         let resp = self
@@ -267,7 +284,7 @@ impl Client {
             .await?;
         let status = resp.status();
         if status.is_success() {
-            Ok(())
+            Ok(resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()).map(String::from))
         } else {
             let body = resp.text().await.unwrap_or_default();
             Err(self.status_error(&what, status, body))
@@ -317,7 +334,7 @@ impl Client {
         }
     }
 
-    fn status_error(&self, what: &str, status: StatusCode, body: String) -> RegistryError {
+    pub(super) fn status_error(&self, what: &str, status: StatusCode, body: String) -> RegistryError {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return RegistryError::Unauthorized {
                 host: self.reference.host.clone(),
@@ -335,7 +352,7 @@ impl Client {
     /// Sends one request, answering an auth challenge once, and retrying throttling, server
     /// errors and connection failures with backoff. Returns the final response, whatever
     /// its status, for the caller to interpret.
-    async fn request(
+    pub(super) async fn request(
         &self,
         method: Method,
         path: &str,
@@ -424,7 +441,7 @@ impl Client {
 }
 
 /// The path (and query) of an upload session's `Location`, finished with `digest`.
-fn upload_path(location: &str, digest: &str) -> String {
+pub(super) fn upload_path(location: &str, digest: &str) -> String {
     let path = match location.find("://") {
         Some(i) => location[i + 3..].find('/').map(|p| location[i + 3 + p..].to_string()).unwrap_or_default(),
         None => location.to_string(),
@@ -433,7 +450,7 @@ fn upload_path(location: &str, digest: &str) -> String {
     format!("{path}{sep}digest={digest}")
 }
 
-fn pull_scope(repository: &str) -> String {
+pub(super) fn pull_scope(repository: &str) -> String {
     format!("repository:{repository}:pull")
 }
 
@@ -456,7 +473,7 @@ fn next_link(header: &str) -> Option<String> {
 }
 
 /// A transport error with its cause chain, without the URL (which the message names).
-fn describe(e: &reqwest::Error) -> String {
+pub(super) fn describe(e: &reqwest::Error) -> String {
     use std::error::Error;
     let mut msg = if e.is_timeout() {
         "timed out".to_string()

@@ -6,6 +6,10 @@ use base64::Engine;
 
 pub const USERNAME_ENV: &str = "SPOTBUILD_REGISTRY_USERNAME";
 pub const PASSWORD_ENV: &str = "SPOTBUILD_REGISTRY_PASSWORD";
+/// The deploy registry's credentials (`spotbuild deploy --to`), when it is not the build
+/// registry.
+pub const DEPLOY_USERNAME_ENV: &str = "SPOTBUILD_DEPLOY_REGISTRY_USERNAME";
+pub const DEPLOY_PASSWORD_ENV: &str = "SPOTBUILD_DEPLOY_REGISTRY_PASSWORD";
 
 /// A username and password; the password never appears in `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
@@ -28,8 +32,13 @@ impl Basic {
 
     /// Reads SPOTBUILD_REGISTRY_USERNAME / SPOTBUILD_REGISTRY_PASSWORD.
     pub fn from_env() -> Option<Basic> {
-        let username = std::env::var(USERNAME_ENV).ok().filter(|s| !s.is_empty())?;
-        let password = std::env::var(PASSWORD_ENV).unwrap_or_default();
+        Basic::from_env_named(USERNAME_ENV, PASSWORD_ENV)
+    }
+
+    /// Reads a username and a password from the two variables named.
+    pub fn from_env_named(username: &str, password: &str) -> Option<Basic> {
+        let username = std::env::var(username).ok().filter(|s| !s.is_empty())?;
+        let password = std::env::var(password).unwrap_or_default();
         Some(Basic { username, password })
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod copy;
 pub mod credentials;
 mod ecr;
 
@@ -46,6 +47,14 @@ pub enum RegistryError {
     EcrToken(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("failed to use the ECR authorization token: {0}")]
     EcrAnswer(String),
+    #[error("{what}: the content's digest is {actual}, not {expected}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{what} is not an image manifest or index: {detail}")]
+    NotAManifest { what: String, detail: String },
     #[error("`{mode}` registry auth needs {needs}")]
     MissingCredentials { mode: &'static str, needs: String },
 }

@@ -7,6 +7,7 @@ mod chaos;
 mod cli;
 mod cloud;
 mod compat;
+mod deploy;
 mod farm;
 mod farm_security;
 mod hash_properties;

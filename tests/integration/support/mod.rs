@@ -7,6 +7,7 @@ pub mod fake_registry;
 pub mod farm;
 pub mod fault_proxy;
 pub mod imds;
+pub mod registry_proxy;
 pub mod repo;
 pub mod server;
 pub mod services;
@@ -59,6 +60,10 @@ pub fn spotbuild(dir: &Path) -> Command {
         "SPOTBUILD_LOG",
         "SPOTBUILD_REGISTRY_USERNAME",
         "SPOTBUILD_REGISTRY_PASSWORD",
+        "SPOTBUILD_DEPLOY_REGISTRY",
+        "SPOTBUILD_DEPLOY_REGISTRY_USERNAME",
+        "SPOTBUILD_DEPLOY_REGISTRY_PASSWORD",
+        "SPOTBUILD_LEDGER",
         "AWS_ENDPOINT_URL",
         "AWS_PROFILE",
         // The CI job's name keys script test tags.
