@@ -373,3 +373,49 @@ resource "aws_iam_role_policy_attachment" "controller_untrusted" {
   role       = aws_iam_role.controller_untrusted[0].name
   policy_arn = aws_iam_policy.controller_untrusted.arn
 }
+
+# ---------------------------------------------------------------------------------------
+# The deployer: `spotbuild deploy` within the project repositories (a promotion to another
+# registry needs push rights there instead). It reads the cache and test tags, pushes the
+# commit, release and environment tags (a manifest copy: no layer moves within one
+# registry), and records each deploy in the ledger. ECR cannot limit a push by tag;
+# immutability keeps cache-* and the commit tags from being rewritten.
+
+data "aws_iam_policy_document" "deployer" {
+  statement {
+    sid       = "EcrToken"
+    actions   = ["ecr:GetAuthorizationToken"]
+    resources = ["*"]
+  }
+  statement {
+    sid = "EcrPromoteWithinProjectRepositories"
+    actions = [
+      "ecr:BatchCheckLayerAvailability",
+      "ecr:BatchGetImage",
+      "ecr:GetDownloadUrlForLayer",
+      "ecr:DescribeImages",
+      "ecr:InitiateLayerUpload",
+      "ecr:UploadLayerPart",
+      "ecr:CompleteLayerUpload",
+      "ecr:PutImage",
+    ]
+    resources = local.repo_arns
+  }
+  statement {
+    sid       = "DeployRecordsOnly"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.spotbuild.arn}/${var.ledger_prefix}/deploys/*"]
+  }
+  statement {
+    sid       = "EncryptWithTheKey"
+    actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
+    resources = [aws_kms_key.spotbuild.arn]
+  }
+}
+
+resource "aws_iam_policy" "deployer" {
+  name_prefix = "${var.name}-deployer-"
+  description = "spotbuild deploy (CD, trusted refs only): promote images within the project repositories, record deploys"
+  policy      = data.aws_iam_policy_document.deployer.json
+  tags        = local.tags
+}

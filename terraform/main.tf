@@ -326,14 +326,15 @@ resource "aws_launch_template" "instances" {
 # Image repositories: one per project, and one per project in the untrusted namespace.
 #
 # A project repository's tags are immutable except branch-*, stage-* and buildcache-*,
-# which move on every build by design: cache-<hash> tags (content hashes) and the test
+# which move on every build by design, and the deploy environments' tags (<env>,
+# deployed-<env>), which move on every deploy: cache-<hash> tags (content hashes) and the test
 # passes recorded on them (cache-<hash>-<job>) can never be rewritten, not even by a
 # trusted build. Lifecycle: untagged manifests go after a few days, and every image
 # counts toward the cap (any tag status), so test tags and branch tags cannot grow a
 # repository without bound.
 
 resource "aws_ecr_repository" "project" {
-  #checkov:skip=CKV_AWS_51:IMMUTABLE_WITH_EXCLUSION: every tag is immutable but branch-*, stage-* and buildcache-*, which move on every build by design; this check accepts only IMMUTABLE
+  #checkov:skip=CKV_AWS_51:IMMUTABLE_WITH_EXCLUSION: every tag is immutable but branch-*, stage-*, buildcache-* and the deploy environments' tags, which move by design; this check accepts only IMMUTABLE
   for_each             = toset(var.repositories)
   name                 = "${var.name}/${each.value}"
   image_tag_mutability = "IMMUTABLE_WITH_EXCLUSION"
@@ -348,6 +349,14 @@ resource "aws_ecr_repository" "project" {
   image_tag_mutability_exclusion_filter {
     filter      = "buildcache-*"
     filter_type = "WILDCARD"
+  }
+  # `spotbuild deploy` moves <env> and deployed-<env> on every deploy.
+  dynamic "image_tag_mutability_exclusion_filter" {
+    for_each = concat(["deployed-*"], var.deploy_environments)
+    content {
+      filter      = image_tag_mutability_exclusion_filter.value
+      filter_type = "WILDCARD"
+    }
   }
   image_scanning_configuration {
     scan_on_push = true

@@ -90,6 +90,11 @@ output "controller_policy_arn" {
   value       = aws_iam_policy.controller.arn
 }
 
+output "deployer_policy_arn" {
+  description = "Attach to the CD role that runs `spotbuild deploy` on trusted refs"
+  value       = aws_iam_policy.deployer.arn
+}
+
 output "controller_role_arn" {
   description = "The controller role, when controller_principals was given"
   value       = length(aws_iam_role.controller) > 0 ? aws_iam_role.controller[0].arn : null

@@ -175,3 +175,13 @@ variable "reaper_heartbeat_window" {
     error_message = "reaper_heartbeat_window is a positive whole number of s, m or h, like \"10m\"."
   }
 }
+
+variable "deploy_environments" {
+  description = "Environments `spotbuild deploy --env` promotes to within the project repositories: their <env> tags (and every deployed-<env>) stay mutable there."
+  type        = list(string)
+  default     = ["staging", "production"]
+  validation {
+    condition     = alltrue([for e in var.deploy_environments : can(regex("^[a-z][a-z0-9_.-]{0,39}$", e)) && !startswith(e, "cache-") && !startswith(e, "deployed-")])
+    error_message = "An environment is 1-40 characters of a-z, 0-9, _ . - starting with a letter, and not cache-* or deployed-* (spotbuild deploy checks the same)."
+  }
+}

@@ -456,6 +456,24 @@ fn untrusted_code_cannot_write_the_trusted_cache_or_the_ledger() {
         assert!(!excluded.iter().any(|p| wildcard(p, tag)), "{tag} could be rewritten");
     }
     assert!(excluded.iter().any(|p| wildcard(p, "branch-main")), "the wildcard matcher works");
+    // The deploy environments' tags move too: deployed-* and each environment named, which
+    // the variable's validation keeps out of cache-*.
+    let dynamic = trusted["dynamic"].as_array().cloned().unwrap_or_default();
+    let deploy_filters: Vec<&Value> = dynamic.iter().filter_map(|d| d.get("image_tag_mutability_exclusion_filter")).collect();
+    assert_eq!(deploy_filters.len(), 1, "{dynamic:?}");
+    // (python-hcl2 writes expressions back with single quotes and without spaces.)
+    let norm = |v: &Value| v.as_str().unwrap_or("").replace(' ', "").replace('\'', "\"");
+    assert_eq!(norm(one(&deploy_filters[0]["for_each"])), "${concat([\"deployed-*\"],var.deploy_environments)}", "{dynamic:?}");
+    assert!(!wildcard("deployed-*", "cache-3f9a2b"));
+    let variables = hcl(&["terraform/variables.tf".to_string()]);
+    let environments = variables["terraform/variables.tf"]["variable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v.get("deploy_environments"))
+        .expect("variable deploy_environments");
+    let rule = norm(one(&one(&environments["validation"])["condition"]));
+    assert!(rule.contains("!startswith(e,\"cache-\")"), "{rule}");
     assert_eq!(one(&untrusted["image_tag_mutability"]), "MUTABLE");
 
     // (d) The untrusted controller passes only the untrusted role, launches only with the
