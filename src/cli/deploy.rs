@@ -78,6 +78,10 @@ pub struct DeployArgs {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// Copy and tag only: run no hook, and leave deployed-<env> where it is.
+    #[arg(long)]
+    pub promote_only: bool,
+
     /// Print the report as JSON on stdout (progress stays on stderr).
     #[arg(long)]
     pub json: bool,
@@ -130,6 +134,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Deplo
         to: args.to.clone(),
         to_auth: args.to_auth,
         dry_run: args.dry_run,
+        promote_only: args.promote_only,
         ci_job_url: super::remote::ci_job_url(),
     };
     let progress = Arc::new(Mutex::new(Progress::default()));
@@ -295,6 +300,7 @@ impl Progress {
 fn print_table(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
     let action = |r: &Row| -> String {
         match (report.dry_run, r.action) {
+            (true, Action::Deployed) if report.promote_only => "would promote".into(),
             (true, Action::Deployed) => "would deploy".into(),
             (_, a) => serde_json::to_value(a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
         }
@@ -313,7 +319,7 @@ fn print_table(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
         .map(|r| {
             let digest = r.digest.strip_prefix("sha256:").map_or(r.digest.clone(), |d| format!("sha256:{}", &d[..12.min(d.len())]));
             let mut tags = r.tags.join(" ");
-            if report.dry_run && r.action == Action::Deployed {
+            if report.dry_run && r.action == Action::Deployed && !report.promote_only {
                 tags.push_str(&format!(" (+ deployed-{})", report.env.as_str()));
             }
             if tags.is_empty() {

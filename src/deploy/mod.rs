@@ -99,6 +99,9 @@ pub struct DeployRequest {
     pub to: Option<String>,
     pub to_auth: Option<AuthMode>,
     pub dry_run: bool,
+    /// Copy and tag only: no hook runs and `deployed-<env>` stays (the Aztec-shaped
+    /// `deploy_ecr`). "Unchanged" then means `<env>` already points at the image.
+    pub promote_only: bool,
     /// For the ledger.
     pub ci_job_url: Option<String>,
 }
@@ -141,6 +144,8 @@ pub enum DeployError {
 pub enum Action {
     /// Promoted (and its hook succeeded); `deployed-<env>` points at it. In a dry run: would be.
     Deployed,
+    /// Copied and tagged `<env>`, with no hook and no `deployed-<env>` (`--promote-only`).
+    Promoted,
     /// `deployed-<env>` already pointed at this image.
     Unchanged,
     /// Its copy or its hook failed.
@@ -183,6 +188,7 @@ pub struct Report {
     pub env: EnvName,
     pub commit: String,
     pub dry_run: bool,
+    pub promote_only: bool,
     /// `HOST[/PREFIX]` of the build registry and of the deploy registry.
     pub source: String,
     pub destination: String,
@@ -388,7 +394,8 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
         let dst_repo = dst_client.reference().repository(&p.name);
         let src = Endpoint { client: &build, repository: &src_repo };
         let dst = Endpoint { client: dst_client, repository: &dst_repo };
-        let deployed = copy::resolve(dst, &env.deployed_tag()).await.map_err(DeployError::Destination)?;
+        let marker = if request.promote_only { env.as_str().to_string() } else { env.deployed_tag() };
+        let deployed = copy::resolve(dst, &marker).await.map_err(DeployError::Destination)?;
         let mut tags = vec![commit.clone(), env.as_str().to_string()];
         tags.extend(git_tags.iter().cloned());
         let (action, plan) = if deployed.as_deref() == Some(digest.as_str()) {
@@ -408,7 +415,7 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
             bytes_to_send: plan.as_ref().map_or(0, |p| p.missing_bytes()),
             copy: None,
             hook: None,
-            hook_command: if action == Action::Unchanged { None } else { p.deploy.as_ref().map(|h| h.command.clone()) },
+            hook_command: if action == Action::Unchanged || request.promote_only { None } else { p.deploy.as_ref().map(|h| h.command.clone()) },
             error: None,
         };
         intents.push(Intent { index: i, row, plan });
@@ -421,6 +428,7 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
         env: env.clone(),
         commit: commit.clone(),
         dry_run: request.dry_run,
+        promote_only: request.promote_only,
         source: build.reference().to_string(),
         destination: dst_client.reference().to_string(),
         gate_checked: gate.len(),
@@ -475,6 +483,10 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
     let repo_root = planned.repo.workdir().map(|p| p.to_path_buf());
     for intent in intents.iter_mut() {
         if intent.row.action != Action::Deployed {
+            continue;
+        }
+        if request.promote_only {
+            intent.row.action = Action::Promoted;
             continue;
         }
         let i = intent.index;

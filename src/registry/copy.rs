@@ -169,14 +169,17 @@ pub async fn copy(
         blobs_present: plan.blobs.len() - plan.missing.len(),
         ..CopyStats::default()
     };
-    let ways: Vec<(BlobWay, u64)> = stream::iter(plan.missing.iter())
+    // Every transfer started is let finish, even after one failed: what arrives now is
+    // not sent again by the rerun.
+    let results: Vec<Result<(BlobWay, u64), RegistryError>> = stream::iter(plan.missing.iter())
         .map(|b| {
             let progress = progress.clone();
             async move { ensure_blob(src, dst, b, progress).await.map(|w| (w, b.size)) }
         })
         .buffer_unordered(BLOB_CONCURRENCY)
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
+    let ways = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     for (way, size) in ways {
         match way {
             BlobWay::Present => stats.blobs_present += 1,

@@ -15,7 +15,7 @@ const USER: &str = "deployer";
 const PASSWORD: &str = "d3ploy-s3cret";
 
 /// Appends what each hook saw to $DEPLOY_HOOK_LOG; fails when $DEPLOY_FAIL_DIR/<project> exists.
-const HOOK: &str = r#"echo "$SPOTBUILD_PROJECT $SPOTBUILD_ENV $SPOTBUILD_COMMIT $SPOTBUILD_IMAGE $PWD $FROM_MANIFEST" >> "$DEPLOY_HOOK_LOG"; test ! -e "$DEPLOY_FAIL_DIR/$SPOTBUILD_PROJECT""#;
+const HOOK: &str = r#"echo "$SPOTBUILD_PROJECT $SPOTBUILD_ENV $SPOTBUILD_COMMIT $SPOTBUILD_IMAGE $PWD $FROM_MANIFEST ${SERVICES:-}" >> "$DEPLOY_HOOK_LOG"; test ! -e "$DEPLOY_FAIL_DIR/$SPOTBUILD_PROJECT""#;
 
 struct Setup {
     repo: TestRepo,
@@ -287,7 +287,7 @@ fn an_interrupted_copy_resumes_without_sending_a_blob_twice() {
     assert!(actions(&resumed).values().all(|a| a == "deployed" || a == "unchanged"), "{resumed}");
     let counts = s.proxy.counts();
     let sent: BTreeSet<String> = counts.uploads.keys().cloned().collect();
-    assert_eq!(sent, all, "every blob arrived");
+    assert_eq!(sent, all, "every blob arrived: {:?}\n{}", counts.requests, cut.stderr);
     assert!(counts.uploads.values().all(|&n| n == 1), "a blob was sent twice: {:?}", counts.uploads);
     drop(counts);
     for (p, hash) in s.hashes() {
@@ -328,4 +328,58 @@ fn deploy_refuses_bad_environments_untrusted_refs_and_tags_that_contradict_versi
     let right = s.deploy(&["web", "--env", "staging", "--json"]).json();
     assert_eq!(actions(&right), map(&[("web", "deployed")]));
     assert_eq!(s.dst.digest("web", "v1.2.3"), s.dst.digest("web", "deployed-staging"));
+}
+
+/// The Aztec-shaped `deploy_ecr`, `deploy` and `deploy_global` of the build-system folder.
+#[test]
+fn aztec_shaped_deploy_scripts_map_onto_deploy() {
+    let s = Setup::new();
+    for p in ["base", "api", "web", "multi"] {
+        s.publish(p, false);
+    }
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-system/scripts");
+    let script = |cmd: &str, deploy_tag: Option<&str>| -> Run {
+        let mut c = std::process::Command::new("bash");
+        crate::support::outside_ci(&mut c);
+        c.args(["-eo", "pipefail", "-c", cmd])
+            .current_dir(s.repo.path())
+            .env("PATH", format!("{}:{}", scripts.display(), std::env::var("PATH").unwrap()))
+            .env("SPOTBUILD", env!("CARGO_BIN_EXE_spotbuild"))
+            .env("SPOTBUILD_REGISTRY", s.build.host())
+            .env("ECR_DEPLOY_URL", s.proxy.host())
+            .env("SPOTBUILD_DEPLOY_REGISTRY_USERNAME", USER)
+            .env("SPOTBUILD_DEPLOY_REGISTRY_PASSWORD", PASSWORD)
+            .env("SPOTBUILD_LEDGER", "off")
+            .env("DEPLOY_HOOK_LOG", s.hook_log())
+            .env("DEPLOY_FAIL_DIR", s.scratch.path())
+            .env_remove("SPOTBUILD_CONFIG")
+            .env_remove("COMMIT_HASH");
+        match deploy_tag {
+            Some(t) => c.env("DEPLOY_TAG", t),
+            None => c.env_remove("DEPLOY_TAG"),
+        };
+        Run::of(&mut c)
+    };
+    assert_eq!(script("deploy_ecr web", None).code, 2, "DEPLOY_TAG is required");
+
+    // deploy_ecr: copied and tagged, no hook, deployed-<env> untouched.
+    let ecr = script("deploy_ecr web", Some("staging"));
+    assert_eq!(ecr.code, 0, "{ecr:?}");
+    let digest = s.src.digest("web", &format!("cache-{}", s.hashes()["web"]));
+    assert_eq!(s.dst.digest("web", "staging"), digest);
+    assert_eq!(s.dst.digest("web", &s.repo.head()), digest);
+    assert_eq!(s.dst.digest("web", "deployed-staging"), None);
+    assert!(s.hooks_run().is_empty());
+
+    // deploy: the hook runs (seeing SERVICES), then deployed-<env> moves.
+    let deploy = script("deploy web web-svc", Some("staging"));
+    assert_eq!(deploy.code, 0, "{deploy:?}");
+    assert_eq!(s.dst.digest("web", "deployed-staging"), digest);
+    let hooks = s.hooks_run();
+    assert!(hooks.len() == 1 && hooks[0].ends_with(" web-svc"), "{hooks:?}");
+    // deploy_global: nothing changed since, so nothing runs.
+    let global = script("deploy_global web", Some("staging"));
+    assert_eq!(global.code, 0, "{global:?}");
+    assert!(global.stdout.contains("unchanged"), "{}", global.stdout);
+    assert!(s.hooks_run().is_empty());
 }

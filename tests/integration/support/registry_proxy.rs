@@ -17,7 +17,7 @@ use super::services::runtime;
 
 #[derive(Default, Debug)]
 pub struct Counts {
-    /// Completed blob uploads, by digest.
+    /// Blob uploads committed (the final PUT sent on to the registry), by digest.
     pub uploads: BTreeMap<String, usize>,
     /// Bytes of blob upload bodies (PATCH and PUT).
     pub bytes: u64,
@@ -103,6 +103,12 @@ async fn forward(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, head
     if upload && (method == Method::PATCH || method == Method::PUT) {
         inner.counts.lock().unwrap().bytes += body.len() as u64;
     }
+    if finishing {
+        // Counted before it is forwarded: a client that goes away mid-request (its copy
+        // failed elsewhere) may still have committed the blob upstream.
+        let digest = path.split("digest=").nth(1).unwrap_or("").split('&').next().unwrap_or("").replace("%3A", ":");
+        *inner.counts.lock().unwrap().uploads.entry(digest).or_default() += 1;
+    }
     let mut req = inner.http.request(method.clone(), format!("http://{}{path}", inner.upstream));
     for (k, v) in &headers {
         if k != "host" && k != "authorization" && k != "content-length" {
@@ -114,14 +120,7 @@ async fn forward(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, head
         Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-    {
-        let mut c = inner.counts.lock().unwrap();
-        c.requests.push(format!("{method} {path}"));
-        if finishing && status == StatusCode::CREATED {
-            let digest = path.split("digest=").nth(1).unwrap_or("").split('&').next().unwrap_or("").replace("%3A", ":");
-            *c.uploads.entry(digest).or_default() += 1;
-        }
-    }
+    inner.counts.lock().unwrap().requests.push(format!("{method} {path}"));
     let own = inner.own.lock().unwrap().clone();
     let mut out = HeaderMap::new();
     for (k, v) in resp.headers() {
