@@ -62,7 +62,8 @@ impl Drop for GroupGuard {
 /// Runs `hook` in `dir` with `env` (the `SPOTBUILD_*` variables) on top of its own.
 pub async fn run(hook: &DeployHook, dir: &Path, env: &BTreeMap<String, String>, timeout: Duration) -> HookOutcome {
     let started = Instant::now();
-    let stdout = match std::io::stderr().as_fd_owned() {
+    // Its stdout is our stderr: our stdout may be a `--json` report.
+    let stdout = match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
         Ok(fd) => Stdio::from(fd),
         Err(_) => Stdio::inherit(),
     };
@@ -123,18 +124,6 @@ pub async fn run(hook: &DeployHook, dir: &Path, env: &BTreeMap<String, String>, 
             detail: format!("could not wait for it: {e}"),
             seconds,
         },
-    }
-}
-
-/// Our stderr as an owned descriptor, for a child's stdout.
-trait AsFdOwned {
-    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd>;
-}
-
-impl AsFdOwned for std::io::Stderr {
-    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        use std::os::fd::AsFd;
-        self.as_fd().try_clone_to_owned()
     }
 }
 

@@ -218,7 +218,7 @@ pub enum DeployEvent {
     CopyFinished { project: String, stats: CopyStats },
     HookStarted { project: String, command: Vec<String> },
     HookFinished { project: String, outcome: HookOutcome },
-    Finished { row: Row },
+    Finished { row: Box<Row> },
     /// The ledger could not be written (the deploy itself is unaffected).
     LedgerFailed { detail: String },
 }
@@ -264,7 +264,7 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
         return Err(DeployError::Untrusted(planned.trust.reason.clone()));
     }
     // Named projects must exist even when the gate covers everything.
-    crate::plan::select(&planned.hashes, &named).map_err(|e| PlanningError::Plan(e))?;
+    crate::plan::select(&planned.hashes, &named).map_err(PlanningError::Plan)?;
     let hashes = &planned.hashes;
     let manifest = &hashes.manifest;
     let commit = hashes.commit.to_string();
@@ -342,7 +342,7 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
 
     // Git tags of the commit, checked against VERSION files.
     let ci = crate::trust::CiRef::from_env(planned.repo.current_branch());
-    let mut git_tags: BTreeSet<String> = planned.repo.tags_at(hashes.commit).map_err(|e| PlanningError::Git(e))?.into_iter().collect();
+    let mut git_tags: BTreeSet<String> = planned.repo.tags_at(hashes.commit).map_err(PlanningError::Git)?.into_iter().collect();
     // The CI's tag counts when it names this commit, or when the clone did not fetch it
     // and HEAD (what the CI checked out for it) is deployed.
     if let Some(t) = &ci.tag {
@@ -551,7 +551,7 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
 
     report.projects = intents.into_iter().map(|i| i.row).collect();
     for row in &report.projects {
-        events(DeployEvent::Finished { row: row.clone() });
+        events(DeployEvent::Finished { row: Box::new(row.clone()) });
     }
     if let Some(ledger) = ledger {
         let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
