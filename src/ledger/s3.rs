@@ -60,6 +60,21 @@ impl S3Ledger {
     }
 }
 
+impl S3Ledger {
+    /// The objects under `kind/` for every UTC day from `since` to `until` (those that
+    /// went meanwhile are left out).
+    async fn bodies(&self, kind: &str, since: SystemTime, until: SystemTime) -> Result<Vec<Vec<u8>>, LedgerError> {
+        let keys = self.keys(kind, since, until).await?;
+        let bodies: Vec<Option<Vec<u8>>> = futures::stream::iter(keys)
+            .map(|k| async move { self.objects.get(&k).await })
+            .buffered(16)
+            .try_collect()
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(bodies.into_iter().flatten().collect())
+    }
+}
+
 /// `YYYY/MM/DD` of a time, UTC.
 fn day(t: SystemTime) -> String {
     let s = humantime::format_rfc3339_seconds(t).to_string();
@@ -98,15 +113,9 @@ impl LedgerStore for S3Ledger {
 
     fn list(&self, since: SystemTime, until: SystemTime) -> BoxFuture<'_, Result<Vec<BuildEntry>, LedgerError>> {
         async move {
-            let keys = self.keys("builds", since, until).await?;
-            let bodies: Vec<Option<Vec<u8>>> = futures::stream::iter(keys)
-                .map(|k| async move { self.objects.get(&k).await })
-                .buffered(16)
-                .try_collect()
-                .await
-                .map_err(|e| self.error(e))?;
+            let bodies = self.bodies("builds", since, until).await?;
             let mut entries = Vec::new();
-            for body in bodies.into_iter().flatten() {
+            for body in bodies {
                 match serde_json::from_slice::<BuildEntry>(&body) {
                     Ok(e) if e.started().is_some_and(|s| s >= since && s < until) => entries.push(e),
                     Ok(_) => {}
@@ -201,16 +210,9 @@ impl LedgerStore for S3Ledger {
 
     fn deploys(&self, since: SystemTime, until: SystemTime) -> BoxFuture<'_, Result<Vec<DeployEntry>, LedgerError>> {
         async move {
-            let keys = self.keys("deploys", since, until).await?;
-            let bodies: Vec<Option<Vec<u8>>> = futures::stream::iter(keys)
-                .map(|k| async move { self.objects.get(&k).await })
-                .buffered(16)
-                .try_collect()
-                .await
-                .map_err(|e| self.error(e))?;
+            let bodies = self.bodies("deploys", since, until).await?;
             let mut entries: Vec<DeployEntry> = bodies
                 .into_iter()
-                .flatten()
                 .filter_map(|b| serde_json::from_slice::<DeployEntry>(&b).ok())
                 .filter(|e| e.at().is_some_and(|t| t >= since && t < until))
                 .collect();
