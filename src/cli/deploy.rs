@@ -292,6 +292,7 @@ impl Progress {
                     eprintln!("deploy: {}: {e}", row.project);
                 }
             }
+            DeployEvent::Warning { message } => eprintln!("warning: {message}"),
             DeployEvent::LedgerFailed { detail } => eprintln!("warning: the deploy was not recorded in the ledger: {detail}"),
         }
     }

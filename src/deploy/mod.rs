@@ -219,6 +219,8 @@ pub enum DeployEvent {
     HookStarted { project: String, command: Vec<String> },
     HookFinished { project: String, outcome: HookOutcome },
     Finished { row: Box<Row> },
+    /// Something the user should know that does not stop the deploy.
+    Warning { message: String },
     /// The ledger could not be written (the deploy itself is unaffected).
     LedgerFailed { detail: String },
 }
@@ -354,7 +356,12 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
             git_tags.insert(t.rsplit('/').next().unwrap_or(t).to_string());
         }
     }
-    let git_tags: Vec<String> = git_tags.into_iter().filter(|t| version::valid_image_tag(t)).collect();
+    let (git_tags, unusable): (Vec<String>, Vec<String>) = git_tags.into_iter().partition(|t| version::valid_image_tag(t));
+    for t in unusable {
+        events(DeployEvent::Warning {
+            message: format!("git tag `{t}` is not a valid image tag; the image is not tagged with it"),
+        });
+    }
     let snap = planned.repo.snapshot(hashes.commit).map_err(PlanningError::Git)?;
     let read_version = |path: &str| -> Result<Option<String>, DeployError> {
         let text = snap.read_file(path).map_err(PlanningError::Git)?;

@@ -383,3 +383,27 @@ fn aztec_shaped_deploy_scripts_map_onto_deploy() {
     assert!(global.stdout.contains("unchanged"), "{}", global.stdout);
     assert!(s.hooks_run().is_empty());
 }
+
+/// Without `--to`, the deploy registry is the build registry: a manifest copy, no blob moves.
+#[test]
+fn within_one_registry_a_deploy_is_a_manifest_copy() {
+    let s = Setup::new();
+    for p in ["base", "api", "web", "multi"] {
+        s.publish(p, false);
+    }
+    let front = RegistryProxy::start(&s.build.host(), None);
+    let mut cmd = spotbuild(s.repo.path());
+    cmd.args(["deploy", "--all", "--env", "qa", "--json", "--registry", &front.host(), "--ledger", "off"])
+        .env("DEPLOY_HOOK_LOG", s.hook_log())
+        .env("DEPLOY_FAIL_DIR", s.scratch.path());
+    let report = Run::of(&mut cmd).json();
+    assert!(actions(&report).values().all(|a| a == "deployed"), "{report}");
+    let counts = front.counts();
+    assert!(counts.requests.iter().all(|r| !r.contains("/blobs/uploads/")), "a blob moved: {:?}", counts.requests);
+    drop(counts);
+    for (p, hash) in s.hashes() {
+        let digest = s.src.digest(&p, &format!("cache-{hash}"));
+        assert_eq!(s.src.digest(&p, "deployed-qa"), digest, "{p}");
+        assert_eq!(s.src.digest(&p, "qa"), digest, "{p}");
+    }
+}
