@@ -20,6 +20,7 @@ pub mod localfarm;
 pub mod manifest;
 pub mod objects;
 pub mod plan;
+pub mod platform;
 pub mod protocol;
 pub mod reap;
 pub mod registry;

@@ -19,13 +19,15 @@ Examples:
   spotbuild manifest query dependencies api    what api depends on, transitively, sorted
   spotbuild manifest query content-hash api    api's content hash at HEAD (its tag is
                                                cache-<hash>)
+  spotbuild manifest create api                join api's cache-<hash>-x86_64 and
+                                               cache-<hash>-arm64 images under cache-<hash>
 
 Answers one line per value, like the Aztec build-system's query_manifest. An entry that
 cannot be read (or depends on one that cannot) is an error (exit 3); other entries do not
 matter.";
 
 #[derive(Debug, Args)]
-#[command(about = "Answer questions about the build manifest, one line per value", after_help = MANIFEST_AFTER_HELP)]
+#[command(about = "Answer questions about the build manifest; join per-arch images in one index", after_help = MANIFEST_AFTER_HELP)]
 pub struct ManifestArgs {
     #[command(subcommand)]
     pub command: ManifestCommand,
@@ -42,6 +44,76 @@ pub enum ManifestCommand {
         #[arg(long, value_name = "REV", default_value = "HEAD")]
         commit: String,
     },
+    /// Join a project's per-architecture images (`cache-<hash>-<arch>`) in one OCI image
+    /// index (a Docker manifest list when every image is a Docker v2 manifest) under
+    /// `cache-<hash>`, through the registry API. Refused, writing nothing, when an
+    /// architecture's image is missing (exit 1, naming it). Creating it again changes
+    /// nothing.
+    Create {
+        project: String,
+        /// The architectures to join [default: x86_64 and arm64].
+        #[arg(long = "arch", value_name = "ARCH", value_parser = parse_arch)]
+        arches: Vec<crate::platform::Arch>,
+        /// The commit whose hash names the images.
+        #[arg(long, value_name = "REV", default_value = "HEAD")]
+        commit: String,
+        /// Registry as HOST[:PORT][/PREFIX].
+        #[arg(long, value_name = "REGISTRY", env = "SPOTBUILD_REGISTRY")]
+        registry: Option<String>,
+        #[arg(long, value_enum, value_name = "MODE")]
+        registry_auth: Option<AuthMode>,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_arch(s: &str) -> Result<crate::platform::Arch, String> {
+    crate::platform::Arch::parse(s).ok_or_else(|| format!("`{s}` is not an architecture (x86_64 or arm64)"))
+}
+
+/// `manifest create`: the project's hash from the plan, then the index from the registry.
+async fn create(repo_dir: Option<PathBuf>, config: Option<PathBuf>, command: ManifestCommand) -> Result<Exit, Error> {
+    use crate::registry::index::{self, IndexError};
+    let ManifestCommand::Create { project, arches, commit, registry, registry_auth, json } = command else {
+        unreachable!("called for `manifest create` only")
+    };
+    let planned = compute(&PlanRequest {
+        repo_dir,
+        settings: config,
+        projects: vec![project.clone()],
+        commit,
+        offline: true,
+        registry: None,
+        registry_auth: None,
+        test: None,
+        force_untrusted: false,
+    })
+    .await?;
+    let hash = planned.hashes.hash_of(&project).expect("a planned project has a hash").to_string();
+    let client = open_registry(&planned.config, registry.as_deref(), registry_auth)?;
+    let client = match planned.trust.level {
+        crate::trust::Level::Trusted => client,
+        crate::trust::Level::Untrusted => client.within(&planned.config.trust.untrusted_prefix),
+    };
+    let mut arches = if arches.is_empty() { crate::platform::Arch::ALL.to_vec() } else { arches };
+    arches.sort();
+    arches.dedup();
+    let repository = client.reference().repository(&project);
+    let created = match index::create(&client, &repository, &hash, &arches).await {
+        Ok(c) => c,
+        Err(e @ IndexError::MissingArch { .. }) => {
+            return Err(Error::new(Exit::Failed, e.to_string()).hint("build the missing architecture's image at this commit first; nothing was written"));
+        }
+        Err(IndexError::Registry(e)) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&created).expect("serialisable"));
+    } else {
+        let verb = if created.unchanged { "already is" } else { "is now" };
+        println!("{}:{} {verb} {} {} of {}", created.repository, created.tag, created.media_type, created.digest, created.children.join(", "));
+    }
+    Ok(Exit::Success)
 }
 
 /// What `manifest query` can print. Paths are absolute unless the name says relative.
@@ -74,7 +146,10 @@ pub enum Field {
 }
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: ManifestArgs) -> Result<Exit, Error> {
-    let ManifestCommand::Query { field, project, commit } = args.command;
+    let (field, project, commit) = match args.command {
+        ManifestCommand::Query { field, project, commit } => (field, project, commit),
+        create_command @ ManifestCommand::Create { .. } => return create(repo_dir, config, create_command).await,
+    };
     let planned = compute(&PlanRequest {
         repo_dir,
         settings: config,

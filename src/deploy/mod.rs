@@ -488,6 +488,16 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
 
     // Hooks, in dependency order (the manifest's), then `deployed-<env>`.
     let repo_root = planned.repo.workdir().map(|p| p.to_path_buf());
+    let hooks_to_run = intents.iter().any(|i| i.row.action == Action::Deployed && manifest.projects[i.index].deploy.is_some());
+    if hooks_to_run && !request.promote_only {
+        if let Ok(head) = planned.repo.resolve_commit("HEAD") {
+            if head != hashes.commit {
+                events(DeployEvent::Warning {
+                    message: format!("hooks run in the checkout, which is at {head}, not at the deployed commit {commit}"),
+                });
+            }
+        }
+    }
     for intent in intents.iter_mut() {
         if intent.row.action != Action::Deployed {
             continue;

@@ -250,6 +250,15 @@ impl Client {
         self.put_manifest(to, tag, &media_type, body).await.map(|_| ())
     }
 
+    /// A manifest's media type and bytes, or `None` when there is no such manifest.
+    pub(super) async fn manifest_if_any(&self, repository: &str, reference: &str) -> Result<Option<(HeaderValue, Vec<u8>)>, RegistryError> {
+        match self.manifest(repository, reference).await {
+            Ok(m) => Ok(Some(m)),
+            Err(RegistryError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A manifest's media type and bytes.
     pub(super) async fn manifest(&self, repository: &str, reference: &str) -> Result<(HeaderValue, Vec<u8>), RegistryError> {
         let what = format!("{repository}@{reference}");

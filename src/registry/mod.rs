@@ -8,6 +8,7 @@ pub mod auth;
 pub mod client;
 pub mod copy;
 pub mod credentials;
+pub mod index;
 mod ecr;
 
 use std::fmt;

@@ -15,6 +15,7 @@ mod hashing;
 mod infra;
 mod ledger;
 mod manifest_errors;
+mod multiarch;
 mod registry;
 mod ssm;
 mod support;
