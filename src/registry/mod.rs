@@ -105,6 +105,9 @@ pub trait ImageStore: Send + Sync {
     fn image_ref(&self, project: &str, tag: &str) -> String;
 }
 
+/// Where Docker Hub's registry API is (`docker.io/ORG` names it).
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
 /// A parsed `--registry` value: where the registry is and the repository prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryRef {
@@ -152,6 +155,11 @@ impl RegistryRef {
             }
         }
         let scheme = scheme.unwrap_or(if is_loopback(host) { "http" } else { "https" });
+        // Docker Hub is named `docker.io`, but its registry API answers elsewhere.
+        let host = match host {
+            "docker.io" | "index.docker.io" => DOCKER_HUB_API,
+            other => other,
+        };
         Ok(RegistryRef {
             scheme,
             host: host.to_string(),
@@ -254,6 +262,8 @@ mod tests {
         assert_eq!(RegistryRef::parse("localhost:5000").unwrap().scheme, "http");
         assert_eq!(RegistryRef::parse("[::1]:5000").unwrap().scheme, "http");
         assert_eq!(RegistryRef::parse("https://127.0.0.1:5000").unwrap().scheme, "https");
+        let hub = RegistryRef::parse("docker.io/acme").unwrap();
+        assert_eq!((hub.scheme, hub.host.as_str(), hub.prefix.as_str()), ("https", DOCKER_HUB_API, "acme"));
         assert!(RegistryRef::parse("ftp://x").is_err());
         assert!(RegistryRef::parse("host/Team").is_err());
         assert!(RegistryRef::parse("").is_err());
