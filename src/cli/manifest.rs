@@ -68,6 +68,21 @@ pub enum ManifestCommand {
     },
 }
 
+/// Planning one project (and its dependencies) without asking the registry.
+fn one_project_offline(repo_dir: Option<PathBuf>, settings: Option<PathBuf>, project: &str, commit: String) -> PlanRequest {
+    PlanRequest {
+        repo_dir,
+        settings,
+        projects: vec![project.to_string()],
+        commit,
+        offline: true,
+        registry: None,
+        registry_auth: None,
+        test: None,
+        force_untrusted: false,
+    }
+}
+
 fn parse_arch(s: &str) -> Result<crate::platform::Arch, String> {
     crate::platform::Arch::parse(s).ok_or_else(|| format!("`{s}` is not an architecture (x86_64 or arm64)"))
 }
@@ -78,18 +93,7 @@ async fn create(repo_dir: Option<PathBuf>, config: Option<PathBuf>, command: Man
     let ManifestCommand::Create { project, arches, commit, registry, registry_auth, json } = command else {
         unreachable!("called for `manifest create` only")
     };
-    let planned = compute(&PlanRequest {
-        repo_dir,
-        settings: config,
-        projects: vec![project.clone()],
-        commit,
-        offline: true,
-        registry: None,
-        registry_auth: None,
-        test: None,
-        force_untrusted: false,
-    })
-    .await?;
+    let planned = compute(&one_project_offline(repo_dir, config, &project, commit)).await?;
     let hash = planned.hashes.hash_of(&project).expect("a planned project has a hash").to_string();
     let client = open_registry(&planned.config, registry.as_deref(), registry_auth)?;
     let client = match planned.trust.level {
@@ -150,18 +154,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Manif
         ManifestCommand::Query { field, project, commit } => (field, project, commit),
         create_command @ ManifestCommand::Create { .. } => return create(repo_dir, config, create_command).await,
     };
-    let planned = compute(&PlanRequest {
-        repo_dir,
-        settings: config,
-        projects: vec![project.clone()],
-        commit,
-        offline: true,
-        registry: None,
-        registry_auth: None,
-        test: None,
-        force_untrusted: false,
-    })
-    .await?;
+    let planned = compute(&one_project_offline(repo_dir, config, &project, commit)).await?;
     let m = &planned.hashes.manifest;
     let i = m.position(&project).expect("a planned project is in the manifest");
     let p = &m.projects[i];
