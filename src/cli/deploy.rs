@@ -303,7 +303,7 @@ fn print_table(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
         match (report.dry_run, r.action) {
             (true, Action::Deployed) if report.promote_only => "would promote".into(),
             (true, Action::Deployed) => "would deploy".into(),
-            (_, a) => serde_json::to_value(a).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+            (_, a) => a.as_str().into(),
         }
     };
     let hook = |r: &Row| -> String {

@@ -86,7 +86,7 @@ pub async fn run(hook: &DeployHook, dir: &Path, env: &BTreeMap<String, String>, 
             }
         }
     };
-    let mut guard = GroupGuard {
+    let guard = GroupGuard {
         pgid: child.id().map(|p| p as i32),
     };
     let status = match tokio::time::timeout(timeout, child.wait()).await {
@@ -108,7 +108,7 @@ pub async fn run(hook: &DeployHook, dir: &Path, env: &BTreeMap<String, String>, 
         }
     };
     // The leader is gone; whatever it left in the group goes with it.
-    drop(std::mem::replace(&mut guard, GroupGuard { pgid: None }));
+    drop(guard);
     let seconds = started.elapsed().as_secs();
     match status {
         Ok(s) if s.success() => HookOutcome::Ok { seconds },

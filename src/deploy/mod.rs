@@ -154,6 +154,19 @@ pub enum Action {
     Skipped,
 }
 
+impl Action {
+    /// The name the table, `--json` and the ledger use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Deployed => "deployed",
+            Action::Promoted => "promoted",
+            Action::Unchanged => "unchanged",
+            Action::Failed => "failed",
+            Action::Skipped => "skipped",
+        }
+    }
+}
+
 /// One row of the final table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -582,7 +595,7 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
                 hash: row.hash.clone(),
                 digest: row.digest.clone(),
                 destination: row.destination.clone(),
-                action: serde_json::to_value(row.action).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                action: row.action.as_str().to_string(),
                 tags: row.tags.clone(),
                 hook: row.hook.as_ref().map(|h| h.summary()),
                 ci_job_url: request.ci_job_url.clone(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use futures::future::BoxFuture;
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LINK, LOCATION, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LINK, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 
 use super::auth::{Authenticator, Challenge};
@@ -15,7 +15,7 @@ use crate::settings::RegistryConfig;
 
 /// Every manifest media type we are willing to see, so that a tag pointing at a
 /// multi-arch index or an OCI manifest is found, and copied byte for byte.
-pub(super) const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.docker.distribution.manifest.v2+json";
@@ -231,23 +231,10 @@ impl Client {
     /// copied whole, with its children. (An untrusted build records a test pass on an image
     /// of the trusted namespace this way, in its own.)
     pub async fn copy_across(&self, from: &str, digest: &str, to: &str, tag: &str) -> Result<(), RegistryError> {
-        let (media_type, body) = self.manifest(from, digest).await?;
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| RegistryError::Status {
-            host: self.reference.host.clone(),
-            what: format!("{from}@{digest}"),
-            status: 200,
-            body: format!("not a manifest: {e}"),
-        })?;
-        if let Some(children) = v["manifests"].as_array() {
-            for child in children.iter().filter_map(|c| c["digest"].as_str()) {
-                Box::pin(self.copy_across(from, child, to, child)).await?;
-            }
-        }
-        let blobs = v["config"]["digest"].as_str().into_iter().chain(v["layers"].as_array().into_iter().flatten().filter_map(|l| l["digest"].as_str()));
-        for blob in blobs {
-            self.mount_blob(from, to, blob).await?;
-        }
-        self.put_manifest(to, tag, &media_type, body).await.map(|_| ())
+        use super::copy::{self, Endpoint};
+        let (src, dst) = (Endpoint { client: self, repository: from }, Endpoint { client: self, repository: to });
+        let plan = copy::plan(src, dst, digest).await?;
+        copy::copy(src, dst, &plan, &[tag.to_string()], std::sync::Arc::new(|_| {})).await.map(|_| ())
     }
 
     /// A manifest's media type and bytes, or `None` when there is no such manifest.
@@ -297,49 +284,6 @@ impl Client {
         } else {
             let body = resp.text().await.unwrap_or_default();
             Err(self.status_error(&what, status, body))
-        }
-    }
-
-    /// Makes blob `digest` of `from` exist in `to`: already there, mounted, or sent through.
-    async fn mount_blob(&self, from: &str, to: &str, digest: &str) -> Result<(), RegistryError> {
-        let what = format!("{to}@{digest}");
-        let scope = format!("repository:{to}:pull,push repository:{from}:pull");
-        let head = self.request(Method::HEAD, &format!("/v2/{to}/blobs/{digest}"), &scope, &what, |r| r).await?;
-        if head.status().is_success() {
-            return Ok(());
-        }
-        let mount = self
-            .request(Method::POST, &format!("/v2/{to}/blobs/uploads/?mount={digest}&from={from}"), &scope, &what, |r| r.header(CONTENT_LENGTH, "0"))
-            .await?;
-        let status = mount.status();
-        if status == StatusCode::CREATED {
-            return Ok(());
-        }
-        if status != StatusCode::ACCEPTED {
-            let body = mount.text().await.unwrap_or_default();
-            return Err(self.status_error(&what, status, body));
-        }
-        // No mount: an upload session was opened instead; send the blob through it.
-        let location = mount.headers().get(LOCATION).and_then(|v| v.to_str().ok()).map(String::from).unwrap_or_default();
-        let blob = self.request(Method::GET, &format!("/v2/{from}/blobs/{digest}"), &scope, &format!("{from}@{digest}"), |r| r).await?;
-        if !blob.status().is_success() {
-            let status = blob.status();
-            return Err(self.status_error(&format!("{from}@{digest}"), status, String::new()));
-        }
-        let bytes = blob.bytes().await.map_err(|e| RegistryError::Unreachable {
-            host: self.reference.host.clone(),
-            detail: e.without_url().to_string(),
-        })?;
-        let path = upload_path(&location, digest);
-        let put = self
-            .request(Method::PUT, &path, &scope, &what, |r| r.header(CONTENT_TYPE, "application/octet-stream").body(bytes.clone()))
-            .await?;
-        match put.status() {
-            s if s.is_success() => Ok(()),
-            s => {
-                let body = put.text().await.unwrap_or_default();
-                Err(self.status_error(&what, s, body))
-            }
         }
     }
 

@@ -294,7 +294,8 @@ async fn read_tree(
     Ok(())
 }
 
-fn sha256_digest(bytes: &[u8]) -> String {
+/// The OCI digest of `bytes`.
+pub(super) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 

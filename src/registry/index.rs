@@ -131,7 +131,7 @@ pub async fn create(client: &super::Client, repository: &str, hash: &str, arches
             Some((media_type, body)) => children.push(Child {
                 arch,
                 media_type: media_type.to_str().unwrap_or(OCI_MANIFEST).split(';').next().unwrap_or(OCI_MANIFEST).trim().to_string(),
-                digest: format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body))),
+                digest: super::copy::sha256_digest(&body),
                 size: body.len() as u64,
             }),
             None => missing.push(arch),
@@ -145,7 +145,7 @@ pub async fn create(client: &super::Client, repository: &str, hash: &str, arches
         });
     }
     let (media_type, body) = index(&children);
-    let digest = format!("sha256:{}", hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body)));
+    let digest = super::copy::sha256_digest(&body);
     let tag = crate::registry::build_tag(hash);
     let unchanged = client.digest(repository, &tag).await?.as_deref() == Some(digest.as_str());
     if !unchanged {
