@@ -22,17 +22,24 @@ APT_PACKAGES := docker-registry openssh-server openssh-client iproute2 busybox-s
 VENV_INFRA := .venv-infra
 INFRA_PIP := python-hcl2==8.1.4 checkov==3.3.30
 
+# Debian's arm64 busybox, unpacked and never run: the multi-architecture tests build a real
+# arm64 image from it here.
+ARM64_BUSYBOX := target/test-deps/arm64/busybox
+
 .PHONY: test bench demo chaos reaper-zip farm-deps infra-deps apt-deps venv build docker-check ami
 
 # Fails too when the tests left an image, a container, a farm's namespace or link, or a
 # process of theirs on this machine (what was there before is not blamed).
-test: farm-deps infra-deps
+test: farm-deps infra-deps $(ARM64_BUSYBOX)
 	rm -f target/tmp/chaos-matrix.txt
 	scripts/check-leftovers cargo test --locked --all-targets
 	@cat target/tmp/chaos-matrix.txt 2>/dev/null || true
 
 build:
 	cargo build --locked
+
+$(ARM64_BUSYBOX):
+	scripts/fetch-arm64-busybox $@
 
 # Every phase × every fault of the lifecycle on the local farm (make test runs a sample).
 chaos: farm-deps

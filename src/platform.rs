@@ -5,9 +5,11 @@ use std::fmt;
 
 /// An architecture spotbuild builds for. The AMI decides a machine's architecture, so a
 /// fleet request carries exactly one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Arch {
+    /// What spotbuild built on before it knew architectures, and still the default.
+    #[default]
     #[serde(rename = "x86_64", alias = "amd64")]
     X86_64,
     #[serde(alias = "aarch64")]
@@ -16,6 +18,11 @@ pub enum Arch {
 
 impl Arch {
     pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Arm64];
+
+    /// This machine's, if spotbuild builds for it.
+    pub fn native() -> Option<Arch> {
+        Arch::parse(std::env::consts::ARCH)
+    }
 
     /// Reads `x86_64`/`amd64` and `arm64`/`aarch64`.
     pub fn parse(s: &str) -> Option<Arch> {
@@ -50,6 +57,14 @@ impl Arch {
     /// The tag of this architecture's image of a project built at `hash`.
     pub fn tag(self, hash: &str) -> String {
         format!("cache-{hash}-{}", self.as_str())
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Arch, String> {
+        Arch::parse(s).ok_or_else(|| format!("unknown architecture `{s}` (x86_64, amd64, arm64 or aarch64)"))
     }
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::platform::Arch;
+
 pub const CONFIG_FILE: &str = "spotbuild.toml";
 
 #[derive(Debug, thiserror::Error)]
@@ -288,8 +290,8 @@ impl Default for RemoteConfig {
     }
 }
 
-/// The instance types tried for a 64-vCPU build, across several families so that one
-/// family's capacity shortage does not stop a build.
+/// The x86_64 instance types tried for a 64-vCPU build, across several families so that
+/// one family's capacity shortage does not stop a build.
 pub const DEFAULT_INSTANCE_TYPES: &[&str] = &[
     "m7a.16xlarge",
     "m6a.16xlarge",
@@ -300,6 +302,103 @@ pub const DEFAULT_INSTANCE_TYPES: &[&str] = &[
     "c7i.16xlarge",
 ];
 
+/// The arm64 (Graviton) instance types tried for a 64-vCPU build.
+pub const DEFAULT_ARM64_INSTANCE_TYPES: &[&str] = &["c7g.16xlarge", "m7g.16xlarge", "r7g.16xlarge", "c8g.16xlarge", "m8g.16xlarge"];
+
+/// The SSM parameter an architecture's AMI is resolved from when `ami` is not set
+/// (`ami/publish.sh` writes it): `/spotbuild/ami/latest-<arch>`.
+pub fn default_ami(arch: Arch) -> String {
+    format!("/spotbuild/ami/latest-{arch}")
+}
+
+/// `[cloud.x86_64]` and `[cloud.arm64]`: one architecture's machines. The AMI decides the
+/// architecture, so each has its own image and its own instance types.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchConfig {
+    /// Instance types, in order of preference [default: the architecture's defaults].
+    pub instance_types: Option<Vec<String>>,
+    /// An AMI id (`ami-…`) or an SSM parameter path (`/…`) resolved at launch
+    /// [default: `/spotbuild/ami/latest-<arch>`].
+    pub ami: Option<String>,
+}
+
+/// `[cloud] sizes`: which sizes a fleet may consider besides the one asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sizes {
+    /// Only types of the size asked for (`--cpus`), or the configured types as they are.
+    #[default]
+    Exact,
+    /// Also the larger sizes of the same families, up to `[cloud] max_cpus`: when the
+    /// asked size is short, a larger one is often free at a lower price per vCPU.
+    AtLeast,
+}
+
+/// How many vCPUs a build asks for (`--cpus N` or `--cpus MIN-MAX`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuWant {
+    /// The configured types as they are (widened by `sizes = "at-least"`).
+    Configured,
+    /// This many (or more, with `sizes = "at-least"`).
+    Exactly(u32),
+    /// Any size in this range, whatever `sizes` says: the job allows it.
+    Between(u32, u32),
+}
+
+impl std::str::FromStr for CpuWant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<CpuWant, String> {
+        let n = |t: &str| t.trim().parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| format!("`{t}` is not a positive number of vCPUs"));
+        match s.split_once('-') {
+            None => Ok(CpuWant::Exactly(n(s)?)),
+            Some((lo, hi)) => match (n(lo)?, n(hi)?) {
+                (lo, hi) if lo <= hi => Ok(CpuWant::Between(lo, hi)),
+                (lo, hi) => Err(format!("the range {lo}-{hi} is empty: write MIN-MAX")),
+            },
+        }
+    }
+}
+
+/// The machines a launch may ask for: one architecture's image and pools.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machines {
+    pub arch: Arch,
+    pub image: crate::cloud::Image,
+    /// Instance types in the order the fleet should prefer them.
+    pub instance_types: Vec<String>,
+    /// Every type in every subnet, in that order.
+    pub pools: Vec<crate::cloud::Pool>,
+    /// The types differ in size: the fleet follows the order (cheapest per vCPU first)
+    /// instead of comparing prices per instance.
+    pub prioritized: bool,
+}
+
+/// `[cloud]` settings that do not make a launchable request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloudSettingsError {
+    #[error("[cloud] {key} and [cloud.x86_64] {key} are both set: keep one (the top-level key is the x86_64 shorthand)")]
+    Twice { key: &'static str },
+    #[error("[cloud.{listed}] instance_types lists {instance_type}, an {actual} type: a fleet never mixes architectures, since the AMI decides")]
+    WrongArch {
+        listed: Arch,
+        instance_type: String,
+        actual: Arch,
+    },
+    #[error("[cloud] max_cpus ({0}) must be at least 1")]
+    MaxCpus(u32),
+}
+
+/// Why no pool fits a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoPools {
+    #[error("no {arch} instance type has {want} vCPUs (configured: {})", configured.join(", "))]
+    NoSize { arch: Arch, want: String, configured: Vec<String> },
+    #[error("no {arch} instance types are configured")]
+    NoTypes { arch: Arch },
+}
+
 /// Where and how instances are rented. Every wait is bounded by a setting here.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -307,9 +406,9 @@ pub struct CloudConfig {
     pub region: Option<String>,
     /// The EC2 API endpoint [default: AWS's]; the local farm sets its emulator.
     pub endpoint: Option<String>,
-    /// Instance types, in order of preference [default: DEFAULT_INSTANCE_TYPES].
-    #[serde(default = "default_instance_types")]
-    pub instance_types: Vec<String>,
+    /// x86_64 instance types, in order of preference (shorthand for `[cloud.x86_64]
+    /// instance_types`) [default: DEFAULT_INSTANCE_TYPES].
+    pub instance_types: Option<Vec<String>>,
     /// Subnets; every instance type is tried in every subnet.
     #[serde(default)]
     pub subnets: Vec<String>,
@@ -317,8 +416,22 @@ pub struct CloudConfig {
     pub market: crate::cloud::MarketPolicy,
     /// A cap on the spot price per vCPU-hour (USD).
     pub max_spot_price_per_vcpu_hour: Option<f64>,
-    /// An AMI id (`ami-…`) or an SSM parameter path (`/…`) resolved at launch.
+    /// The x86_64 AMI: an id (`ami-…`) or an SSM parameter path (`/…`) resolved at launch
+    /// (shorthand for `[cloud.x86_64] ami`) [default: `/spotbuild/ami/latest-x86_64`].
     pub ami: Option<String>,
+    /// x86_64 machines.
+    #[serde(default)]
+    pub x86_64: ArchConfig,
+    /// arm64 (Graviton) machines.
+    #[serde(default)]
+    pub arm64: ArchConfig,
+    /// `exact`: only the size asked for; `at-least`: larger sizes of the same families too,
+    /// up to `max_cpus`, preferred by price per vCPU.
+    #[serde(default)]
+    pub sizes: Sizes,
+    /// The largest machine `sizes = "at-least"` may rent, in vCPUs.
+    #[serde(default = "default_max_cpus")]
+    pub max_cpus: u32,
     /// The instance profile of trusted builds.
     pub instance_profile: Option<String>,
     /// The instance profile of untrusted builds (pull requests): it may push only to the
@@ -389,8 +502,8 @@ impl BreakerConfig {
     }
 }
 
-fn default_instance_types() -> Vec<String> {
-    DEFAULT_INSTANCE_TYPES.iter().map(|s| s.to_string()).collect()
+fn default_max_cpus() -> u32 {
+    192
 }
 fn default_root_volume_gb() -> u32 {
     200
@@ -410,11 +523,15 @@ impl Default for CloudConfig {
         CloudConfig {
             region: None,
             endpoint: None,
-            instance_types: default_instance_types(),
+            instance_types: None,
             subnets: Vec::new(),
             market: Default::default(),
             max_spot_price_per_vcpu_hour: None,
             ami: None,
+            x86_64: ArchConfig::default(),
+            arm64: ArchConfig::default(),
+            sizes: Sizes::default(),
+            max_cpus: default_max_cpus(),
             instance_profile: None,
             untrusted_instance_profile: None,
             security_groups: Vec::new(),
@@ -429,9 +546,137 @@ impl Default for CloudConfig {
 }
 
 impl CloudConfig {
-    /// Every instance type in every subnet, types first (preference order).
-    pub fn pools(&self) -> Vec<crate::cloud::Pool> {
-        self.instance_types
+    fn arch_config(&self, arch: Arch) -> &ArchConfig {
+        match arch {
+            Arch::X86_64 => &self.x86_64,
+            Arch::Arm64 => &self.arm64,
+        }
+    }
+
+    /// `arch`'s instance types as configured, in order of preference.
+    pub fn instance_types(&self, arch: Arch) -> Vec<String> {
+        let top = match arch {
+            Arch::X86_64 => self.instance_types.as_ref(),
+            Arch::Arm64 => None,
+        };
+        match self.arch_config(arch).instance_types.as_ref().or(top) {
+            Some(types) => types.clone(),
+            None => match arch {
+                Arch::X86_64 => DEFAULT_INSTANCE_TYPES,
+                Arch::Arm64 => DEFAULT_ARM64_INSTANCE_TYPES,
+            }
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        }
+    }
+
+    /// `arch`'s image as the cloud layer takes it.
+    pub fn image(&self, arch: Arch) -> crate::cloud::Image {
+        let top = match arch {
+            Arch::X86_64 => self.ami.as_ref(),
+            Arch::Arm64 => None,
+        };
+        let ami = self.arch_config(arch).ami.clone().or_else(|| top.cloned()).unwrap_or_else(|| default_ami(arch));
+        if ami.starts_with('/') {
+            crate::cloud::Image::SsmParameter(ami)
+        } else {
+            crate::cloud::Image::Id(ami)
+        }
+    }
+
+    /// Checks what parsing cannot: one place per setting, and every type under the
+    /// architecture it runs.
+    pub fn validate(&self) -> Result<(), CloudSettingsError> {
+        if self.instance_types.is_some() && self.x86_64.instance_types.is_some() {
+            return Err(CloudSettingsError::Twice { key: "instance_types" });
+        }
+        if self.ami.is_some() && self.x86_64.ami.is_some() {
+            return Err(CloudSettingsError::Twice { key: "ami" });
+        }
+        if self.max_cpus == 0 {
+            return Err(CloudSettingsError::MaxCpus(self.max_cpus));
+        }
+        for arch in Arch::ALL {
+            for t in self.instance_types(arch) {
+                let actual = crate::cloud::types::arch_of(&t);
+                if actual != arch {
+                    return Err(CloudSettingsError::WrongArch {
+                        listed: arch,
+                        instance_type: t,
+                        actual,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The machines a launch of `arch` with `want` vCPUs may use: the configured types,
+    /// each family at the sizes asked for (and, with `sizes = "at-least"`, larger ones up
+    /// to `max_cpus`); of mixed sizes, cheapest per vCPU first (by the on-demand table of
+    /// `region`; unknown prices last, in configured order).
+    pub fn machines(&self, arch: Arch, want: CpuWant) -> Result<Machines, NoPools> {
+        use crate::cloud::types::{family_sizes, vcpus, TypeName};
+        let configured = self.instance_types(arch);
+        if configured.is_empty() {
+            return Err(NoPools::NoTypes { arch });
+        }
+        let at_least = self.sizes == Sizes::AtLeast;
+        let mut types: Vec<String> = Vec::new();
+        let mut add = |t: String| {
+            if !types.contains(&t) {
+                types.push(t);
+            }
+        };
+        for t in &configured {
+            let Some(name) = TypeName::parse(t) else { continue };
+            let own = name.vcpus();
+            let (lo, hi) = match want {
+                CpuWant::Configured if at_least => match own {
+                    Some(n) => (n, self.max_cpus.max(n)),
+                    None => {
+                        add(t.clone());
+                        continue;
+                    }
+                },
+                CpuWant::Configured => {
+                    add(t.clone());
+                    continue;
+                }
+                CpuWant::Exactly(n) if at_least => (n, self.max_cpus.max(n)),
+                CpuWant::Exactly(n) => (n, n),
+                CpuWant::Between(lo, hi) => (lo, hi),
+            };
+            if own.is_some_and(|n| (lo..=hi).contains(&n)) {
+                add(t.clone());
+            }
+            for other in family_sizes(name.family, lo, hi) {
+                add(other);
+            }
+        }
+        if types.is_empty() {
+            let want = match want {
+                CpuWant::Exactly(n) => n.to_string(),
+                CpuWant::Between(lo, hi) => format!("{lo} to {hi}"),
+                CpuWant::Configured => "any".into(),
+            };
+            return Err(NoPools::NoSize { arch, want, configured });
+        }
+        let sizes: std::collections::BTreeSet<Option<u32>> = types.iter().map(|t| vcpus(t)).collect();
+        let prioritized = sizes.len() > 1;
+        if prioritized {
+            let region = self.region.as_deref().unwrap_or("us-east-1");
+            // In millionths of a dollar, so sizes priced in proportion compare equal.
+            let per_vcpu = |t: &str| -> Option<u64> {
+                let hourly = crate::cloud::prices::on_demand_hourly(region, t)?;
+                Some((hourly / f64::from(vcpus(t)?) * 1e6).round() as u64)
+            };
+            // Stable: equal prices keep the configured order, smaller sizes first; unknown
+            // prices last.
+            types.sort_by_key(|t| per_vcpu(t).unwrap_or(u64::MAX));
+        }
+        let pools = types
             .iter()
             .flat_map(|t| {
                 self.subnets.iter().map(move |s| crate::cloud::Pool {
@@ -439,31 +684,21 @@ impl CloudConfig {
                     subnet: s.clone(),
                 })
             })
-            .collect()
-    }
-
-    /// The image setting as the cloud layer takes it.
-    pub fn image(&self) -> Option<crate::cloud::Image> {
-        self.ami.as_ref().map(|a| {
-            if a.starts_with('/') {
-                crate::cloud::Image::SsmParameter(a.clone())
-            } else {
-                crate::cloud::Image::Id(a.clone())
-            }
+            .collect();
+        Ok(Machines {
+            arch,
+            image: self.image(arch),
+            instance_types: types,
+            pools,
+            prioritized,
         })
     }
 
     /// What is missing for a launch, as `[cloud]` keys.
     pub fn missing_for_launch(&self) -> Vec<&'static str> {
         let mut m = Vec::new();
-        if self.ami.is_none() {
-            m.push("ami");
-        }
         if self.subnets.is_empty() {
             m.push("subnets");
-        }
-        if self.instance_types.is_empty() {
-            m.push("instance_types");
         }
         m
     }
@@ -598,10 +833,15 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', "\n  "),
-        })
+        })?;
+        config.cloud.validate().map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(config)
     }
 }
 
@@ -625,8 +865,9 @@ mod tests {
     #[test]
     fn the_cloud_section_has_launchable_defaults_and_pools() {
         let c = Config::parse("", Path::new("x")).unwrap();
-        assert_eq!(c.cloud.instance_types.len(), 7);
-        assert_eq!(c.cloud.missing_for_launch(), ["ami", "subnets"]);
+        assert_eq!(c.cloud.instance_types(Arch::X86_64).len(), 7);
+        assert_eq!(c.cloud.missing_for_launch(), ["subnets"]);
+        assert_eq!(c.cloud.image(Arch::Arm64), crate::cloud::Image::SsmParameter("/spotbuild/ami/latest-arm64".into()));
         let c = Config::parse(
             "[cloud]\nami = \"/aws/service/spotbuild/ami\"\nsubnets = [\"subnet-a\", \"subnet-b\"]\n\
              instance_types = [\"m7a.16xlarge\", \"c7a.16xlarge\"]\nmarket = \"on-demand\"\nttl = \"90m\"\n",
@@ -634,12 +875,74 @@ mod tests {
         )
         .unwrap();
         assert!(c.cloud.missing_for_launch().is_empty());
-        assert_eq!(c.cloud.pools().len(), 4);
-        assert_eq!(c.cloud.pools()[1].subnet, "subnet-b");
-        assert_eq!(c.cloud.image(), Some(crate::cloud::Image::SsmParameter("/aws/service/spotbuild/ami".into())));
+        let m = c.cloud.machines(Arch::X86_64, CpuWant::Configured).unwrap();
+        assert_eq!(m.pools.len(), 4);
+        assert_eq!(m.pools[1].subnet, "subnet-b");
+        assert!(!m.prioritized, "one size: the fleet compares prices itself");
+        assert_eq!(m.image, crate::cloud::Image::SsmParameter("/aws/service/spotbuild/ami".into()));
+        assert_eq!(c.cloud.image(Arch::Arm64), crate::cloud::Image::SsmParameter("/spotbuild/ami/latest-arm64".into()));
         assert_eq!(c.cloud.market, crate::cloud::MarketPolicy::OnDemand);
         assert_eq!(c.cloud.ttl, Duration::from_secs(5400));
         assert!(Config::parse("[cloud]\nmarket = \"cheap\"\n", Path::new("x")).is_err());
+    }
+
+    #[test]
+    fn each_architecture_has_its_own_pools_and_image_and_never_mixes() {
+        let c = Config::parse(
+            "[cloud]\nsubnets = [\"subnet-a\"]\n[cloud.arm64]\nami = \"ami-arm\"\n[cloud.x86_64]\nami = \"ami-x86\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let arm = c.cloud.machines(Arch::Arm64, CpuWant::Exactly(64)).unwrap();
+        assert_eq!(arm.instance_types, ["c7g.16xlarge", "m7g.16xlarge", "r7g.16xlarge", "c8g.16xlarge", "m8g.16xlarge"]);
+        assert_eq!(arm.image, crate::cloud::Image::Id("ami-arm".into()));
+        let x86 = c.cloud.machines(Arch::X86_64, CpuWant::Exactly(64)).unwrap();
+        assert_eq!(x86.image, crate::cloud::Image::Id("ami-x86".into()));
+        for (arch, m) in [(Arch::Arm64, &arm), (Arch::X86_64, &x86)] {
+            assert!(m.pools.iter().all(|p| crate::cloud::types::arch_of(&p.instance_type) == arch), "{arch}: {:?}", m.pools);
+        }
+        // A type under the wrong architecture is refused when the file is read.
+        let e = Config::parse("[cloud.arm64]\ninstance_types = [\"c7g.16xlarge\", \"m7a.16xlarge\"]\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("[cloud.arm64] instance_types lists m7a.16xlarge, an x86_64 type"), "{e}");
+        let e = Config::parse("[cloud]\ninstance_types = [\"m7g.16xlarge\"]\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("an arm64 type"), "{e}");
+        let e = Config::parse("[cloud]\nami = \"ami-1\"\n[cloud.x86_64]\nami = \"ami-2\"\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("both set"), "{e}");
+    }
+
+    #[test]
+    fn sizes_at_least_widens_to_larger_sizes_cheapest_per_vcpu_first() {
+        let c = Config::parse(
+            "[cloud]\nregion = \"us-east-1\"\nsubnets = [\"s\"]\nsizes = \"at-least\"\nmax_cpus = 192\n\
+             instance_types = [\"m7a.16xlarge\", \"c6a.16xlarge\"]\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let m = c.cloud.machines(Arch::X86_64, CpuWant::Exactly(64)).unwrap();
+        assert!(m.prioritized);
+        // c6a (0.03825/vCPU-h) before m7a (0.05796); within a family, smaller first.
+        assert_eq!(
+            m.instance_types,
+            ["c6a.16xlarge", "c6a.24xlarge", "c6a.32xlarge", "c6a.48xlarge", "m7a.16xlarge", "m7a.24xlarge", "m7a.32xlarge", "m7a.48xlarge"]
+        );
+        let capped = Config::parse("[cloud]\nsubnets = [\"s\"]\nsizes = \"at-least\"\nmax_cpus = 128\n", Path::new("x")).unwrap();
+        let m = capped.cloud.machines(Arch::X86_64, CpuWant::Configured).unwrap();
+        assert!(m.instance_types.iter().all(|t| crate::cloud::types::vcpus(t).unwrap() <= 128), "{:?}", m.instance_types);
+        assert!(m.instance_types.contains(&"m7a.32xlarge".to_string()));
+        // Graviton3 stops at 16xlarge; Graviton4 goes on.
+        let arm = capped.cloud.machines(Arch::Arm64, CpuWant::Exactly(64)).unwrap();
+        assert!(arm.instance_types.contains(&"c8g.24xlarge".to_string()) && !arm.instance_types.iter().any(|t| t.starts_with("c7g.") && t != "c7g.16xlarge"));
+        // Exact: only the size asked, from every configured family; a range when the job allows.
+        let exact = Config::parse("[cloud]\nsubnets = [\"s\"]\n", Path::new("x")).unwrap();
+        let m = exact.cloud.machines(Arch::X86_64, CpuWant::Exactly(32)).unwrap();
+        assert!(m.instance_types.iter().all(|t| t.ends_with(".8xlarge")) && m.instance_types.len() == 7, "{:?}", m.instance_types);
+        let m = exact.cloud.machines(Arch::Arm64, CpuWant::Between(48, 64)).unwrap();
+        assert!(m.prioritized && m.instance_types.contains(&"c7g.12xlarge".to_string()) && m.instance_types.contains(&"m8g.16xlarge".to_string()));
+        let none = exact.cloud.machines(Arch::X86_64, CpuWant::Exactly(36)).unwrap_err();
+        assert!(none.to_string().contains("no x86_64 instance type has 36 vCPUs"), "{none}");
+        assert_eq!("64".parse::<CpuWant>(), Ok(CpuWant::Exactly(64)));
+        assert_eq!("48-192".parse::<CpuWant>(), Ok(CpuWant::Between(48, 192)));
+        assert!("192-48".parse::<CpuWant>().is_err() && "0".parse::<CpuWant>().is_err() && "lots".parse::<CpuWant>().is_err());
     }
 
     #[test]

@@ -11,6 +11,8 @@ use super::dockerfile::{self, Stage};
 use super::exec::{self, Stopped};
 use super::job::CheckedJob;
 use super::step::{Step, StepStatus};
+use crate::manifest::Multiarch;
+use crate::platform::Arch;
 use crate::protocol::JobProject;
 
 /// The tag a branch's newest build carries (a cache source for the next build).
@@ -189,19 +191,46 @@ pub async fn build(step: &Step, docker: &Docker, cx: &CheckedJob, p: &JobProject
         return errored();
     }
 
-    let mut plan = plan(&dockerfile::stages(&pinned), docker.kind, &cx.repo(&p.name), &p.tag, cx.branch(), &cx.job.main_branch);
+    let platforms = match platforms(p, docker.kind) {
+        Ok(platforms) => platforms,
+        Err(why) => {
+            step.say(format!("error: {why}")).await;
+            return errored();
+        }
+    };
+    // A per-arch image's cache sources are its own arch's: branch tags carry it too.
+    let (branch, main_branch) = match (p.multiarch, p.arch) {
+        (Multiarch::Host, Some(arch)) => (format!("{}-{arch}", cx.branch()), format!("{}-{arch}", cx.job.main_branch)),
+        _ => (cx.branch().to_string(), cx.job.main_branch.clone()),
+    };
+    if !platforms.is_empty() {
+        step.say(format!("building for {}", platforms.join(", "))).await;
+    }
+    let mut plan = plan(&dockerfile::stages(&pinned), docker.kind, &cx.repo(&p.name), &p.tag, &branch, &main_branch);
     if let Some(trusted) = cx.trusted_repo(&p.name) {
-        plan.read_main_branch_of(&trusted, &cx.job.main_branch);
+        plan.read_main_branch_of(&trusted, &main_branch);
     }
     let counter = Arc::new(Mutex::new(LayerCount::default()));
     let observer: exec::Observer = {
         let c = counter.clone();
         Arc::new(Mutex::new(move |line: &str| c.lock().expect("not poisoned").observe(line)))
     };
+    let mut build_args = p.build_args.clone();
+    if docker.kind == BuilderKind::Classic {
+        // BuildKit sets the platform ARGs itself; the classic builder does not, and
+        // multi-arch Dockerfiles read them (`COPY bin/${TARGETARCH} …`).
+        if let Some(arch) = p.arch {
+            for (k, v) in [("TARGETARCH", arch.oci().to_string()), ("TARGETOS", "linux".into()), ("TARGETPLATFORM", arch.docker_platform())] {
+                build_args.entry(k.to_string()).or_insert(v);
+            }
+        }
+    }
     let base = BuildSpec {
         context: cx.src.join(&p.build_dir),
         dockerfile,
-        build_args: p.build_args.clone(),
+        build_args,
+        push: p.multiarch == Multiarch::Buildx,
+        platforms,
         ..Default::default()
     };
     let mut stages = Vec::new();
@@ -248,6 +277,26 @@ pub async fn build(step: &Step, docker: &Docker, cx: &CheckedJob, p: &JobProject
     }
 }
 
+/// The `--platform` of project `p`'s build: every architecture in one buildx build for
+/// `multiarch: buildx` (only a builder with a docker-container driver can do that), else its
+/// architecture when this machine is another one, else none (the machine's own).
+pub fn platforms(p: &JobProject, builder: BuilderKind) -> Result<Vec<String>, String> {
+    if p.multiarch == Multiarch::Buildx {
+        if builder != BuilderKind::Buildx {
+            return Err(format!(
+                "`{}` has `multiarch: buildx`, which builds every platform in one `docker buildx build`, and this machine has no buildx builder with the docker-container driver (it has the {} builder). Create one with `docker buildx create --driver docker-container --use` (the AMI baked by ami/ has one), or use `multiarch: host` to build natively on each architecture",
+                p.name,
+                builder.name()
+            ));
+        }
+        return Ok(Arch::ALL.iter().map(|a| a.docker_platform()).collect());
+    }
+    Ok(match p.arch {
+        Some(arch) if Arch::native() != Some(arch) => vec![arch.docker_platform()],
+        _ => Vec::new(),
+    })
+}
+
 async fn build_once(step: &Step, docker: &Docker, spec: &BuildSpec, observer: &exec::Observer) -> Stopped {
     if docker.kind == BuilderKind::Classic {
         // The classic builder only uses cache sources that are present locally.
@@ -278,6 +327,35 @@ mod tests {
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn project(multiarch: Multiarch, arch: Option<Arch>) -> JobProject {
+        serde_json::from_value(serde_json::json!({
+            "name": "app", "hash": "h", "tag": "cache-h", "build": true, "build_dir": "app",
+            "dockerfile": "app/Dockerfile", "project_dir": "app", "arch": arch, "multiarch": multiarch
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_platform_follows_the_projects_arch_and_buildx_builds_every_one() {
+        let other = if Arch::native() == Some(Arch::Arm64) { Arch::X86_64 } else { Arch::Arm64 };
+        assert_eq!(platforms(&project(Multiarch::Host, Some(other)), BuilderKind::Classic), Ok(vec![other.docker_platform()]));
+        if let Some(native) = Arch::native() {
+            assert_eq!(platforms(&project(Multiarch::Host, Some(native)), BuilderKind::Classic), Ok(Vec::new()), "the machine's own");
+        }
+        assert_eq!(platforms(&project(Multiarch::None, None), BuilderKind::BuildKit), Ok(Vec::new()));
+        assert_eq!(
+            platforms(&project(Multiarch::Buildx, None), BuilderKind::Buildx),
+            Ok(vec!["linux/amd64".to_string(), "linux/arm64".to_string()])
+        );
+        let e = platforms(&project(Multiarch::Buildx, None), BuilderKind::BuildKit).unwrap_err();
+        assert!(e.contains("docker buildx create --driver docker-container"), "{e}");
+        let docker = Docker { program: "docker".into(), kind: BuilderKind::Buildx, env: Vec::new() };
+        let spec = BuildSpec { platforms: vec!["linux/amd64".into(), "linux/arm64".into()], push: true, image: "r/app:cache-h".into(), ..Default::default() };
+        let args: Vec<String> = docker.build(&spec).as_std().get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.contains(&"--push".to_string()) && !args.contains(&"--load".to_string()), "{args:?}");
+        assert!(args.windows(2).any(|w| w == ["--platform", "linux/amd64,linux/arm64"]), "{args:?}");
     }
 
     #[test]

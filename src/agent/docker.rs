@@ -160,6 +160,10 @@ pub struct BuildSpec {
     pub cache_refs_from: Vec<String>,
     pub cache_ref_to: Option<String>,
     pub build_args: BTreeMap<String, String>,
+    /// `--platform`: one (`linux/arm64`), or several for one buildx build of an index.
+    pub platforms: Vec<String>,
+    /// Push from the build (buildx, several platforms: such an image cannot be loaded).
+    pub push: bool,
 }
 
 impl Docker {
@@ -173,7 +177,7 @@ impl Docker {
         let mut c = self.command();
         match self.kind {
             BuilderKind::Buildx => {
-                c.args(["buildx", "build", "--progress=plain", "--load"]);
+                c.args(["buildx", "build", "--progress=plain", if spec.push { "--push" } else { "--load" }]);
                 for r in &spec.cache_refs_from {
                     c.arg("--cache-from").arg(format!("type=registry,ref={r}"));
                 }
@@ -200,6 +204,9 @@ impl Docker {
         }
         if let Some(t) = &spec.target {
             c.arg("--target").arg(t);
+        }
+        if !spec.platforms.is_empty() {
+            c.arg("--platform").arg(spec.platforms.join(","));
         }
         c.arg("-f").arg(&spec.dockerfile).arg("-t").arg(&spec.image).arg(&spec.context);
         c

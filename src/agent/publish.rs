@@ -93,9 +93,14 @@ async fn write_docker_config(dir: &Path, bin: &Path, host: &str) -> std::io::Res
 /// `cache-<hash>` is immutable where the registry enforces it (the Terraform module's
 /// repositories): when another job has pushed it already (same inputs), that image stands
 /// and this one is not pushed; a push refused because it appeared meanwhile counts as done.
-pub async fn push(step: &Step, tools: &Tools, repository: &str, image: &Image, stages: &[Image]) -> StepStatus {
-    let there = exists(tools, repository, &image.tag).await;
-    if there {
+///
+/// `pushed`: the build pushed the image itself (a buildx build of several platforms); only
+/// its stages and branch tags are left.
+pub async fn push(step: &Step, tools: &Tools, repository: &str, image: &Image, stages: &[Image], pushed: bool) -> StepStatus {
+    let there = pushed || exists(tools, repository, &image.tag).await;
+    if pushed {
+        step.say(format!("{} was pushed by the build (every platform, as one index)", image.tag)).await;
+    } else if there {
         step.say(format!("{} is already in the registry (another job built the same inputs): kept", image.tag)).await;
     }
     let to_push: Vec<&Image> = std::iter::once(image).filter(|_| !there).chain(stages).collect();

@@ -99,14 +99,18 @@ async fn on_host(step: &Step, cx: &CheckedJob, p: &JobProject, test: &JobTest, i
         .env("CONTENT_HASH", &p.hash)
         .env("COMMIT_HASH", &cx.job.commit)
         .env("ROOT_PATH", &cx.src)
-        .env("PROJECT_DIR", &dir);
+        .env("PROJECT_DIR", &dir)
+        .env(CPUS_ENV, machine_cpus().to_string());
     step.run(cmd).await
 }
 
 async fn in_image(step: &Step, tools: &Tools, cx: &CheckedJob, test: &JobTest, image: &str) -> StepStatus {
     let docker = &tools.docker;
     let name = container_name(&cx.job.build_id, step.name());
-    let stopped = step.exec(docker.run(image, &name, &test.command, test.cpus), None).await;
+    // The machine may be another size than the job was written for (`[cloud] sizes`):
+    // a limit above what it has would make `docker run` refuse to start.
+    let cpus = test.cpus.map(|n| n.min(machine_cpus()));
+    let stopped = step.exec(docker.run(image, &name, &test.command, cpus), None).await;
     if stopped == Stopped::Killed {
         // Killing the client does not stop the container.
         let _ = docker.remove_container(&name).output().await;
@@ -120,8 +124,18 @@ pub async fn command(step: &Step, dir: &Path, command: &[String]) -> StepStatus 
         return StepStatus::NotRun(NotRun::NoCommand);
     };
     let mut cmd = Command::new(program);
-    cmd.args(args).current_dir(dir);
+    cmd.args(args).current_dir(dir).env(CPUS_ENV, machine_cpus().to_string());
     step.run(cmd).await
+}
+
+/// What host commands and test scripts read to size their parallelism (`make -j`): the
+/// CPUs of the machine the job got, which with `[cloud] sizes = "at-least"` may be more
+/// than asked for.
+pub const CPUS_ENV: &str = "SPOTBUILD_CPUS";
+
+/// The CPUs this machine has (what the agent's hello reports).
+pub fn machine_cpus() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
 }
 
 fn container_name(build_id: &str, step: &str) -> String {

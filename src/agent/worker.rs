@@ -107,7 +107,9 @@ impl Worker {
             Built::Passed { image, stages, .. } => {
                 // Pushed even after a notice: the next attempt starts from it.
                 let (step, t) = self.begin(push, Some(&p.name), StepKind::Push).await;
-                let status = publish::push(&step, tools, &self.cx.registry.repository(&p.name), &image, &stages).await;
+                // A buildx build of every platform pushed its index itself.
+                let pushed = p.multiarch == crate::manifest::Multiarch::Buildx;
+                let status = publish::push(&step, tools, &self.cx.registry.repository(&p.name), &image, &stages, pushed).await;
                 self.end(&step, t, &status, None).await;
                 status.passed()
             }

@@ -109,6 +109,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Build
         registry_auth: args.registry_auth,
         test: None,
         force_untrusted: args.flags.untrusted,
+        arch: args.flags.arch,
     })
     .await?;
     let unplanned = planned.report_broken();

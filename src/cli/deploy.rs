@@ -23,7 +23,9 @@ Examples:
 
 The gate: every project of the manifest (with --closure-only, of the named projects'
 closures) must have its cache-<hash> image and every test job's cache-<hash>-<job> tag,
-on that same image, in the registry. Otherwise deploy lists what is missing, exits 8, and
+on that same image, in the registry. For a `multiarch: host` project, cache-<hash> is the
+index `manifest create` wrote, and each arch's tests passed on that arch's image
+(cache-<hash>-<arch>-<job>). Otherwise deploy lists what is missing, exits 8, and
 touches nothing.
 
 A project is unchanged, and skipped, when the deploy registry's deployed-<env> tag
@@ -127,6 +129,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Deplo
             registry_auth: args.registry_auth,
             test: None,
             force_untrusted: false,
+            arch: crate::platform::Arch::X86_64,
         },
         selection: if args.all { Selection::All } else { Selection::Named(args.projects.clone()) },
         closure_only: args.closure_only,

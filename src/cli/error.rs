@@ -228,6 +228,8 @@ impl From<PlanError> for Error {
                     .unwrap_or_else(|| "`spotbuild plan --offline` lists every project".into());
                 Error::of(Exit::Usage, e).hint(hint)
             }
+            PlanError::NotForArch { .. } => Error::of(Exit::Usage, e)
+                .hint("build it with --arch x86_64, or give it `multiarch: host` (built on each architecture) or `multiarch: buildx`"),
         }
     }
 }
@@ -253,7 +255,8 @@ impl From<BuildError> for Error {
         match e {
             BuildError::MissingSettings(_) => Error::of(Exit::Usage, e)
                 .hint("set them (see `terraform output spotbuild_toml`), or build here with --local"),
-            BuildError::NoTypeWithCpus(_) => Error::of(Exit::Usage, e).hint("add types of that size to [cloud] instance_types"),
+            BuildError::NoPools(_) => Error::of(Exit::Usage, e)
+                .hint("add types of that size to [cloud] instance_types ([cloud.arm64] for arm64), allow a range (--cpus 48-96), or set [cloud] sizes = \"at-least\""),
             BuildError::LocalDir(_) => Error::of(Exit::Failed, e),
             BuildError::Replan { source, .. } => source.into(),
             BuildError::NoUntrustedProfile(_) => Error::of(Exit::Usage, e)
@@ -323,7 +326,7 @@ impl Exit {
     pub fn of_plan(e: &PlanError) -> Exit {
         match e {
             PlanError::Git(_) => Exit::Git,
-            PlanError::UnknownProject { .. } => Exit::Usage,
+            PlanError::UnknownProject { .. } | PlanError::NotForArch { .. } => Exit::Usage,
             PlanError::Manifest(_) | PlanError::NoManifest { .. } | PlanError::TwoManifests { .. } | PlanError::BrokenProject(_) => {
                 Exit::InvalidInput
             }

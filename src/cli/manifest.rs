@@ -80,6 +80,7 @@ fn one_project_offline(repo_dir: Option<PathBuf>, settings: Option<PathBuf>, pro
         registry_auth: None,
         test: None,
         force_untrusted: false,
+        arch: crate::platform::Arch::X86_64,
     }
 }
 

@@ -19,12 +19,15 @@ Examples:
   spotbuild plan --offline                hashes only; the registry is not asked
   spotbuild plan app --explain            which changed paths put app in the build set
   spotbuild plan --explain --since main   ... compared with main
+  spotbuild plan --arch arm64             what an arm64 machine would build (multiarch: host)
   spotbuild plan api --test e2e -- --shard 2
                                           the success tag that invocation reads and writes
 
 A project needs building when its image repository has no tag cache-<hash>;
 a test job needs running when there is no tag cache-<hash>-<job> (with arguments,
-cache-<hash>-<job>-<digest>). Put [ci rebuild] or [ci rebuild <project>] in a commit
+cache-<hash>-<job>-<digest>). A `multiarch: host` project has one image per
+architecture: cache-<hash>-<arch>, tested as cache-<hash>-<arch>-<job>; `--arch` says
+which one is planned. Put [ci rebuild] or [ci rebuild <project>] in a commit
 message to force a build. If the registry cannot be asked, projects are reported as
 needing work.
 
@@ -74,6 +77,11 @@ pub struct PlanArgs {
     /// namespace and the untrusted one. Trust can only be lowered, never raised.
     #[arg(long)]
     pub untrusted: bool,
+
+    /// Plan a build on this architecture: x86_64 covers every project; arm64 covers the
+    /// `multiarch: host` projects (tags cache-<hash>-arm64) and what they depend on.
+    #[arg(long, value_name = "ARCH", default_value = "x86_64")]
+    pub arch: crate::platform::Arch,
 
     /// Plan one test invocation of the named project, as `spotbuild test PROJECT JOB -- ARGS`
     /// would run it: its success tag is shown (with ARGS, it carries their digest).
@@ -147,6 +155,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: PlanA
         registry_auth: args.registry_auth,
         test: test.clone(),
         force_untrusted: args.untrusted,
+        arch: args.arch,
     })
     .await?;
     if let Some(run) = &test {
@@ -237,9 +246,16 @@ fn state_word(needs: Option<bool>, yes: &'static str, no: &'static str) -> &'sta
 /// The readable table: one row per project, one indented row per test job, then a summary.
 fn render_table(plan: &Plan, broken: &[Arc<ManifestError>]) -> String {
     let mut rows: Vec<[String; 4]> = vec![["PROJECT".into(), "HASH".into(), "STATE".into(), "REASON".into()]];
+    // The project each row starts, for its explanation.
+    let mut starts: Vec<Option<&crate::plan::ProjectPlan>> = vec![None];
     for p in &plan.projects {
+        starts.push(Some(p));
+        starts.extend(p.tests.iter().map(|_| None));
         rows.push([
-            p.name.clone(),
+            match p.arch {
+                Some(a) => format!("{} ({a})", p.name),
+                None => p.name.clone(),
+            },
             p.hash[..12].to_string(),
             state_word(p.needs_build, "build", "built").into(),
             p.reason.clone(),
@@ -254,6 +270,7 @@ fn render_table(plan: &Plan, broken: &[Arc<ManifestError>]) -> String {
         }
     }
     for e in broken {
+        starts.push(None);
         rows.push([
             e.project().unwrap_or_default().to_string(),
             "-".into(),
@@ -278,10 +295,7 @@ fn render_table(plan: &Plan, broken: &[Arc<ManifestError>]) -> String {
         );
         out.push_str(line.trim_end());
         out.push('\n');
-        if n == 0 {
-            continue;
-        }
-        if let Some(p) = plan.projects.iter().find(|p| p.name == r[0]) {
+        if let Some(p) = starts[n] {
             if let Some(e) = &p.explain {
                 out.push_str(&render_explanation(e));
             }

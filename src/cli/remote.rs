@@ -44,10 +44,18 @@ pub struct RemoteFlags {
     #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
-    /// Rent a machine with this many vCPUs: only instance types of that size are tried
-    /// [default: every configured type].
-    #[arg(long, value_name = "N")]
-    pub cpus: Option<u32>,
+    /// Rent a machine with this many vCPUs: each configured family at that size (and
+    /// larger ones up to `[cloud] max_cpus` with `[cloud] sizes = "at-least"`). MIN-MAX
+    /// (e.g. 48-192) allows any size in the range, cheapest per vCPU first
+    /// [default: the configured types as they are].
+    #[arg(long, value_name = "N|MIN-MAX")]
+    pub cpus: Option<crate::settings::CpuWant>,
+
+    /// The machine's architecture: x86_64 (amd64) or arm64 (aarch64). An arm64 build
+    /// rents only `[cloud.arm64]` types from the arm64 AMI, and builds only the projects
+    /// with `multiarch: host` (tagged cache-<hash>-arm64) [default: x86_64].
+    #[arg(long, value_name = "ARCH", default_value = "x86_64")]
+    pub arch: crate::platform::Arch,
 
     /// Which markets to use [default: `[cloud] market`, spot then on-demand].
     #[arg(long, value_enum, value_name = "POLICY")]
@@ -100,6 +108,7 @@ impl Remote<'_> {
                 _ => None,
             },
             force_untrusted: self.flags.untrusted,
+            arch: self.flags.arch,
         }
     }
 }
@@ -156,7 +165,8 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: R
         settings,
         trust: planned.trust.clone(),
         git_dir: planned.repo.git_dir().to_path_buf(),
-        cpus: remote.flags.cpus,
+        arch: remote.flags.arch,
+        cpus: remote.flags.cpus.unwrap_or(crate::settings::CpuWant::Configured),
         max_instances: remote.max_instances,
         market: remote.flags.market,
         timeout: remote.flags.timeout,

@@ -25,6 +25,7 @@ among its projects for `--by project`.
 Examples:
   spotbuild report                                  the last 7 days, by project
   spotbuild report --since 30d --by day --format csv -o costs.csv
+  spotbuild report --by arch                        x86_64 against arm64 (Graviton)
   spotbuild report --ledger s3://acme-ci/spotbuild --format html -o report.html";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,6 +13,7 @@ use aws_sdk_ec2::config::timeout::TimeoutConfig;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest, FleetLaunchTemplateOverridesRequest,
+    FleetOnDemandAllocationStrategy, OnDemandOptionsRequest,
     FleetLaunchTemplateSpecificationRequest, FleetType, InstanceLifecycle, InstanceLifecycleType, InstanceStateName,
     InstanceType, LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
     LaunchTemplateHttpTokensState, LaunchTemplateIamInstanceProfileSpecificationRequest,
@@ -232,15 +233,7 @@ fn failure<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::D
     }
 }
 
-/// vCPUs of the common sizes (`large` 2, `xlarge` 4, `Nxlarge` 4N), for per-vCPU price caps.
-pub fn vcpus(instance_type: &str) -> Option<u32> {
-    let size = instance_type.split('.').nth(1)?;
-    match size {
-        "large" => Some(2),
-        "xlarge" => Some(4),
-        s => s.strip_suffix("xlarge")?.parse::<u32>().ok().map(|n| n * 4),
-    }
-}
+pub use super::types::vcpus;
 
 fn ec2_tags(spec: &LaunchSpec) -> Vec<Tag> {
     let fitted = spec.tags();
@@ -385,6 +378,9 @@ impl AwsCloud {
         template_id: &str,
         instance_tags: &[Tag],
     ) -> Result<Launched, Vec<CloudFailure>> {
+        // With `prioritized`, an instance type's rank in the list is its priority (0 first):
+        // the same for every subnet, so capacity still decides between zones.
+        let mut ranks: Vec<&str> = Vec::new();
         let overrides: Vec<FleetLaunchTemplateOverridesRequest> = spec
             .pools
             .iter()
@@ -393,13 +389,26 @@ impl AwsCloud {
                     (Market::Spot, Some(per_vcpu), Some(n)) => Some(format!("{:.5}", per_vcpu * n as f64)),
                     _ => None,
                 };
+                let rank = match ranks.iter().position(|t| *t == p.instance_type) {
+                    Some(r) => r,
+                    None => {
+                        ranks.push(&p.instance_type);
+                        ranks.len() - 1
+                    }
+                };
                 FleetLaunchTemplateOverridesRequest::builder()
                     .instance_type(InstanceType::from(p.instance_type.as_str()))
                     .subnet_id(&p.subnet)
                     .set_max_price(cap)
+                    .set_priority(spec.prioritized.then_some(rank as f64))
                     .build()
             })
             .collect();
+        let (spot_strategy, on_demand_strategy) = if spec.prioritized {
+            (SpotAllocationStrategy::CapacityOptimizedPrioritized, FleetOnDemandAllocationStrategy::Prioritized)
+        } else {
+            (SpotAllocationStrategy::PriceCapacityOptimized, FleetOnDemandAllocationStrategy::LowestPrice)
+        };
         let capacity = match market {
             Market::Spot => DefaultTargetCapacityType::Spot,
             Market::OnDemand => DefaultTargetCapacityType::OnDemand,
@@ -415,11 +424,8 @@ impl AwsCloud {
                     .default_target_capacity_type(capacity)
                     .build(),
             )
-            .spot_options(
-                SpotOptionsRequest::builder()
-                    .allocation_strategy(SpotAllocationStrategy::PriceCapacityOptimized)
-                    .build(),
-            )
+            .spot_options(SpotOptionsRequest::builder().allocation_strategy(spot_strategy).build())
+            .on_demand_options(OnDemandOptionsRequest::builder().allocation_strategy(on_demand_strategy).build())
             .launch_template_configs(
                 FleetLaunchTemplateConfigRequest::builder()
                     .launch_template_specification(
@@ -649,14 +655,6 @@ mod tests {
     use aws_smithy_mocks::{mock, mock_client, RuleMode};
 
     use super::*;
-
-    #[test]
-    fn vcpus_follow_the_size_name() {
-        assert_eq!(vcpus("m7a.16xlarge"), Some(64));
-        assert_eq!(vcpus("c6a.xlarge"), Some(4));
-        assert_eq!(vcpus("r6a.large"), Some(2));
-        assert_eq!(vcpus("m7i.metal-48xl"), None);
-    }
 
     fn overrides(t: &str) -> LaunchTemplateAndOverridesResponse {
         LaunchTemplateAndOverridesResponse::builder()

@@ -9,6 +9,7 @@ pub mod aws;
 pub mod breaker;
 pub mod launch;
 pub mod prices;
+pub mod types;
 pub mod userdata;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,8 @@ pub mod tags {
     pub const PROJECT: &str = "spotbuild:project";
     pub const COMMIT: &str = "spotbuild:commit";
     pub const EXPIRES_AT: &str = "spotbuild:expires-at";
+    /// `x86_64` or `arm64`: what the instance's AMI runs.
+    pub const ARCH: &str = "spotbuild:arch";
     pub const OWNER: &str = "spotbuild:owner";
 
     /// EC2's limits: characters in a key, in a value, and tags on one resource.
@@ -164,12 +167,18 @@ pub struct LaunchSpec {
     pub owner: Option<String>,
     /// When the instance must be gone; also armed on the instance itself.
     pub expires_at: SystemTime,
+    /// The architecture of the image and of every pool (never mixed).
+    pub arch: crate::platform::Arch,
     pub image: Image,
     pub instance_profile: Option<String>,
     pub security_groups: Vec<String>,
     pub root_volume_gb: u32,
     /// In order of preference; EC2 Fleet chooses among them by price and capacity.
     pub pools: Vec<Pool>,
+    /// The pools differ in size and are ordered cheapest per vCPU first: the fleet follows
+    /// that order among the pools with capacity, instead of comparing prices per instance
+    /// (which always favours the smallest).
+    pub prioritized: bool,
     /// A cap on the spot price, per vCPU-hour.
     pub max_spot_price_per_vcpu_hour: Option<f64>,
     pub user_data: String,
@@ -194,6 +203,7 @@ impl LaunchSpec {
         );
         t.insert(tags::PROJECT.into(), tags::list_value(&self.projects));
         t.insert(tags::COMMIT.into(), self.commit.clone());
+        t.insert(tags::ARCH.into(), self.arch.to_string());
         t.insert(
             tags::EXPIRES_AT.into(),
             humantime::format_rfc3339_seconds(self.expires_at).to_string(),
@@ -464,6 +474,7 @@ pub(crate) fn test_spec() -> LaunchSpec {
         commit: "abc".into(),
         owner: None,
         expires_at: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000),
+        arch: crate::platform::Arch::X86_64,
         image: Image::SsmParameter("/spotbuild/ami".into()),
         instance_profile: Some("spotbuild-instance".into()),
         security_groups: vec!["sg-1".into()],
@@ -474,6 +485,7 @@ pub(crate) fn test_spec() -> LaunchSpec {
                 subnet: "subnet-1".into(),
             })
             .to_vec(),
+        prioritized: false,
         max_spot_price_per_vcpu_hour: Some(0.05),
         user_data: "#!/bin/sh\n".into(),
         extra_tags: BTreeMap::new(),
@@ -534,11 +546,11 @@ mod tests {
         assert_eq!(f.tags.len(), tags::MAX_TAGS);
         assert!(f.tags.values().all(|v| v.chars().count() <= tags::MAX_VALUE));
         assert!(f.tags.keys().all(|k| k.chars().count() <= tags::MAX_KEY));
-        for k in [tags::BUILD_ID, tags::ATTEMPT, tags::TRUST, tags::PROJECT, tags::COMMIT, tags::EXPIRES_AT, tags::OWNER] {
+        for k in [tags::BUILD_ID, tags::ATTEMPT, tags::TRUST, tags::PROJECT, tags::COMMIT, tags::ARCH, tags::EXPIRES_AT, tags::OWNER] {
             assert!(f.tags.contains_key(k), "{k} kept");
         }
         assert_eq!(f.cut, [tags::OWNER.to_string()]);
-        assert_eq!(f.dropped.len(), 60 + 1 - (tags::MAX_TAGS - 7));
+        assert_eq!(f.dropped.len(), 60 + 1 - (tags::MAX_TAGS - 8));
         assert!(spec.client_token(Market::OnDemand).len() <= 64);
         assert_eq!(spec.client_token(Market::Spot), "b1-a1-spot");
     }

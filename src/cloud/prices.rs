@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
+use super::types::TypeName;
+
 #[derive(serde::Deserialize)]
 struct Table {
     as_of: String,
@@ -19,9 +21,21 @@ fn table() -> &'static Table {
 }
 
 /// USD per hour on demand for `instance_type` in `region`; `None` when the table does not
-/// know it (or the type is not offered there).
+/// know it (or the type is not offered there). A size the table does not list is priced
+/// from a listed size of its family, in proportion to vCPUs, as AWS prices non-metal sizes
+/// of one family (`m7a.48xlarge` = 3 × `m7a.16xlarge`).
 pub fn on_demand_hourly(region: &str, instance_type: &str) -> Option<f64> {
-    table().prices.get(region)?.get(instance_type).copied().flatten()
+    let prices = table().prices.get(region)?;
+    if let Some(listed) = prices.get(instance_type) {
+        return *listed;
+    }
+    let name = TypeName::parse(instance_type)?;
+    let want = name.vcpus()?;
+    prices.iter().find_map(|(t, price)| {
+        let other = TypeName::parse(t)?;
+        (other.family == name.family).then_some(())?;
+        Some((*price)? / f64::from(other.vcpus()?) * f64::from(want))
+    })
 }
 
 /// When the embedded table was taken (`YYYY-MM`).
@@ -48,8 +62,25 @@ mod tests {
             }
         }
         assert_eq!(on_demand_hourly("us-east-1", "m7a.16xlarge"), Some(3.70944));
+        for region in regions() {
+            for t in crate::settings::DEFAULT_ARM64_INSTANCE_TYPES {
+                let p = on_demand_hourly(region, t).unwrap_or_else(|| panic!("{t} in {region}"));
+                assert!((1.0..10.0).contains(&p), "{t} in {region}: {p}");
+            }
+        }
+        assert_eq!(on_demand_hourly("us-east-1", "c7g.16xlarge"), Some(2.32));
         assert_eq!(on_demand_hourly("eu-west-2", "r6a.16xlarge"), None, "not offered there");
         assert_eq!(on_demand_hourly("mars-1", "m7a.16xlarge"), None);
         assert!(as_of().len() == 7);
+    }
+
+    #[test]
+    fn other_sizes_are_priced_in_proportion_to_vcpus() {
+        let p = |t| on_demand_hourly("us-east-1", t).unwrap();
+        assert!((p("m7a.48xlarge") - 3.0 * 3.70944).abs() < 1e-9);
+        assert!((p("c8g.8xlarge") - 2.55232 / 2.0).abs() < 1e-9);
+        assert_eq!(on_demand_hourly("eu-west-2", "r6a.48xlarge"), None, "not offered there at any size");
+        assert_eq!(on_demand_hourly("us-east-1", "z1d.12xlarge"), None, "no size of the family is listed");
+        assert_eq!(on_demand_hourly("us-east-1", "m7a.metal-48xl"), None, "metal sizes are priced apart");
     }
 }

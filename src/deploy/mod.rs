@@ -7,7 +7,9 @@
 //! - The gate comes first and touches nothing: every project of the manifest (or of the
 //!   named projects' closures) must have `cache-<hash>` and every test job's
 //!   `cache-<hash>-<job>` in the trusted namespace, each test tag on the same image as the
-//!   build tag. Otherwise [`DeployError::NotGreen`] lists what is missing.
+//!   build tag. A `multiarch: host` project's `cache-<hash>` is the index of its
+//!   architectures, and its tests passed per arch (`cache-<hash>-<arch>-<job>`, on
+//!   `cache-<hash>-<arch>`). Otherwise [`DeployError::NotGreen`] lists what is missing.
 //! - "Unchanged" means the destination's `deployed-<env>` already points at the manifest
 //!   `cache-<hash>` points at: the very image this hash built.
 //! - Promotion copies byte for byte ([`crate::registry::copy`]): digests are equal in both
@@ -42,7 +44,26 @@ use crate::plan::planner::{self, PlanRequest, PlanningError};
 use crate::registry::auth::Authenticator;
 use crate::registry::copy::{self, CopyPlan, CopyProgress, CopyStats, Endpoint};
 use crate::registry::credentials::{DEPLOY_PASSWORD_ENV, DEPLOY_USERNAME_ENV};
+use crate::manifest::Multiarch;
+use crate::platform::Arch;
 use crate::registry::{build_tag, test_tag, Client, ImageStore, RegistryError, RegistryRef};
+
+/// A test job's success tag as the gate found it.
+struct TestTag {
+    job: String,
+    arch: Option<Arch>,
+    digest: Option<String>,
+}
+
+/// What one tag of the gate stands for.
+enum Check {
+    /// `cache-<hash>`: the image deployed (an index for `multiarch: host`).
+    Image,
+    /// `cache-<hash>-<arch>` of a `multiarch: host` project.
+    ArchImage(Arch),
+    /// A test job's success tag, on the image (of that arch, for `multiarch: host`).
+    Test(String, Option<Arch>),
+}
 use crate::settings::AuthMode;
 pub use hook::HookOutcome;
 
@@ -292,45 +313,81 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
     let mut digests: BTreeMap<usize, String> = BTreeMap::new();
     {
         use futures::stream::{self, StreamExt};
-        let lookups: Vec<(usize, String, Option<String>)> = gate
+        // A `multiarch: host` project is deployed as its index (`cache-<hash>`, written by
+        // `manifest create` once every arch is built); its tests passed per arch, each on
+        // that arch's image.
+        let lookups: Vec<(usize, String, Check)> = gate
             .iter()
             .flat_map(|&i| {
                 let p = &manifest.projects[i];
-                std::iter::once((i, build_tag(&hashes.hashes[i]), None))
-                    .chain(p.tests.keys().map(move |job| (i, test_tag(&hashes.hashes[i], job), Some(job.clone()))))
+                let hash = &hashes.hashes[i];
+                let arches: Vec<Option<Arch>> = match p.multiarch_kind {
+                    Multiarch::Host => Arch::ALL.iter().copied().map(Some).collect(),
+                    Multiarch::None | Multiarch::Buildx => vec![None],
+                };
+                let mut checks = vec![(i, build_tag(hash), Check::Image)];
+                for arch in arches {
+                    if let Some(a) = arch {
+                        checks.push((i, a.tag(hash), Check::ArchImage(a)));
+                    }
+                    for job in p.tests.keys() {
+                        let tag = match arch {
+                            Some(a) => crate::plan::passed_tag(p.multiarch_kind, hash, a, job),
+                            None => test_tag(hash, job),
+                        };
+                        checks.push((i, tag, Check::Test(job.clone(), arch)));
+                    }
+                }
+                checks
             })
             .collect();
         let build_ref = &build;
         let found: Vec<_> = stream::iter(lookups)
-            .map(|(i, tag, job)| async move {
+            .map(|(i, tag, check)| async move {
                 let repo = build_ref.reference().repository(&manifest.projects[i].name);
                 let d = build_ref.digest(&repo, &tag).await;
-                (i, tag, job, d)
+                (i, tag, check, d)
             })
             .buffered(build.concurrency())
             .collect()
             .await;
-        let mut tests: Vec<(usize, String, String, Option<String>)> = Vec::new();
-        for (i, tag, job, d) in found {
+        let mut tests: Vec<(usize, String, TestTag)> = Vec::new();
+        let mut arch_digests: BTreeMap<(usize, Arch), String> = BTreeMap::new();
+        for (i, tag, check, d) in found {
             let d = d?;
-            match job {
-                None => match d {
-                    Some(d) => {
-                        digests.insert(i, d);
-                    }
-                    None => missing.push(Missing {
-                        project: manifest.projects[i].name.clone(),
-                        image: build.image_ref(&manifest.projects[i].name, &tag),
-                        what: "build".into(),
-                        reason: "not built at this hash".into(),
-                    }),
-                },
-                Some(job) => tests.push((i, tag, job, d)),
+            let name = &manifest.projects[i].name;
+            match (check, d) {
+                (Check::Image, Some(d)) => {
+                    digests.insert(i, d);
+                }
+                (Check::ArchImage(a), Some(d)) => {
+                    arch_digests.insert((i, a), d);
+                }
+                (Check::Image, None) => missing.push(Missing {
+                    project: name.clone(),
+                    image: build.image_ref(name, &tag),
+                    what: "build".into(),
+                    reason: match manifest.projects[i].multiarch_kind {
+                        Multiarch::Host => format!("no index of its architectures: `spotbuild manifest create {name}` joins them once each is built"),
+                        Multiarch::None | Multiarch::Buildx => "not built at this hash".into(),
+                    },
+                }),
+                (Check::ArchImage(a), None) => missing.push(Missing {
+                    project: name.clone(),
+                    image: build.image_ref(name, &tag),
+                    what: format!("build ({a})"),
+                    reason: format!("not built for {a} at this hash"),
+                }),
+                (Check::Test(job, arch), digest) => tests.push((i, tag, TestTag { job, arch, digest })),
             }
         }
-        for (i, tag, job, d) in tests {
+        for (i, tag, TestTag { job, arch, digest: d }) in tests {
             let name = &manifest.projects[i].name;
-            let reason = match (d, digests.get(&i)) {
+            let image = match arch {
+                Some(a) => arch_digests.get(&(i, a)),
+                None => digests.get(&i),
+            };
+            let reason = match (d, image) {
                 (None, _) => Some("no success tag: the job has not passed at this hash".to_string()),
                 (Some(t), Some(b)) if t != *b => Some(format!("passed on another image ({t}), not on {b}")),
                 _ => None,
@@ -339,7 +396,10 @@ pub async fn run(request: &DeployRequest, ledger: Option<Arc<dyn LedgerStore>>, 
                 missing.push(Missing {
                     project: name.clone(),
                     image: build.image_ref(name, &tag),
-                    what: format!("test {job}"),
+                    what: match arch {
+                        Some(a) => format!("test {job} ({a})"),
+                        None => format!("test {job}"),
+                    },
                     reason,
                 });
             }

@@ -63,8 +63,10 @@ pub struct BuildRequest {
     pub trust: crate::trust::Decision,
     /// The repository's git dir, to bundle the commit from.
     pub git_dir: PathBuf,
-    /// Only instance types with this many vCPUs.
-    pub cpus: Option<u32>,
+    /// The machines' architecture (the AMI and the instance types follow it).
+    pub arch: crate::platform::Arch,
+    /// How many vCPUs (with `[cloud] sizes`, which sizes the fleet may consider).
+    pub cpus: crate::settings::CpuWant,
     /// Spread over up to this many instances [default: `[remote] max_instances`].
     pub max_instances: Option<u32>,
     /// [default: `[cloud] market`]
@@ -159,8 +161,8 @@ impl StopSignal {
 pub enum BuildError {
     #[error("cannot rent an instance: [cloud] {} not set in spotbuild.toml", .0.join(", "))]
     MissingSettings(Vec<&'static str>),
-    #[error("no configured instance type has {0} vCPUs")]
-    NoTypeWithCpus(u32),
+    #[error(transparent)]
+    NoPools(#[from] crate::settings::NoPools),
     #[error(transparent)]
     LocalDir(#[from] crate::transport::keys::KeyError),
     #[error("failed to plan again before attempt {attempt}")]
@@ -217,12 +219,7 @@ pub async fn run(
         }
         settings.remote.ssm.role_id = settings.remote.ssm.untrusted_role_id.clone();
     }
-    if let Some(n) = request.cpus {
-        settings.cloud.instance_types.retain(|t| crate::cloud::aws::vcpus(t) == Some(n));
-        if settings.cloud.instance_types.is_empty() {
-            return Err(BuildError::NoTypeWithCpus(n));
-        }
-    }
+    let machines = settings.cloud.machines(request.arch, request.cpus)?;
     let work = &request.work;
     // Independent parts of the graph may go to separate instances.
     let max_instances = request.max_instances.unwrap_or(settings.remote.max_instances).max(1) as usize;
@@ -254,6 +251,7 @@ pub async fn run(
             cloud: deps.cloud.clone(),
             connector: &*deps.connector,
             settings: &settings,
+            machines: &machines,
             build_id: id,
             group,
             projects: work.builds_for(only.as_deref()),
@@ -283,6 +281,7 @@ pub async fn run(
                     started_at: started_at.clone(),
                     region: settings.cloud.region.clone(),
                     volume_gb: settings.cloud.root_volume_gb,
+                    arch: request.arch,
                 };
                 (g.build_id.clone(), g.progress.clone(), cx)
             })

@@ -34,6 +34,8 @@ pub struct Group<'a> {
     pub cloud: Arc<dyn Cloud>,
     pub connector: &'a dyn Connector,
     pub settings: &'a Config,
+    /// The image and pools every launch of this group asks for (one architecture).
+    pub machines: &'a crate::settings::Machines,
     pub build_id: String,
     pub group: Option<u32>,
     /// What this group builds, for the instance's `spotbuild:project` tag.

@@ -226,6 +226,8 @@ fn projects(plan: &Plan, hashes: &crate::plan::Hashes) -> Vec<JobProject> {
                 project_dir: m.project_dir.clone(),
                 dependencies: m.dependencies.clone(),
                 build_args: m.build_args.clone(),
+                arch: p.arch,
+                multiarch: p.multiarch,
                 tests: p
                     .tests
                     .iter()

@@ -180,6 +180,7 @@ pub struct EntryContext {
     pub started_at: String,
     pub region: Option<String>,
     pub volume_gb: u32,
+    pub arch: crate::platform::Arch,
 }
 
 impl BuildRecord {
@@ -205,6 +206,7 @@ impl EntryContext {
             result: result.into(),
             region: self.region.clone(),
             volume_gb: self.volume_gb,
+            arch: self.arch,
             attempts,
         }
     }

@@ -50,7 +50,6 @@ impl Attempt<'_, '_> {
             client,
             host_public: host.public,
         };
-        let image = cfg.image().ok_or_else(|| Observation::Fatal("no [cloud] ami is set".into()))?;
         let spec = LaunchSpec {
             build_id: g.build_id.clone(),
             attempt: self.n,
@@ -59,11 +58,13 @@ impl Attempt<'_, '_> {
             commit: g.commit.clone(),
             owner: g.owner.clone(),
             expires_at: SystemTime::now() + cfg.ttl,
-            image,
+            arch: g.machines.arch,
+            image: g.machines.image.clone(),
             instance_profile: cfg.instance_profile.clone(),
             security_groups: cfg.security_groups.clone(),
             root_volume_gb: cfg.root_volume_gb,
-            pools: cfg.pools(),
+            pools: g.machines.pools.clone(),
+            prioritized: g.machines.prioritized,
             max_spot_price_per_vcpu_hour: cfg.max_spot_price_per_vcpu_hour,
             user_data,
             extra_tags: cfg.tags.clone(),
@@ -79,7 +80,11 @@ impl Attempt<'_, '_> {
                 format!("warning: tags fitted to EC2's limits (values cut: {:?}; tags left out: {:?})", fitted.cut, fitted.dropped),
             );
         }
-        self.say(Phase::Launching, format!("requesting one instance from {} pools ({})", spec.pools.len(), market_label(g.market)));
+        let order = if spec.prioritized { ", cheapest per vCPU first" } else { "" };
+        self.say(
+            Phase::Launching,
+            format!("requesting one {} instance from {} pools ({}{order})", spec.arch, spec.pools.len(), market_label(g.market)),
+        );
         let report = match self.launch_task(spec, breaker).await {
             Ok(r) => r,
             Err(e) => {

@@ -432,6 +432,8 @@ fn job(commit: &str, projects: &[&str]) -> Job {
         projects: projects
             .iter()
             .map(|p| crate::protocol::JobProject {
+                arch: None,
+                multiarch: Default::default(),
                 name: p.to_string(),
                 hash: "h".into(),
                 tag: "cache-h".into(),
@@ -537,7 +539,8 @@ async fn build_recorded(
         settings: settings(),
         trust: trusted(),
         git_dir: repo.git_dir(),
-        cpus: None,
+        arch: crate::platform::Arch::X86_64,
+        cpus: crate::settings::CpuWant::Configured,
         max_instances: Some(max_instances),
         market: None,
         // Far away: the paused clock jumps ahead while keys and bundles are made for real
@@ -740,7 +743,7 @@ async fn sigterm_during_a_slow_launch_lets_it_finish_and_terminates_its_instance
     let cloud = Arc::new(FakeCloud::default());
     *cloud.launch_takes.lock().unwrap() = Duration::from_secs(40);
     let stop = Arc::new(tokio::sync::Notify::new());
-    let when = |e: &FarmEvent| matches!(e, FarmEvent::Phase { detail, .. } if detail.starts_with("requesting one instance"));
+    let when = |e: &FarmEvent| matches!(e, FarmEvent::Phase { detail, .. } if detail.starts_with("requesting one "));
     let run = build(&repo, &["api"], 1, cloud.clone(), connector(&cloud, &[Agent::Succeeds]), planner(Vec::new()), when, stop).await;
     assert!(matches!(run.outcome, BuildOutcome::Stopped(StopSignal::Terminate)));
     assert_eq!(cloud.launched(), ["i-1"], "the launch in flight was not dropped: it ran to its end");
@@ -908,7 +911,8 @@ async fn an_untrusted_build_never_runs_with_the_trusted_instance_profile() {
             reason: "a fork's pull request (#42)".into(),
         },
         git_dir: repo.git_dir(),
-        cpus: None,
+        arch: crate::platform::Arch::X86_64,
+        cpus: crate::settings::CpuWant::Configured,
         max_instances: None,
         market: None,
         timeout: Duration::from_secs(3600),

@@ -46,6 +46,10 @@ pub struct BuildEntry {
     pub region: Option<String>,
     /// The root volume (gp3) every attempt had.
     pub volume_gb: u32,
+    /// What the machines ran (entries written before architectures were recorded were
+    /// all x86_64).
+    #[serde(default)]
+    pub arch: crate::platform::Arch,
     pub attempts: Vec<AttemptEntry>,
 }
 

@@ -19,6 +19,8 @@ pub enum GroupBy {
     Day,
     InstanceType,
     Market,
+    /// The machines' architecture (x86_64, arm64).
+    Arch,
 }
 
 impl GroupBy {
@@ -28,6 +30,7 @@ impl GroupBy {
             GroupBy::Day => "day",
             GroupBy::InstanceType => "instance type",
             GroupBy::Market => "market",
+            GroupBy::Arch => "architecture",
         }
     }
 }
@@ -177,6 +180,7 @@ impl Report {
                     GroupBy::Day => vec![(utc_day(&a.started_at), 1.0)],
                     GroupBy::InstanceType => vec![(a.rental.instance_type.clone().unwrap_or_else(|| "(none)".into()), 1.0)],
                     GroupBy::Market => vec![(a.rental.market.map(|m| m.to_string()).unwrap_or_else(|| "(none)".into()), 1.0)],
+                    GroupBy::Arch => vec![(b.arch.to_string(), 1.0)],
                 };
                 for (key, share) in keys {
                     let (row, seen) = rows.entry(key.clone()).or_insert_with(|| (Row { key, ..Default::default() }, BTreeSet::new()));
@@ -407,5 +411,34 @@ mod tests {
         assert_eq!(percentile(&v, 0.95), 19.0);
         assert_eq!(percentile(&[7.0], 0.95), 7.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn cost_groups_by_architecture_and_old_entries_are_x86_64() {
+        let entry = |id: &str, arch: Option<&str>, itype: &str, price: f64| -> BuildEntry {
+            let mut v = serde_json::json!({
+                "schema": 1, "build_id": id, "projects": ["app"], "kind": "build", "commit": "c",
+                "branch": null, "ci_job_url": null, "started_at": "2026-12-01T10:00:00Z",
+                "ended_at": "2026-12-01T11:00:00Z", "result": "success", "region": "us-east-1", "volume_gb": 0,
+                "attempts": [{"attempt": 1, "instance_id": "i-1", "instance_type": itype, "availability_zone": "a",
+                    "market": "spot", "hourly_price": price, "on_demand_hourly": price * 3.0, "spot_reference_hourly": null,
+                    "market_reason": null, "started_at": "2026-12-01T10:00:00Z", "ended_at": "2026-12-01T11:00:00Z",
+                    "outcome": "success", "reason": null, "seconds": {}}]
+            });
+            if let Some(a) = arch {
+                v["arch"] = a.into();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let entries = [
+            entry("a", None, "m7a.16xlarge", 1.2),
+            entry("b", Some("arm64"), "c7g.16xlarge", 0.8),
+            entry("c", Some("arm64"), "m8g.16xlarge", 1.0),
+        ];
+        let t = |s: &str| humantime::parse_rfc3339(s).unwrap();
+        let r = Report::new(&entries, t("2026-11-30T00:00:00Z"), t("2026-12-02T00:00:00Z"), GroupBy::Arch);
+        let rows: Vec<(&str, usize, i64)> = r.rows.iter().map(|r| (r.key.as_str(), r.builds, (r.cost * 100.0).round() as i64)).collect();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.contains(&("x86_64", 1, 120)) && rows.contains(&("arm64", 2, 180)), "{rows:?}");
     }
 }

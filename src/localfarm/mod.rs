@@ -85,7 +85,10 @@ pub struct FarmState {
     pub config_ssm: PathBuf,
     pub subnet_cidr: String,
     pub subnet_id: String,
+    /// The emulator's x86_64 image, and its arm64 one (`[cloud.arm64] ami`).
     pub ami: String,
+    #[serde(default)]
+    pub ami_arm64: String,
     pub bridge: String,
     pub region: String,
     pub config: PathBuf,
@@ -332,7 +335,7 @@ async fn run_owned(
         wait_http(&format!("http://127.0.0.1:{registry_port}/v2/"), Duration::from_secs(30), "the registry").await?;
         let sdk = sdk_config(&ec2_endpoint, &settings.region, &access_key_id, &secret_access_key).await;
         let ec2 = aws_sdk_ec2::Client::new(&sdk);
-        let (subnet_id, ami) = prepare_ec2(&ec2, settings.subnet).await?;
+        let (subnet_id, ami, ami_arm64) = prepare_ec2(&ec2, settings.subnet).await?;
         let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build());
         s3.create_bucket()
             .bucket(&transport_bucket)
@@ -361,6 +364,7 @@ async fn run_owned(
                 subnet_cidr: format!("{}/24", settings.subnet),
                 subnet_id,
                 ami,
+                ami_arm64,
                 bridge: bridge.clone(),
                 region: settings.region.clone(),
                 config: settings.dir.join(CONFIG_FILE),
@@ -756,6 +760,12 @@ instance_types = ["m7a.16xlarge", "c7a.16xlarge", "m6a.16xlarge"]
 ttl = "3h"
 running_timeout = "30s"
 {profile}
+[cloud.arm64]
+# The emulator's arm64 image. The farm's hosts are this machine, so an arm64 build runs
+# here too: it works when the Dockerfile runs nothing (COPY-only, FROM scratch).
+ami = "{ami_arm64}"
+instance_types = ["c7g.16xlarge", "m7g.16xlarge"]
+
 [ledger]
 # What each build cost, for `spotbuild report` (the emulator's prices are not AWS's).
 url = "{ledger}"
@@ -790,6 +800,7 @@ shutdown_command = []
         region = st.region,
         subnet_id = st.subnet_id,
         ami = st.ami,
+        ami_arm64 = st.ami_arm64,
         user = st.user,
         agent = s.dir.join("bin").join("spotbuild").display(),
         work = s.dir.join("work").display(),
@@ -798,8 +809,8 @@ shutdown_command = []
     )
 }
 
-/// A VPC around the farm's subnet, the subnet, and an image to launch.
-async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(String, String), FarmError> {
+/// A VPC around the farm's subnet, the subnet, and an image of each architecture to launch.
+async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(String, String, String), FarmError> {
     let o = subnet.octets();
     let vpc = ec2
         .create_vpc()
@@ -817,10 +828,17 @@ async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(Str
         .map_err(ec2_err("create the farm's subnet"))?;
     let subnet_id = sub.subnet().and_then(|s| s.subnet_id()).unwrap_or_default().to_string();
     let images = ec2.describe_images().send().await.map_err(ec2_err("list the emulator's images"))?;
-    let mut ids: Vec<&str> = images.images().iter().filter_map(|i| i.image_id()).collect();
-    ids.sort();
-    let ami = ids.first().ok_or(FarmError::NoImage)?.to_string();
-    Ok((subnet_id, ami))
+    let first = |arch: &str| -> Result<String, FarmError> {
+        let mut ids: Vec<&str> = images
+            .images()
+            .iter()
+            .filter(|i| i.architecture().map(|a| a.as_str()) == Some(arch))
+            .filter_map(|i| i.image_id())
+            .collect();
+        ids.sort();
+        ids.first().map(|s| s.to_string()).ok_or(FarmError::NoImage)
+    };
+    Ok((subnet_id, first("x86_64")?, first("arm64")?))
 }
 
 /// The SDK's settings for the farm's door at `endpoint`, signing with the farm's key.

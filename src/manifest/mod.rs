@@ -239,6 +239,21 @@ impl Inputs for NoInputs {
     }
 }
 
+/// How a project is built for more than one architecture (the `multiarch` key).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Multiarch {
+    /// One image, built on x86_64 (no `multiarch`, or `false`).
+    #[default]
+    None,
+    /// `host`: built natively on each architecture's machine, each image tagged
+    /// `cache-<hash>-<arch>`, joined under `cache-<hash>` by `spotbuild manifest create`.
+    Host,
+    /// `buildx`: every platform in one `docker buildx build`, pushed as an index under
+    /// `cache-<hash>`.
+    Buildx,
+}
+
 /// A named test job of a project: a command run in the project's built image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TestJob {
@@ -293,7 +308,10 @@ pub struct Project {
     pub pattern_source: PatternSource,
     pub dependencies: Vec<String>,
     pub run_dependencies: Vec<String>,
+    /// The key as written (it is part of the hash as written).
     pub multiarch: Option<Value>,
+    /// What it means.
+    pub multiarch_kind: Multiarch,
     pub submodule_path: Option<String>,
     pub tests: BTreeMap<String, TestJob>,
     pub cpus: Option<u32>,
@@ -672,6 +690,15 @@ fn parse_project<I: Inputs>(
         None | Some(Value::Null) => None,
         Some(v) => Some(positive_u32(v).ok_or_else(|| wrong("cpus", "a positive integer", v))?),
     };
+    let multiarch_kind = match obj.get("multiarch") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Multiarch::None,
+        Some(Value::String(s)) if s == "host" => Multiarch::Host,
+        Some(Value::String(s)) if s == "buildx" => Multiarch::Buildx,
+        // Read as the native build, the Aztec build-system's meaning of a bare flag.
+        Some(Value::Bool(true)) => Multiarch::Host,
+        Some(Value::String(s)) => return Err(invalid(format!("`multiarch` must be `host` or `buildx`, not `{s}`")).into()),
+        Some(v) => return Err(wrong("multiarch", "`host`, `buildx` or false", v).into()),
+    };
     let build_args = match obj.get("buildArgs") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(Value::Object(m)) => m
@@ -774,6 +801,7 @@ fn parse_project<I: Inputs>(
         dependencies,
         run_dependencies,
         multiarch: obj.get("multiarch").cloned().filter(|v| !v.is_null()),
+        multiarch_kind,
         submodule_path,
         tests,
         cpus,

@@ -28,6 +28,8 @@ use sha2::{Digest, Sha256};
 use crate::git::{CommitId, FileMode, GitError, Repo, Snapshot};
 use crate::manifest::{Inputs, Manifest, ManifestError, ParseError, ScriptFailure, DEPENDENCY_SCRIPT_TIMEOUT, MANIFEST_FILES};
 use crate::errors::error_chain;
+use crate::manifest::Multiarch;
+use crate::platform::Arch;
 use crate::registry::{build_tag, test_tag, ImageStore, RegistryError};
 use matcher::Matcher;
 
@@ -57,6 +59,8 @@ pub enum PlanError {
     /// A project asked for (or one it depends on) has an invalid entry.
     #[error("{}", .0)]
     BrokenProject(Arc<ManifestError>),
+    #[error("`{project}` builds only for x86_64, so an {arch} build cannot build it (its manifest entry has no `multiarch: host` or `multiarch: buildx`)")]
+    NotForArch { project: String, arch: Arch },
 }
 
 impl From<ParseError<GitError>> for PlanError {
@@ -298,6 +302,68 @@ pub fn select(hashes: &Hashes, names: &[String]) -> Result<Vec<usize>, PlanError
     Ok(set.into_iter().collect())
 }
 
+/// The part of `selection` a build on `arch` covers, and what it should warn about.
+///
+/// An x86_64 build covers everything, as before architectures. An arm64 build covers the
+/// `multiarch: host` projects (each built natively, as `cache-<hash>-arm64`) and what they
+/// depend on: `buildx` projects (their index has arm64) and single-image ones, whose x86_64
+/// image a `FROM` then uses (fine for `COPY --from`; anything it runs needs emulation).
+/// `named`: the user named projects, and naming one that cannot be built there is an error.
+pub fn for_arch(hashes: &Hashes, selection: &[usize], names: &[String], arch: Arch) -> Result<(Vec<usize>, Vec<String>), PlanError> {
+    if arch == Arch::X86_64 {
+        return Ok((selection.to_vec(), Vec::new()));
+    }
+    let kind = |i: usize| hashes.manifest.projects[i].multiarch_kind;
+    for name in names {
+        if let Some(i) = hashes.manifest.position(name) {
+            if kind(i) == Multiarch::None {
+                return Err(PlanError::NotForArch { project: name.clone(), arch });
+            }
+        }
+    }
+    let mut keep = BTreeSet::new();
+    let mut warnings = BTreeSet::new();
+    for &i in selection {
+        if kind(i) != Multiarch::Host {
+            continue;
+        }
+        for j in hashes.closure(i) {
+            if kind(j) == Multiarch::None {
+                warnings.insert(format!(
+                    "`{}` ({arch}) is built from `{}`, which builds only for x86_64: its x86_64 image is used",
+                    hashes.manifest.projects[i].name, hashes.manifest.projects[j].name
+                ));
+            }
+            keep.insert(j);
+        }
+    }
+    // Named buildx projects are built wherever they are asked for (one build makes every
+    // platform).
+    for &i in selection {
+        if kind(i) == Multiarch::Buildx && names.iter().any(|n| *n == hashes.manifest.projects[i].name) {
+            keep.extend(hashes.closure(i));
+        }
+    }
+    Ok((keep.into_iter().collect(), warnings.into_iter().collect()))
+}
+
+/// The tag of project `p`'s image built at `hash` by a build on `arch`: `cache-<hash>-<arch>`
+/// for `multiarch: host`, else `cache-<hash>` (an index, for `buildx`).
+pub fn image_tag(kind: Multiarch, hash: &str, arch: Arch) -> String {
+    match kind {
+        Multiarch::Host => arch.tag(hash),
+        Multiarch::None | Multiarch::Buildx => build_tag(hash),
+    }
+}
+
+/// The tag that says test `key` passed on that image.
+pub fn passed_tag(kind: Multiarch, hash: &str, arch: Arch, key: &str) -> String {
+    match kind {
+        Multiarch::Host => test_tag(&format!("{hash}-{arch}"), key),
+        Multiarch::None | Multiarch::Buildx => test_tag(hash, key),
+    }
+}
+
 /// `[ci rebuild]` and `[ci rebuild <project> …]` in a commit message.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Forced {
@@ -428,6 +494,12 @@ pub struct ProjectPlan {
     pub name: String,
     pub hash: String,
     pub tag: String,
+    /// How it is built for several architectures (`none`, `host`, `buildx`).
+    pub multiarch: Multiarch,
+    /// The architecture its image here is for: the build's, for `multiarch: host`; x86_64
+    /// for a single-image project in an arm64 build; absent in an x86_64 build otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
     pub needs_build: Option<bool>,
     pub reason: String,
     /// Where its image is, when it exists (an untrusted build may take it from the trusted
@@ -476,6 +548,7 @@ pub async fn decide(
     forced: &Forced,
     read: &[&dyn ImageStore],
     asked: Option<&TestRun>,
+    arch: Arch,
 ) -> Plan {
     // Every tag we might need, in every namespace, looked up concurrently in one wave.
     let mut lookups: Vec<(usize, String, String)> = Vec::new();
@@ -483,9 +556,9 @@ pub async fn decide(
         let p = &hashes.manifest.projects[i];
         let hash = &hashes.hashes[i];
         for ns in 0..read.len() {
-            lookups.push((ns, p.name.clone(), build_tag(hash)));
+            lookups.push((ns, p.name.clone(), image_tag(p.multiarch_kind, hash, arch)));
             for run in test_runs(hashes, i, asked) {
-                lookups.push((ns, p.name.clone(), test_tag(hash, &run.key())));
+                lookups.push((ns, p.name.clone(), passed_tag(p.multiarch_kind, hash, arch, &run.key())));
             }
         }
     }
@@ -521,7 +594,7 @@ pub async fn decide(
         .map(|&i| {
             let p = &hashes.manifest.projects[i];
             let hash = hashes.hashes[i].clone();
-            let tag = build_tag(&hash);
+            let tag = image_tag(p.multiarch_kind, &hash, arch);
             let forced_reason = forced.reason(&p.name);
             let image = |ns: usize, t: &str| read[ns].image_ref(&p.name, t);
             let own = |t: &str| store.map_or_else(|| t.to_string(), |s| s.image_ref(&p.name, t));
@@ -544,7 +617,7 @@ pub async fn decide(
             let tests = test_runs(hashes, i, asked)
                 .into_iter()
                 .map(|run| {
-                    let ttag = test_tag(&hash, &run.key());
+                    let ttag = passed_tag(p.multiarch_kind, &hash, arch, &run.key());
                     let (needs_run, reason) = match (store, needs_build) {
                         (None, _) => (None, "offline: registry not asked".to_string()),
                         (Some(_), Some(true)) => (
@@ -580,6 +653,12 @@ pub async fn decide(
                 name: p.name.clone(),
                 hash,
                 tag,
+                multiarch: p.multiarch_kind,
+                arch: match (p.multiarch_kind, arch) {
+                    (Multiarch::Host, a) => Some(a),
+                    (Multiarch::None, Arch::Arm64) => Some(Arch::X86_64),
+                    _ => None,
+                },
                 needs_build,
                 reason,
                 image: source,
@@ -608,5 +687,18 @@ mod tests {
         assert_eq!(f.projects, BTreeSet::from(["a".into(), "b".into(), "c".into()]));
         assert_eq!(Forced::from_message("[ci rebuilding]"), Forced::default());
         assert_eq!(Forced::from_message("[ci rebuild"), Forced::default());
+    }
+
+    #[test]
+    fn tags_per_arch() {
+        let h = "ab12";
+        assert_eq!(image_tag(Multiarch::Host, h, Arch::Arm64), "cache-ab12-arm64");
+        assert_eq!(image_tag(Multiarch::Host, h, Arch::X86_64), "cache-ab12-x86_64");
+        assert_eq!(image_tag(Multiarch::None, h, Arch::X86_64), "cache-ab12", "single images keep their tag");
+        assert_eq!(image_tag(Multiarch::Buildx, h, Arch::Arm64), "cache-ab12", "a buildx index holds every platform");
+        assert_eq!(passed_tag(Multiarch::Host, h, Arch::Arm64, "unit"), "cache-ab12-arm64-unit");
+        assert_eq!(passed_tag(Multiarch::None, h, Arch::X86_64, "unit"), "cache-ab12-unit");
+        // An arch's image tag is never another project kind's test tag of the same hash.
+        assert_ne!(image_tag(Multiarch::Host, h, Arch::Arm64), passed_tag(Multiarch::Host, h, Arch::X86_64, "arm64"));
     }
 }

@@ -33,6 +33,9 @@ pub struct PlanRequest {
     pub test: Option<TestRun>,
     /// Plan as an untrusted build whatever the ref (`--untrusted`).
     pub force_untrusted: bool,
+    /// The architecture of the machine that builds: which projects it covers and which
+    /// tags they have (see [`super::for_arch`]).
+    pub arch: crate::platform::Arch,
 }
 
 /// A computed plan and what it was computed from.
@@ -83,7 +86,7 @@ pub async fn plan(request: &PlanRequest) -> Result<Planned, PlanningError> {
     };
     let request_blocking = request.clone();
     // Everything up to asking the registry reads the repository: off the async workers.
-    let (repo, config, hashes, selection, forced, trust) = tokio::task::spawn_blocking(move || -> Result<_, PlanningError> {
+    let (repo, config, hashes, selection, forced, trust, arch_warnings) = tokio::task::spawn_blocking(move || -> Result<_, PlanningError> {
         let request = request_blocking;
         let repo = Repo::discover(&cwd)?;
         let config = Config::load(request.settings.as_deref(), repo.workdir())?;
@@ -93,15 +96,17 @@ pub async fn plan(request: &PlanRequest) -> Result<Planned, PlanningError> {
         };
         let hashes = super::hash_commit(&repo, commit, options)?;
         let selection = super::select(&hashes, &request.projects)?;
+        let (selection, arch_warnings) = super::for_arch(&hashes, &selection, &request.projects, request.arch)?;
         let forced = Forced::from_message(&repo.commit_message(commit)?);
         let ci = crate::trust::CiRef::from_env(repo.current_branch());
         let trust = crate::trust::decide(&config.trust, &ci, request.force_untrusted);
-        Ok((repo, config, hashes, selection, forced, trust))
+        Ok((repo, config, hashes, selection, forced, trust, arch_warnings))
     })
     .await
     .map_err(PlanningError::Task)??;
     tracing::debug!(elapsed = ?started.elapsed(), projects = hashes.manifest.projects.len(), "hashed");
     let mut warnings: Vec<String> = hashes.manifest.warnings.iter().map(|w| w.to_string()).collect();
+    warnings.extend(arch_warnings);
     let broken = if request.projects.is_empty() {
         hashes.manifest.broken.values().cloned().collect()
     } else {
@@ -126,7 +131,7 @@ pub async fn plan(request: &PlanRequest) -> Result<Planned, PlanningError> {
         (Some(trusted), own)
     };
     let read: Vec<&dyn ImageStore> = trusted.iter().chain(own.iter()).map(|c| c as &dyn ImageStore).collect();
-    let plan = super::decide(&hashes, &selection, &forced, &read, request.test.as_ref()).await;
+    let plan = super::decide(&hashes, &selection, &forced, &read, request.test.as_ref(), request.arch).await;
     let trusted_namespace = own.as_ref().and(trusted.as_ref()).map(|c| c.reference().to_string());
     let client = own.or(trusted);
     let unasked = plan.projects.iter().filter(|p| p.reason.starts_with("registry could not be asked")).count();

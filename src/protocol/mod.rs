@@ -138,6 +138,14 @@ pub struct JobProject {
     pub build_args: BTreeMap<String, String>,
     #[serde(default)]
     pub tests: Vec<JobTest>,
+    /// The architecture its image is built for (`--platform linux/<arch>` when the machine
+    /// is another): the build's, for `multiarch: host`. Absent: the machine's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<crate::platform::Arch>,
+    /// `host`: its tags carry the architecture (`cache-<hash>-<arch>`, branch tags too);
+    /// `buildx`: one `buildx` invocation builds and pushes every platform as an index.
+    #[serde(default)]
+    pub multiarch: crate::manifest::Multiarch,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

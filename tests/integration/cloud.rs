@@ -70,6 +70,7 @@ impl Farm {
             commit: "0123456789abcdef0123456789abcdef01234567".into(),
             owner: Some("https://ci.example/job/1".into()),
             expires_at,
+            arch: spotbuild::platform::Arch::X86_64,
             image: Image::Id(self.image.clone()),
             instance_profile: None,
             security_groups: vec![],
@@ -80,6 +81,7 @@ impl Farm {
                     subnet: self.subnet.clone(),
                 })
                 .to_vec(),
+            prioritized: false,
             max_spot_price_per_vcpu_hour: Some(0.05),
             user_data: "#!/bin/sh\necho hi\n".into(),
             extra_tags: BTreeMap::from([("team".to_string(), "platform".to_string())]),
@@ -422,8 +424,8 @@ fn launches_ask_for_imdsv2_terminate_on_shutdown_tags_and_price_caps() {
         let resource_types: Vec<&str> = (1..=2).filter_map(|i| d(&format!("TagSpecification.{i}.ResourceType"))).collect();
         assert_eq!(resource_types, ["instance", "volume"]);
         for i in 1..=2 {
-            let keys: Vec<&str> = (1..=8).filter_map(|j| d(&format!("TagSpecification.{i}.Tag.{j}.Key"))).collect();
-            for k in [tags::BUILD_ID, tags::PROJECT, tags::COMMIT, tags::EXPIRES_AT, tags::OWNER, "team"] {
+            let keys: Vec<&str> = (1..=20).filter_map(|j| d(&format!("TagSpecification.{i}.Tag.{j}.Key"))).collect();
+            for k in [tags::BUILD_ID, tags::PROJECT, tags::COMMIT, tags::ARCH, tags::EXPIRES_AT, tags::OWNER, "team"] {
                 assert!(keys.contains(&k), "{k} missing from {keys:?}");
             }
         }
@@ -440,6 +442,44 @@ fn launches_ask_for_imdsv2_terminate_on_shutdown_tags_and_price_caps() {
 
         f.cloud.terminate(&[r.launched.instance_id]).await.unwrap();
         assert!(f.alive("b-shape").await.is_empty());
+    });
+}
+
+#[test]
+fn a_fleet_of_mixed_sizes_follows_the_price_per_vcpu_order() {
+    let rt = runtime();
+    let f = farm(&rt);
+    rt.block_on(async {
+        let config = spotbuild::settings::Config::parse(
+            &format!("[cloud]\nregion = \"us-east-1\"\nsubnets = [\"{}\"]\nsizes = \"at-least\"\nmax_cpus = 192\n", f.subnet),
+            std::path::Path::new("spotbuild.toml"),
+        )
+        .unwrap();
+        let machines = config.cloud.machines(spotbuild::platform::Arch::Arm64, spotbuild::settings::CpuWant::Exactly(64)).unwrap();
+        let mut spec = f.spec("b-sizes", 3600);
+        spec.arch = machines.arch;
+        spec.pools = machines.pools.clone();
+        spec.prioritized = machines.prioritized;
+        assert!(spec.prioritized);
+        for market in [MarketPolicy::Spot, MarketPolicy::OnDemand] {
+            let r = launch(&f.cloud, &spec, market, Breaker::Closed, FAST).await.unwrap();
+            f.cloud.terminate(&[r.launched.instance_id]).await.unwrap();
+        }
+        let fl = f.proxy.params("CreateFleet");
+        assert_eq!(fl["SpotOptions.AllocationStrategy"], "capacity-optimized-prioritized");
+        assert_eq!(fl["OnDemandOptions.AllocationStrategy"], "prioritized");
+        let overrides: Vec<(String, f64)> = (1..=spec.pools.len())
+            .map(|n| {
+                let o = |k: &str| fl[&format!("LaunchTemplateConfigs.1.Overrides.{n}.{k}")].clone();
+                (o("InstanceType"), o("Priority").parse().unwrap())
+            })
+            .collect();
+        // Cheapest per vCPU first (c7g), every size of the Graviton4 families after its price.
+        assert_eq!(overrides[0], ("c7g.16xlarge".to_string(), 0.0), "{overrides:?}");
+        assert!(overrides.iter().any(|(t, _)| t == "m8g.48xlarge"), "{overrides:?}");
+        assert!(overrides.windows(2).all(|w| w[0].1 < w[1].1), "one priority per type, in order: {overrides:?}");
+        assert!(overrides.iter().all(|(t, _)| spotbuild::cloud::types::arch_of(t) == spotbuild::platform::Arch::Arm64));
+        assert!(f.alive("b-sizes").await.is_empty());
     });
 }
 

@@ -430,3 +430,53 @@ fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn an_arm64_build_rents_only_arm64_types_from_the_arm64_image() {
+    docker_required();
+    let farm = LocalFarm::start();
+    let repo = TestRepo::new();
+    repo.manifest(json!({
+        "app": {"buildDir": "app", "multiarch": "host"},
+        "x86only": {"buildDir": "x86only"}
+    }));
+    // The farm's hosts are this x86_64 machine: the image only copies, so it builds here.
+    repo.write("app/Dockerfile", "FROM scratch\nCOPY busybox /bin/busybox\nCOPY stamp /stamp\n");
+    std::fs::copy(crate::support::docker::arm64_busybox(), repo.path().join("app/busybox")).unwrap();
+    repo.write("app/stamp", &format!("{}\n", unique()));
+    repo.write("x86only/Dockerfile", "FROM scratch\nCOPY stamp /stamp\n");
+    repo.write("x86only/stamp", "x86\n");
+    repo.commit("arm64");
+    let proxy = farm.fault_proxy();
+    let config = farm.config_with_endpoint(&proxy.endpoint());
+    let run = Run::of(farm.spotbuild(repo.path()).arg("--config").arg(&config).args(["build", "--arch", "arm64", "--all", "--json"]));
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+
+    // One fleet request, of arm64 pools only, from the arm64 image.
+    let fleet = proxy.params("CreateFleet");
+    let types: Vec<&String> = fleet.iter().filter(|(k, _)| k.ends_with(".InstanceType")).map(|(_, v)| v).collect();
+    assert!(!types.is_empty(), "{fleet:?}");
+    for t in &types {
+        assert_eq!(spotbuild::cloud::types::arch_of(t), spotbuild::platform::Arch::Arm64, "{t} asked for: {types:?}");
+    }
+    let template = proxy.params("CreateLaunchTemplate");
+    let arm64_ami = farm.state["ami_arm64"].as_str().unwrap();
+    assert_ne!(arm64_ami, farm.state["ami"].as_str().unwrap());
+    assert_eq!(template.get("LaunchTemplateData.ImageId").map(String::as_str), Some(arm64_ami), "{template:?}");
+    let arch_tag = template.iter().any(|(k, v)| k.ends_with(".Key") && v == "spotbuild:arch")
+        && template.values().any(|v| v == "arm64");
+    assert!(arch_tag, "the instance is tagged with its architecture: {template:?}");
+
+    // Only the multiarch project was built, under its arm64 tag.
+    let hashes = repo.hashes();
+    assert!(tags(&farm.registry(), "app").contains(&format!("cache-{}-arm64", hashes["app"])));
+    assert!(tags(&farm.registry(), "x86only").is_empty(), "an x86_64-only project is not an arm64 build's");
+
+    // The ledger knows the architecture.
+    let report = Run::of(farm.spotbuild(repo.path()).args(["report", "--since", "1h", "--by", "arch", "--format", "json"]));
+    assert_eq!(report.code, 0, "{}", report.stderr);
+    let rows = report.json()["rows"].clone();
+    assert_eq!(rows.as_array().map(|r| r.len()), Some(1), "{rows:#}");
+    assert_eq!(rows[0]["key"], "arm64", "{rows:#}");
+    farm.assert_nothing_left();
+}

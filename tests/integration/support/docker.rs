@@ -9,6 +9,19 @@ use super::services::Registry;
 
 pub const BUSYBOX: &str = "/bin/busybox";
 
+/// Debian's arm64 busybox, unpacked by `make test` (scripts/fetch-arm64-busybox) and never
+/// run here: a real arm64 binary for images built on this x86_64 machine.
+pub fn arm64_busybox() -> std::path::PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-deps/arm64/busybox");
+    assert!(
+        path.is_file(),
+        "{} is missing: `make test` fetches it (scripts/fetch-arm64-busybox {})",
+        path.display(),
+        path.display()
+    );
+    path
+}
+
 /// What one test's builds leave in the engine, removed when dropped (also on failure):
 /// every image tagged for (or pulled from) the test's registry, the images built on them,
 /// and the containers of any of these. A container holds its image: a test job's

@@ -290,6 +290,30 @@ impl Pusher {
         self.manifest(repo, reference).map(|(_, b)| sha(&b))
     }
 
+    /// A blob's bytes.
+    pub fn blob_bytes(&self, repo: &str, digest: &str) -> Vec<u8> {
+        runtime().block_on(async {
+            let resp = self.req(reqwest::Method::GET, &format!("{}/v2/{repo}/blobs/{digest}", self.base)).send().await.unwrap();
+            assert!(resp.status().is_success(), "blob get: {}", resp.status());
+            resp.bytes().await.unwrap().to_vec()
+        })
+    }
+
+    /// What a `HEAD` of `reference` answers when it accepts only index media types:
+    /// (status, content type).
+    pub fn head_index(&self, repo: &str, reference: &str) -> (u16, String) {
+        runtime().block_on(async {
+            let resp = self
+                .req(reqwest::Method::HEAD, &format!("{}/v2/{repo}/manifests/{reference}", self.base))
+                .header("accept", "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json")
+                .send()
+                .await
+                .unwrap();
+            let mt = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+            (resp.status().as_u16(), mt)
+        })
+    }
+
     pub fn has_blob(&self, repo: &str, digest: &str) -> bool {
         runtime().block_on(async {
             self.req(reqwest::Method::HEAD, &format!("{}/v2/{repo}/blobs/{digest}", self.base)).send().await.unwrap().status().is_success()
