@@ -94,17 +94,67 @@ bench: farm-deps
 demo: farm-deps build
 	scripts/demo
 
-# Bakes the instance image in your AWS account (needs packer and the aws CLI), then points
-# the SSM parameter that launches resolve at it. See ami/README.md.
+# Bakes the instance images in your AWS account (needs packer and the aws CLI), one per
+# architecture in ARCHES (x86_64, arm64: each boots only on its own instance types), then
+# points each architecture's SSM parameter, AMI_PARAMETER_PREFIX-<arch>, which launches
+# resolve, at its new image. See ami/README.md.
 #   make ami AWS_REGION=us-east-2 REPOSITORY_URL=https://github.com/acme/monorepo.git
-AMI_PARAMETER ?= /spotbuild/ami/latest
+#   make ami AWS_REGION=us-east-2 REPOSITORY_URL=... ARCHES=arm64   (only the arm64 image)
+# Each image carries a spotbuild built for its architecture: SPOTBUILD_BINARY_<arch>=PATH
+# when given; otherwise x86_64 is this (x86_64) machine's release build and arm64 is
+# cross-built for aarch64-unknown-linux-gnu, which needs that Rust target and the
+# aarch64-linux-gnu-gcc linker.
+ARCHES ?= x86_64 arm64
+AMI_PARAMETER_PREFIX ?= /spotbuild/ami/latest
 REPOSITORY_REF ?= main
+AARCH64_TARGET := aarch64-unknown-linux-gnu
+comma := ,
+empty :=
+space := $(empty) $(empty)
+AMI_BINARY_x86_64 = $(abspath $(or $(SPOTBUILD_BINARY_x86_64),target/release/spotbuild))
+AMI_BINARY_arm64 = $(abspath $(or $(SPOTBUILD_BINARY_arm64),target/$(AARCH64_TARGET)/release/spotbuild))
+# packer's build names: amazon-ebs.<arch> (ami/spotbuild.pkr.hcl).
+AMI_ONLY = $(subst $(space),$(comma),$(addprefix amazon-ebs.,$(strip $(ARCHES))))
 ami:
 	@test -n "$(AWS_REGION)" || { echo "make ami: set AWS_REGION" >&2; exit 2; }
 	@test -n "$(REPOSITORY_URL)" || { echo "make ami: set REPOSITORY_URL (the monorepo to mirror)" >&2; exit 2; }
+	@test -n "$(strip $(ARCHES))" || { echo "make ami: ARCHES is empty (x86_64, arm64 or both)" >&2; exit 2; }
+	@for a in $(ARCHES); do case "$$a" in x86_64|arm64) ;; *) echo "make ami: ARCHES: unknown architecture $$a (x86_64 or arm64)" >&2; exit 2 ;; esac; done
+	@case "$(AMI_PARAMETER_PREFIX)" in /*) ;; *) echo "make ami: AMI_PARAMETER_PREFIX is an SSM parameter path and starts with / (got $(AMI_PARAMETER_PREFIX))" >&2; exit 2 ;; esac
 	@command -v packer >/dev/null || { echo "make ami: packer is not installed (https://developer.hashicorp.com/packer/install)" >&2; exit 2; }
+	@command -v aws >/dev/null || { echo "make ami: the aws CLI is not installed (publishing the images needs it: https://aws.amazon.com/cli/)" >&2; exit 2; }
+	@for a in $(ARCHES); do \
+	  case "$$a" in x86_64) given="$(SPOTBUILD_BINARY_x86_64)" ;; arm64) given="$(SPOTBUILD_BINARY_arm64)" ;; esac; \
+	  [ -z "$$given" ] || [ -f "$$given" ] || { echo "make ami: SPOTBUILD_BINARY_$$a=$$given is not a file" >&2; exit 2; }; \
+	done
+ifneq ($(filter x86_64,$(ARCHES)),)
+ifeq ($(SPOTBUILD_BINARY_x86_64),)
+	@[ "$$(uname -m)" = x86_64 ] || { echo "make ami: this machine is $$(uname -m), so its release build cannot go on the x86_64 image: set SPOTBUILD_BINARY_x86_64=PATH (a Linux x86_64 build of spotbuild), or ARCHES=arm64" >&2; exit 2; }
+endif
+endif
+ifneq ($(filter arm64,$(ARCHES)),)
+ifeq ($(SPOTBUILD_BINARY_arm64),)
+	@missing=""; \
+	[ -d "$$(rustc --print sysroot 2>/dev/null)/lib/rustlib/$(AARCH64_TARGET)" ] || \
+	  missing="$$missing\n  the Rust target $(AARCH64_TARGET): rustup target add $(AARCH64_TARGET)"; \
+	[ "$$(uname -m)" = aarch64 ] || command -v aarch64-linux-gnu-gcc >/dev/null || \
+	  missing="$$missing\n  the linker aarch64-linux-gnu-gcc: apt-get install gcc-aarch64-linux-gnu (Debian, Ubuntu)"; \
+	[ -z "$$missing" ] || { printf 'make ami: the arm64 image needs a Linux arm64 spotbuild. Give one with SPOTBUILD_BINARY_arm64=PATH, bake only x86_64 with ARCHES=x86_64, or install what cross-building it needs:%b\n' "$$missing" >&2; exit 2; }
+endif
+endif
+ifneq ($(filter x86_64,$(ARCHES)),)
+ifeq ($(SPOTBUILD_BINARY_x86_64),)
 	cargo build --locked --release
+endif
+endif
+ifneq ($(filter arm64,$(ARCHES)),)
+ifeq ($(SPOTBUILD_BINARY_arm64),)
+	$(if $(filter aarch64,$(shell uname -m)),,CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc) \
+	  cargo build --locked --release --target $(AARCH64_TARGET)
+endif
+endif
 	packer init ami
-	packer build -var region=$(AWS_REGION) -var spotbuild_binary=$(CURDIR)/target/release/spotbuild \
+	packer build -only=$(AMI_ONLY) -var region=$(AWS_REGION) \
+	  $(foreach a,$(ARCHES),-var spotbuild_binary_$(a)=$(AMI_BINARY_$(a))) \
 	  -var repository_url=$(REPOSITORY_URL) -var repository_ref=$(REPOSITORY_REF) ami
-	sh ami/publish.sh $(AWS_REGION) $(AMI_PARAMETER)
+	sh ami/publish.sh $(AWS_REGION) $(AMI_PARAMETER_PREFIX) $(ARCHES)

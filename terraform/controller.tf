@@ -50,9 +50,13 @@ data "aws_iam_policy_document" "controller_common" {
     resources = ["*"]
   }
   statement {
-    sid       = "ResolveTheAmi"
-    actions   = ["ssm:GetParameter", "ssm:GetParameters"]
-    resources = ["arn:${local.partition}:ssm:${var.region}:${local.account}:parameter${var.ami_parameter}"]
+    # Each architecture's AMI parameter (local.ami_parameters), and no other parameter.
+    sid     = "ResolveTheAmi"
+    actions = ["ssm:GetParameter", "ssm:GetParameters"]
+    resources = [
+      "arn:${local.partition}:ssm:${var.region}:${local.account}:parameter${local.ami_parameters.x86_64}",
+      "arn:${local.partition}:ssm:${var.region}:${local.account}:parameter${local.ami_parameters.arm64}",
+    ]
   }
   statement {
     sid       = "EcrToken"

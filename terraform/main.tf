@@ -32,6 +32,11 @@ locals {
   trust_tag        = "spotbuild:trust"
   transport_bucket = var.transport_bucket_name != "" ? var.transport_bucket_name : "${var.ledger_bucket_name}-transport"
   tags             = merge(var.tags, { "spotbuild:managed-by" = "terraform" })
+  # The architectures instances run on. An AMI boots on one architecture only, so each has
+  # its own, in the SSM parameter PREFIX-<arch> that `make ami` publishes and that the
+  # controller resolves at launch ([cloud.<arch>] ami).
+  arches         = ["x86_64", "arm64"]
+  ami_parameters = { for a in local.arches : a => "${var.ami_parameter_prefix}-${a}" }
 }
 
 # ---------------------------------------------------------------------------------------
@@ -270,16 +275,18 @@ resource "aws_iam_instance_profile" "instance_untrusted" {
 }
 
 # ---------------------------------------------------------------------------------------
-# The launch template: IMDSv2 only with hop limit 1 (containers cannot reach the
-# instance's credentials), an encrypted gp3 root, and terminate on shutdown (the TTL's
-# `shutdown -h` ends the instance for good). The controller creates a short-lived
-# template per launch with these same settings, because each launch's user data carries
-# its own host key; this one is for anything else launched from the AMI.
+# The launch templates, one per architecture (each resolves its architecture's AMI):
+# IMDSv2 only with hop limit 1 (containers cannot reach the instance's credentials), an
+# encrypted gp3 root, and terminate on shutdown (the TTL's `shutdown -h` ends the instance
+# for good). The controller creates a short-lived template per launch with these same
+# settings, because each launch's user data carries its own host key; these are for
+# anything else launched from the AMIs.
 
 resource "aws_launch_template" "instances" {
-  name_prefix                          = "${var.name}-"
-  description                          = "spotbuild build instances"
-  image_id                             = "resolve:ssm:${var.ami_parameter}"
+  for_each                             = local.ami_parameters
+  name_prefix                          = "${var.name}-${each.key}-"
+  description                          = "spotbuild build instances (${each.key})"
+  image_id                             = "resolve:ssm:${each.value}"
   instance_initiated_shutdown_behavior = "terminate"
   ebs_optimized                        = true
   vpc_security_group_ids               = [aws_security_group.instances.id]
@@ -320,6 +327,12 @@ resource "aws_launch_template" "instances" {
     tags          = local.tags
   }
   tags = local.tags
+}
+
+# The single template of earlier versions was the x86_64 one: it is kept, not replaced.
+moved {
+  from = aws_launch_template.instances
+  to   = aws_launch_template.instances["x86_64"]
 }
 
 # ---------------------------------------------------------------------------------------

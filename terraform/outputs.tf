@@ -11,8 +11,8 @@ output "subnets" {
 }
 
 output "ami" {
-  description = "[cloud] ami (the SSM parameter `make ami` updates)"
-  value       = var.ami_parameter
+  description = "[cloud.<arch>] ami, per architecture: the SSM parameters `make ami` updates"
+  value       = local.ami_parameters
 }
 
 output "instance_profile" {
@@ -81,8 +81,8 @@ output "ledger" {
 }
 
 output "launch_template_id" {
-  description = "The launch template with the instances' settings (IMDSv2, encrypted gp3, terminate on shutdown)"
-  value       = aws_launch_template.instances.id
+  description = "Per architecture, the launch template with the instances' settings (IMDSv2, encrypted gp3, terminate on shutdown)"
+  value       = { for arch, t in aws_launch_template.instances : arch => t.id }
 }
 
 output "controller_policy_arn" {
@@ -125,13 +125,18 @@ output "spotbuild_toml" {
 
     [cloud]
     region = "${var.region}"
-    ami = "${var.ami_parameter}"
     subnets = ${jsonencode(var.subnet_ids)}
     instance_profile = "${aws_iam_instance_profile.instance.name}"
     untrusted_instance_profile = "${aws_iam_instance_profile.instance_untrusted.name}"
     security_groups = ["${aws_security_group.instances.id}"]
     root_volume_gb = ${var.root_volume_gb}
     tags = ${jsonencode(var.tags)}
+
+    [cloud.x86_64]
+    ami = "${local.ami_parameters.x86_64}"
+
+    [cloud.arm64]
+    ami = "${local.ami_parameters.arm64}"
 
     [remote]
     transport = "${var.transport}"

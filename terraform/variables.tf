@@ -66,10 +66,16 @@ variable "transport_bucket_name" {
   default     = ""
 }
 
-variable "ami_parameter" {
-  description = "The SSM parameter `make ami` writes the baked AMI id to; instances launch from it."
+variable "ami_parameter_prefix" {
+  description = "Each architecture's instances launch from the AMI in the SSM parameter PREFIX-<arch> (PREFIX-x86_64, PREFIX-arm64), which `make ami` writes (its AMI_PARAMETER_PREFIX)."
   type        = string
   default     = "/spotbuild/ami/latest"
+  validation {
+    # The policy's parameter ARNs are "...:parameter" followed by the name, which must
+    # start with a slash to make one.
+    condition     = can(regex("^/[A-Za-z0-9_./-]+$", var.ami_parameter_prefix)) && !endswith(var.ami_parameter_prefix, "/")
+    error_message = "ami_parameter_prefix is an SSM parameter path: it starts with /, does not end with /, and holds only letters, digits, _ . - and /."
+  }
 }
 
 variable "root_volume_gb" {

@@ -3,7 +3,20 @@
 # (docker-container driver, so the agent can export a registry layer cache) that both the
 # SSH user and root (SSM runs commands as root) use.
 set -eu
-: "${SPOTBUILD_USER:?}"
+: "${SPOTBUILD_USER:?}" "${SPOTBUILD_ARCH:?}"
+
+# The image, its base and the binary must be of one architecture: a swapped binary or
+# base image parameter fails here, by name, rather than as an exec format error.
+case $(dpkg --print-architecture) in
+  amd64) os_arch=x86_64 elf_machine=3e ;;
+  arm64) os_arch=arm64 elf_machine=b7 ;;
+  *) echo "unsupported architecture: $(dpkg --print-architecture)" >&2; exit 1 ;;
+esac
+[ "$os_arch" = "$SPOTBUILD_ARCH" ] || { echo "the $SPOTBUILD_ARCH image's base image is $os_arch" >&2; exit 1; }
+# ELF e_machine (offset 18, little-endian): 0x3e x86-64, 0xb7 AArch64.
+machine=$(od -An -tx1 -j18 -N1 /tmp/spotbuild | tr -d ' \n')
+[ "$machine" = "$elf_machine" ] || { echo "the spotbuild binary given for $SPOTBUILD_ARCH is not a Linux $SPOTBUILD_ARCH build (ELF machine 0x$machine)" >&2; exit 1; }
+
 install -m 0755 -o root -g root /tmp/spotbuild /usr/local/bin/spotbuild
 /usr/local/bin/spotbuild --version
 if ! id "$SPOTBUILD_USER" >/dev/null 2>&1; then

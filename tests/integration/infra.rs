@@ -245,6 +245,24 @@ fn the_launch_template_and_the_policies_keep_their_guarantees() {
     assert_eq!(one(&ebs["encrypted"]), true);
     assert_eq!(one(&ebs["volume_type"]), "gp3");
     assert_eq!(one(&ebs["delete_on_termination"]), true);
+    // One template per architecture, each launching from its architecture's AMI parameter:
+    // PREFIX-x86_64 and PREFIX-arm64, PREFIX an SSM parameter path.
+    assert_eq!(one(&lt["for_each"]), "${local.ami_parameters}");
+    assert_eq!(one(&lt["image_id"]), "resolve:ssm:${each.value}");
+    let local = |name: &str| main["locals"].as_array().unwrap().iter().find_map(|l| l.get(name)).unwrap_or_else(|| panic!("no local.{name}")).clone();
+    assert_eq!(strings(&local("arches")), ["x86_64", "arm64"]);
+    let parameters = one(&local("ami_parameters")).as_str().unwrap().replace(' ', "");
+    assert!(parameters.contains("forainlocal.arches:a=>\"${var.ami_parameter_prefix}-${a}\""), "{parameters}");
+    let variables = hcl(&["terraform/variables.tf".to_string()]);
+    let prefix = variables["terraform/variables.tf"]["variable"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v.get("ami_parameter_prefix"))
+        .expect("variable ami_parameter_prefix");
+    assert_eq!(one(&prefix["default"]), "/spotbuild/ami/latest");
+    let rule = one(&one(&prefix["validation"])["condition"]).as_str().unwrap().to_string();
+    assert!(rule.contains("regex(\"^/"), "the prefix must start with /: {rule}");
 
     // No inbound rule in SSM mode: the only ingress resource is SSH, empty unless ssh.
     let ingress: Vec<&Value> = main["resource"].as_array().unwrap().iter().filter_map(|r| r.get("aws_vpc_security_group_ingress_rule")).collect();
@@ -285,6 +303,16 @@ fn the_launch_template_and_the_policies_keep_their_guarantees() {
         }
     }
     assert_eq!(saw, ["launch", "passrole", "ssm", "terminate"].into_iter().collect());
+    // Both controllers resolve each architecture's AMI parameter, and no other parameter.
+    let parameter_arn = |arch: &str| format!("arn:${{local.partition}}:ssm:${{var.region}}:${{local.account}}:parameter${{local.ami_parameters.{arch}}}");
+    for name in ["controller", "controller_untrusted"] {
+        let reads: Vec<String> = effective_statements(&[main, controller], name)
+            .iter()
+            .filter(|st| strings(&st["actions"]).iter().any(|a| a.starts_with("ssm:GetParameter")))
+            .flat_map(|st| strings(&st["resources"]))
+            .collect();
+        assert_eq!(reads, [parameter_arn("x86_64"), parameter_arn("arm64")], "{name} resolves other parameters than the AMIs'");
+    }
 
     // Instances: the one S3 write is PutObject of their own transport objects, in the
     // transport bucket under their aws:userid; ECR push only to the projects.
@@ -682,6 +710,17 @@ fn the_outputs_name_every_spotbuild_toml_key_and_the_file_they_print_parses() {
     assert_eq!(config.remote.ssm.role_id.as_deref(), Some("x"), "{filled}");
     assert_eq!(config.remote.ssm.untrusted_role_id.as_deref(), Some("x"), "{filled}");
     assert_eq!(config.trust.trusted_branches, ["main"], "{filled}");
+    // Each architecture's AMI in a table of its own, after every [cloud] key (a key below
+    // a sub-table's header would belong to that table), and no top-level ami (x86_64's
+    // shorthand).
+    let table: toml::Table = toml::from_str(&filled).unwrap_or_else(|e| panic!("{e}\n{filled}"));
+    let cloud = table.get("cloud").and_then(|c| c.as_table()).unwrap_or_else(|| panic!("no [cloud]: {filled}"));
+    assert!(cloud.get("ami").is_none() && cloud.get("region").is_some(), "{filled}");
+    for arch in ["x86_64", "arm64"] {
+        let t = cloud.get(arch).and_then(|t| t.as_table()).unwrap_or_else(|| panic!("no [cloud.{arch}]: {filled}"));
+        assert_eq!(t.keys().map(String::as_str).collect::<Vec<_>>(), ["ami"], "[cloud.{arch}]: {filled}");
+        assert!(toml.contains(&format!("[cloud.{arch}]\n    ami = \"${{local.ami_parameters.{arch}}}\"\n")), "{toml}");
+    }
     assert!(toml.contains("trusted_branches = ${jsonencode(var.trusted_branches)}"), "{toml}");
     assert!(toml.contains("untrusted_prefix = \"${var.untrusted_prefix}\""), "{toml}");
     assert!(toml.contains("bucket = \"${aws_s3_bucket.transport.id}\""), "{toml}");
