@@ -542,6 +542,33 @@ resource "aws_s3_bucket_lifecycle_configuration" "spotbuild" {
     }
   }
   rule {
+    # Builds' archived logs (`spotbuild logs`): kept as long as the team wants to look back.
+    id     = "build-logs-expire"
+    status = "Enabled"
+    filter {
+      prefix = "${var.ledger_prefix}/logs/"
+    }
+    expiration {
+      days = var.log_retention_days
+    }
+    noncurrent_version_expiration {
+      noncurrent_days = 1
+    }
+  }
+  rule {
+    id     = "untrusted-build-logs-expire"
+    status = "Enabled"
+    filter {
+      prefix = "${var.ledger_prefix}/untrusted/logs/"
+    }
+    expiration {
+      days = var.log_retention_days
+    }
+    noncurrent_version_expiration {
+      noncurrent_days = 1
+    }
+  }
+  rule {
     id     = "old-versions-and-uploads"
     status = "Enabled"
     filter {}

@@ -96,6 +96,16 @@ variable "untagged_image_days" {
   default     = 3
 }
 
+variable "log_retention_days" {
+  description = "Days builds' archived logs (logs/ under the ledger prefix, `spotbuild logs`) are kept."
+  type        = number
+  default     = 90
+  validation {
+    condition     = var.log_retention_days >= 1 && floor(var.log_retention_days) == var.log_retention_days
+    error_message = "log_retention_days is a whole number of days, at least 1."
+  }
+}
+
 variable "transport_object_days" {
   description = "Days SSM transport objects may live (the controller deletes them when their command ends; this catches a killed controller)."
   type        = number

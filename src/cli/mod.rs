@@ -6,6 +6,7 @@ mod build;
 mod deploy;
 pub mod error;
 mod farm;
+mod logs;
 mod manifest;
 mod plan;
 mod oneoff;
@@ -58,6 +59,7 @@ pub enum Command {
     Registry(manifest::RegistryArgs),
     Reap(reap::ReapArgs),
     Report(report::ReportArgs),
+    Logs(logs::LogsArgs),
     Farm(farm::FarmArgs),
     Agent(agent::AgentArgs),
 }
@@ -121,6 +123,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Registry(args) => manifest::registry(cli.repo, cli.config, args).await,
         Command::Reap(args) => reap::run(args).await,
         Command::Report(args) => report::run(cli.repo, cli.config, args).await,
+        Command::Logs(args) => logs::run(cli.repo, cli.config, args).await,
         Command::Farm(args) => farm::run(args).await,
         Command::Agent(args) => agent::run(args).await,
     }

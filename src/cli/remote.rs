@@ -19,6 +19,7 @@ use crate::farm::build::PlanAgain;
 use crate::farm::connect::{Connectors, SsmClients};
 use crate::farm::job::{self, JobOptions};
 use crate::farm::{BuildOutcome, BuildRecord, BuildRequest, Deps, FarmEvent, GroupOutcome, Origin};
+use crate::ledger::archive::{ArchiveWriter, LogKey};
 use crate::plan::planner::PlanRequest;
 use crate::protocol::BuilderChoice;
 use crate::settings::AuthMode;
@@ -149,6 +150,8 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: R
     let ssm = ssm_clients(&settings).await?;
     let ledger = super::report::open_ledger(remote.flags.ledger.as_deref(), &settings, planned.trust.level).await?;
     let cloud = Arc::new(AwsCloud::from_settings(&settings.cloud).await);
+    let archive = ledger.as_ref().and_then(|l| l.archive());
+    let build_id_for_log = build_id.clone();
     let deps = Deps {
         cloud,
         connector: Arc::new(Connectors { settings: settings.clone(), ssm }),
@@ -172,20 +175,27 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: R
         timeout: remote.flags.timeout,
         owner: ci_job_url(),
         branch: job::branch(&planned),
+        archive: archive.clone(),
     };
     drop(planned);
     let json = remote.flags.json;
-    let view = View::new(json);
+    let view = View::new(json, archive.map(|a| (build_id_for_log, ArchiveWriter::start(a))));
     let outcome = crate::farm::run(build, deps, &|e| view.show(&e), super::signals::stopped_with()).await?;
     let (groups, recorded) = match outcome {
-        BuildOutcome::Stopped(s) => return Ok(Exit::of_signal(s)),
-        BuildOutcome::Panicked(panic) => std::panic::resume_unwind(panic),
+        BuildOutcome::Stopped(s) => {
+            view.close_archive().await;
+            return Ok(Exit::of_signal(s));
+        }
+        BuildOutcome::Panicked(panic) => {
+            view.close_archive().await;
+            std::panic::resume_unwind(panic)
+        }
         BuildOutcome::Finished { groups, recorded } => (groups, recorded),
     };
     if let Some(path) = &remote.flags.record {
         write_record(path, &groups);
     }
-    view.finish(&groups, recorded.as_deref());
+    view.finish(&groups, recorded.as_deref()).await;
     let worst = Exit::of_build(groups.iter().map(|g| &g.record));
     Ok(if worst == Exit::Success { unplanned } else { worst })
 }
@@ -203,29 +213,48 @@ fn write_record(path: &std::path::Path, groups: &[GroupOutcome]) {
     }
 }
 
-/// Shows a build's events: readable lines, or NDJSON with `--json`. A reporter per
-/// instance group keeps what its closing summary needs.
+/// Shows a build's events: readable lines, or NDJSON with `--json`; and hands the same
+/// NDJSON lines to the log archive, when there is one. A reporter per instance group keeps
+/// what its closing summary needs.
 struct View {
     json: bool,
     reporters: Mutex<std::collections::BTreeMap<Option<u32>, Reporter>>,
+    /// The build's id (a group's log is under `<id>-<group>`) and the archive's writer.
+    archive: Option<(String, ArchiveWriter)>,
 }
 
 impl View {
-    fn new(json: bool) -> View {
+    fn new(json: bool, archive: Option<(String, ArchiveWriter)>) -> View {
         View {
             json,
             reporters: Mutex::new(Default::default()),
+            archive,
+        }
+    }
+
+    /// Archives (and with `--json` prints) one NDJSON line of `group`'s `attempt`.
+    fn line(&self, group: Option<u32>, attempt: u32, line: &serde_json::Value) {
+        let text = line.to_string();
+        if let Some((build_id, writer)) = &self.archive {
+            let build_id = match group {
+                Some(g) => format!("{build_id}-{g}"),
+                None => build_id.clone(),
+            };
+            writer.line(LogKey { build_id, attempt }, text.clone());
+        }
+        if self.json {
+            let _ = writeln!(std::io::stdout().lock(), "{text}");
         }
     }
 
     fn show(&self, e: &FarmEvent) {
         let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((group, attempt, line)) = json_line(e) {
+            self.line(group, attempt, &line);
+        }
         match e {
             FarmEvent::Started { build_id, commit, trust, groups } => {
-                if self.json {
-                    let line = serde_json::json!({ "type": "build", "build_id": build_id, "commit": commit, "trust": trust, "groups": groups });
-                    let _ = writeln!(std::io::stdout().lock(), "{line}");
-                } else {
+                if !self.json {
                     let level = match trust.level {
                         crate::trust::Level::Trusted => "trusted",
                         crate::trust::Level::Untrusted => "untrusted",
@@ -237,96 +266,141 @@ impl View {
                 }
             }
             FarmEvent::Note { message, .. } => eprintln!("{message}"),
-            FarmEvent::Agent { origin, .. } | FarmEvent::Phase { origin, .. } => {
-                show(reporters.entry(origin.group).or_default(), e, self.json, origin.group)
+            FarmEvent::Agent { origin, envelope } => {
+                let r = reporters.entry(origin.group).or_default();
+                let _ = if self.json { r.show(envelope, &mut std::io::sink()) } else { r.show(envelope, &mut std::io::stdout().lock()) };
             }
-            FarmEvent::AttemptEnded { group, .. } => show(reporters.entry(*group).or_default(), e, self.json, *group),
+            FarmEvent::Phase { .. } | FarmEvent::AttemptEnded { .. } => {
+                if !self.json {
+                    let _ = writeln!(std::io::stdout().lock(), "{}", readable(e).unwrap_or_default());
+                }
+            }
         }
     }
 
     /// The closing lines: one record line per group with `--json`, else each group's
-    /// summary and cost table.
-    fn finish(&self, groups: &[GroupOutcome], recorded: Option<&str>) {
-        let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut out = std::io::stdout().lock();
-        let several = groups.len() > 1;
-        for (i, g) in groups.iter().enumerate() {
-            let group = several.then_some(i as u32 + 1);
-            if self.json {
+    /// summary and cost table. Then the archive is completed.
+    async fn finish(self, groups: &[GroupOutcome], recorded: Option<&str>) {
+        {
+            let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let several = groups.len() > 1;
+            for (i, g) in groups.iter().enumerate() {
+                let group = several.then_some(i as u32 + 1);
                 let mut line = serde_json::json!({ "type": "build_record", "record": g.record });
                 if let Some(n) = group {
                     line["group"] = n.into();
                 }
-                let _ = writeln!(out, "{line}");
-            } else {
-                if several {
-                    let _ = writeln!(out, "\n== instance {} of {}", i + 1, groups.len());
+                self.line(group, 0, &line);
+                if !self.json {
+                    let mut out = std::io::stdout().lock();
+                    if several {
+                        let _ = writeln!(out, "\n== instance {} of {}", i + 1, groups.len());
+                    }
+                    let _ = reporters.entry(group).or_default().summary(&mut out);
+                    let _ = summary(&g.record, &g.entry, &mut out);
                 }
-                let _ = reporters.entry(group).or_default().summary(&mut out);
-                let _ = summary(&g.record, &g.entry, &mut out);
+            }
+            if !self.json {
+                if let Some(place) = recorded {
+                    let _ = writeln!(std::io::stdout().lock(), "recorded in {place} (see `spotbuild report`)");
+                }
             }
         }
-        if !self.json {
-            if let Some(place) = recorded {
-                let _ = writeln!(out, "recorded in {place} (see `spotbuild report`)");
+        self.close_archive().await;
+    }
+
+    /// Completes the archive's logs, saying what could not be written.
+    async fn close_archive(self) {
+        if let Some((build_id, writer)) = self.archive {
+            for warning in writer.close().await {
+                eprintln!("warning: {warning}");
+            }
+            if !self.json {
+                eprintln!("log archived: `spotbuild logs {build_id}`");
             }
         }
     }
 }
 
-fn show(r: &mut Reporter, e: &FarmEvent, json: bool, group: Option<u32>) {
-    let mut out = std::io::stdout().lock();
-    let tag = |attempt: &u32| match group {
-        Some(g) => format!("[instance {g} attempt {attempt}]"),
-        None => format!("[attempt {attempt}]"),
+/// The `--json` line of an event (what the archive keeps too): its group, the attempt
+/// whose log it belongs to (0: the build's own), and the line.
+pub fn json_line(e: &FarmEvent) -> Option<(Option<u32>, u32, serde_json::Value)> {
+    let with_group = |mut v: serde_json::Value, group: Option<u32>| {
+        if let Some(g) = group {
+            v["group"] = g.into();
+        }
+        v
     };
-    match e {
+    Some(match e {
+        FarmEvent::Started { build_id, commit, trust, groups } => (
+            None,
+            0,
+            serde_json::json!({ "type": "build", "build_id": build_id, "commit": commit, "trust": trust, "groups": groups }),
+        ),
+        FarmEvent::Note { group, message } => (*group, 0, with_group(serde_json::json!({ "type": "note", "message": message, "ts": now() }), *group)),
         FarmEvent::Agent {
             envelope,
-            origin: Origin { attempt, .. },
+            origin: Origin { attempt, group },
         } => {
-            if json {
-                let mut v = serde_json::to_value(envelope).unwrap_or_default();
-                v["attempt"] = (*attempt).into();
-                if let Some(g) = group {
-                    v["group"] = g.into();
-                }
-                let _ = writeln!(out, "{v}");
-                let _ = r.show(envelope, &mut std::io::sink());
-            } else {
-                let _ = r.show(envelope, &mut out);
-            }
+            let mut v = serde_json::to_value(envelope).ok()?;
+            v["attempt"] = (*attempt).into();
+            (*group, *attempt, with_group(v, *group))
         }
         FarmEvent::Phase {
-            origin: Origin { attempt, .. },
+            origin: Origin { attempt, group },
             phase,
             detail,
-        } => {
-            if json {
-                let mut v = serde_json::json!({ "type": "controller", "attempt": attempt, "phase": phase, "detail": detail, "ts": humantime::format_rfc3339_millis(SystemTime::now()).to_string() });
-                if let Some(g) = group {
-                    v["group"] = g.into();
-                }
-                let _ = writeln!(out, "{v}");
-            } else {
-                let t = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-                let _ = writeln!(out, "{} {} {:<11} {detail}", t.get(11..19).unwrap_or(&t), tag(attempt), phase.name());
-            }
+        } => (
+            *group,
+            *attempt,
+            with_group(serde_json::json!({ "type": "controller", "attempt": attempt, "phase": phase, "detail": detail, "ts": now() }), *group),
+        ),
+        FarmEvent::AttemptEnded { group, record } => {
+            (*group, record.attempt, with_group(serde_json::json!({ "type": "attempt_ended", "attempt": record }), *group))
         }
-        FarmEvent::AttemptEnded { record: a, .. } => {
-            if json {
-                let mut v = serde_json::json!({ "type": "attempt_ended", "attempt": a });
-                if let Some(g) = group {
-                    v["group"] = g.into();
-                }
-                let _ = writeln!(out, "{v}");
-            } else {
-                let _ = writeln!(out, "{} ended: {}", tag(&a.attempt), describe(&a.outcome));
-            }
-        }
-        // Build-level events are shown by `View::show`.
-        FarmEvent::Started { .. } | FarmEvent::Note { .. } => {}
+    })
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// The readable line of a controller event (agent events have the [`Reporter`]'s).
+fn readable(e: &FarmEvent) -> Option<String> {
+    match e {
+        FarmEvent::Phase {
+            origin: Origin { attempt, group },
+            phase,
+            detail,
+        } => Some(controller_line(&now(), *group, *attempt, phase.name(), detail)),
+        FarmEvent::AttemptEnded { group, record: a } => Some(format!("{} ended: {}", attempt_tag(*group, a.attempt), describe(&a.outcome))),
+        _ => None,
     }
+}
+
+fn attempt_tag(group: Option<u32>, attempt: u32) -> String {
+    match group {
+        Some(g) => format!("[instance {g} attempt {attempt}]"),
+        None => format!("[attempt {attempt}]"),
+    }
+}
+
+/// `HH:MM:SS [attempt N] phase detail`: a controller line as the console shows it, at
+/// `ts` (RFC 3339), live or from the archive.
+pub fn controller_line(ts: &str, group: Option<u32>, attempt: u32, phase: &str, detail: &str) -> String {
+    format!("{} {} {phase:<11} {detail}", ts.get(11..19).unwrap_or(ts), attempt_tag(group, attempt))
+}
+
+/// `[attempt N] ended: …` from an archived `attempt_ended` line's record.
+pub fn attempt_ended_line(group: Option<u32>, record: &serde_json::Value) -> String {
+    let mut outcome = serde_json::json!({ "outcome": record["outcome"] });
+    if !record["reason"].is_null() {
+        outcome["reason"] = record["reason"].clone();
+    }
+    let said = serde_json::from_value::<AttemptOutcome>(outcome)
+        .map(|o| describe(&o))
+        .unwrap_or_else(|_| record["outcome"].as_str().unwrap_or("?").to_string());
+    format!("{} ended: {said}", attempt_tag(group, record["attempt"].as_u64().unwrap_or_default() as u32))
 }
 
 fn describe(o: &AttemptOutcome) -> String {

@@ -115,6 +115,55 @@ async fn open_at(location: &Location, cfg: &Config) -> Result<Option<Arc<dyn Led
     ledger::open(location, cfg.cloud.region.clone(), endpoint).await
 }
 
+/// The ledger to read (trusted part): it must exist, and not be `off`.
+pub async fn open_existing(flag: Option<&str>, cfg: &Config) -> Result<(Location, Arc<dyn LedgerStore>), Error> {
+    let location = resolve(flag, cfg)?;
+    if let Location::Sqlite(path) = &location {
+        if !tokio::fs::try_exists(path).await.unwrap_or(false) {
+            return Err(Error::new(Exit::Usage, format!("no ledger at {}", path.display()))
+                .hint("builds record there once they run; choose another with --ledger or [ledger] url"));
+        }
+    }
+    let store = open_at(&location, cfg)
+        .await
+        .map_err(|e| Error::new(Exit::Failed, e.to_string()))?
+        .ok_or_else(|| Error::new(Exit::Usage, "the ledger is `off`: nothing is recorded").hint("pass --ledger LOCATION"))?;
+    Ok((location, store))
+}
+
+/// How many of a failed step's last lines the HTML report shows.
+const FAILED_STEP_LINES: usize = 20;
+
+/// Fills each failed build's failed steps from its archived log (a log that cannot be
+/// read leaves the row as it is: the report is about cost).
+async fn failed_steps(report: &mut Report, archives: &[Arc<dyn crate::ledger::archive::LogArchive>]) {
+    use crate::ledger::archive::{self, LogKey};
+    for row in report.builds.iter_mut().filter(|b| b.log.is_some() && !matches!(b.result.as_str(), "success" | "running")) {
+        for a in archives {
+            let Ok(attempts) = a.attempts(&row.build_id).await else { continue };
+            for n in attempts.into_iter().filter(|n| *n > 0) {
+                let key = LogKey { build_id: row.build_id.clone(), attempt: n };
+                if let Ok(Some(bytes)) = a.read(&key).await {
+                    row.failed_steps.extend(archive::failed_steps(&archive::lines(&bytes).0, FAILED_STEP_LINES));
+                }
+            }
+        }
+    }
+}
+
+/// The untrusted part of the ledger at `location`, when it exists.
+pub async fn open_untrusted_part(location: &Location, cfg: &Config) -> Option<Arc<dyn LedgerStore>> {
+    let untrusted = location.untrusted();
+    let exists = match &untrusted {
+        Location::Sqlite(path) => tokio::fs::try_exists(path).await.unwrap_or(false),
+        _ => true,
+    };
+    if !exists {
+        return None;
+    }
+    open_at(&untrusted, cfg).await.ok().flatten()
+}
+
 fn resolve(flag: Option<&str>, cfg: &Config) -> Result<Location, Error> {
     match flag.or(cfg.ledger.url.as_deref()) {
         Some(s) => s.parse().map_err(|e: ledger::LedgerError| {
@@ -136,32 +185,22 @@ pub async fn run(repo: Option<PathBuf>, config: Option<PathBuf>, args: ReportArg
     if until <= since {
         return Err(Error::new(Exit::Usage, "--until is not after --since").hint("the period is [since, until)"));
     }
-    let location = resolve(args.ledger.as_deref(), &cfg)?;
-    if let Location::Sqlite(path) = &location {
-        if !tokio::fs::try_exists(path).await.unwrap_or(false) {
-            return Err(Error::new(Exit::Usage, format!("no ledger at {}", path.display()))
-                .hint("builds record their cost there once they run; choose another with --ledger or [ledger] url"));
-        }
-    }
-    let store = open_at(&location, &cfg)
-        .await
-        .map_err(|e| Error::new(Exit::Failed, e.to_string()))?
-        .ok_or_else(|| Error::new(Exit::Usage, "the ledger is `off`: there is nothing to report").hint("pass --ledger LOCATION"))?;
+    let (location, store) = open_existing(args.ledger.as_deref(), &cfg).await?;
     let mut entries = store.list(since, until).await.map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
     // Untrusted builds (pull requests) record in a part of their own; they cost too.
-    let untrusted = location.untrusted();
-    let exists = match &untrusted {
-        Location::Sqlite(path) => tokio::fs::try_exists(path).await.unwrap_or(false),
-        _ => true,
-    };
-    if exists {
-        if let Ok(Some(part)) = open_at(&untrusted, &cfg).await {
+    let mut archives: Vec<Arc<dyn crate::ledger::archive::LogArchive>> = store.archive().into_iter().collect();
+    {
+        if let Some(part) = open_untrusted_part(&location, &cfg).await {
             let more = part.list(since, until).await.map_err(|e| Error::new(Exit::Failed, e.to_string()))?;
             entries.extend(more);
             entries.sort_by(|a, b| (a.started(), &a.build_id).cmp(&(b.started(), &b.build_id)));
+            archives.extend(part.archive());
         }
     }
-    let report = Report::new(&entries, since, until, args.by);
+    let mut report = Report::new(&entries, since, until, args.by);
+    if args.format == Format::Html {
+        failed_steps(&mut report, &archives).await;
+    }
     let mut buf = Vec::new();
     match args.format {
         Format::Table => report.write_table(&mut buf),

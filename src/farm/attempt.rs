@@ -39,7 +39,7 @@ impl Phase {
 }
 
 /// How an attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "outcome", content = "reason")]
 pub enum AttemptOutcome {
     Success,

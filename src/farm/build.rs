@@ -77,6 +77,8 @@ pub struct BuildRequest {
     pub owner: Option<String>,
     /// The branch, for the ledger.
     pub branch: Option<String>,
+    /// Where the build's log is archived (the ledger's record says where).
+    pub archive: Option<Arc<dyn crate::ledger::archive::LogArchive>>,
 }
 
 /// A unique build id that sorts by time: milliseconds since the epoch in base 36, then 64
@@ -282,6 +284,10 @@ pub async fn run(
                     region: settings.cloud.region.clone(),
                     volume_gb: settings.cloud.root_volume_gb,
                     arch: request.arch,
+                    log: request.archive.as_ref().map(|a| {
+                        let place = a.place(&crate::ledger::archive::LogKey { build_id: g.build_id.clone(), attempt: 0 });
+                        place.rsplit_once('/').map(|(dir, _)| format!("{dir}/")).unwrap_or(place)
+                    }),
                 };
                 (g.build_id.clone(), g.progress.clone(), cx)
             })

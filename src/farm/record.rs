@@ -181,6 +181,8 @@ pub struct EntryContext {
     pub region: Option<String>,
     pub volume_gb: u32,
     pub arch: crate::platform::Arch,
+    /// Where its logs are archived.
+    pub log: Option<String>,
 }
 
 impl BuildRecord {
@@ -207,6 +209,7 @@ impl EntryContext {
             region: self.region.clone(),
             volume_gb: self.volume_gb,
             arch: self.arch,
+            log: self.log.clone(),
             attempts,
         }
     }

@@ -541,6 +541,7 @@ async fn build_recorded(
         git_dir: repo.git_dir(),
         arch: crate::platform::Arch::X86_64,
         cpus: crate::settings::CpuWant::Configured,
+        archive: None,
         max_instances: Some(max_instances),
         market: None,
         // Far away: the paused clock jumps ahead while keys and bundles are made for real
@@ -913,6 +914,7 @@ async fn an_untrusted_build_never_runs_with_the_trusted_instance_profile() {
         git_dir: repo.git_dir(),
         arch: crate::platform::Arch::X86_64,
         cpus: crate::settings::CpuWant::Configured,
+        archive: None,
         max_instances: None,
         market: None,
         timeout: Duration::from_secs(3600),

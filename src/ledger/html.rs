@@ -41,6 +41,9 @@ td.n, th.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
 th {{ cursor: pointer; user-select: none; background: #f6f6f6; }}
 th[aria-sort=ascending]::after {{ content: " ▲"; }}
 th[aria-sort=descending]::after {{ content: " ▼"; }}
+tr.failed pre {{ margin: 0.3em 0; max-height: 20em; overflow: auto; background: #fff5f5; padding: 0.4em; font-size: 12px; }}
+tr.failed summary {{ color: #b00; cursor: pointer; }}
+a.log {{ font-size: 0.85em; margin-left: 0.3em; }}
 .legend span {{ display: inline-block; margin-right: 1em; }}
 .legend i {{ display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.3em; }}
 @media print {{ body {{ margin: 0.5cm; }} th {{ cursor: auto; }} th::after {{ content: "" !important; }} .cards, .charts {{ break-inside: avoid; }} }}
@@ -181,10 +184,16 @@ fn builds_table(r: &Report) -> String {
         "<h2>Builds</h2>\n<table id=\"builds\"><thead><tr><th>started (UTC)</th><th>build</th><th>projects</th><th>kind</th><th>branch</th><th>result</th><th class=\"n\">attempts</th><th>markets</th><th class=\"n\">duration</th><th class=\"n\">cost</th><th class=\"n\">saved</th></tr></thead><tbody>\n",
     );
     for b in &r.builds {
-        let id = match &b.ci_job_url {
+        let mut id = match &b.ci_job_url {
             Some(url) if url.starts_with("https://") || url.starts_with("http://") => format!("<a href=\"{}\">{}</a>", esc(url), esc(&b.build_id)),
             _ => esc(&b.build_id),
         };
+        // The archived log: a link when it is a folder here, else where it is (read it
+        // with `spotbuild logs`).
+        if let Some(log) = &b.log {
+            let href = if log.starts_with('/') { format!("file://{log}") } else { log.clone() };
+            let _ = write!(id, " <a class=\"log\" href=\"{}\" title=\"spotbuild logs {}\">log</a>", esc(&href), esc(&b.build_id));
+        }
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{id}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td><td class=\"n\" data-v=\"{:.3}\">{}</td><td class=\"n\" data-v=\"{:.6}\">{}</td><td class=\"n\" data-v=\"{:.6}\">{}</td></tr>",
@@ -202,6 +211,15 @@ fn builds_table(r: &Report) -> String {
             b.savings,
             esc(&usd(b.savings)),
         );
+        for f in &b.failed_steps {
+            let _ = writeln!(
+                h,
+                "<tr class=\"failed\"><td></td><td colspan=\"10\"><details open><summary>{} failed (exit {})</summary><pre>{}</pre></details></td></tr>",
+                esc(&f.step),
+                f.exit_code,
+                esc(&f.last_lines.join("\n")),
+            );
+        }
     }
     h.push_str("</tbody></table>\n");
     h
@@ -221,13 +239,17 @@ const SORT_SCRIPT: &str = r#"<script>
       var asc = th.getAttribute("aria-sort") !== "ascending";
       Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("aria-sort"); });
       th.setAttribute("aria-sort", asc ? "ascending" : "descending");
-      var rows = Array.prototype.slice.call(table.tBodies[0].rows);
-      rows.sort(function (a, b) {
-        var x = key(a, i), y = key(b, i);
+      // A build's failed-step rows move with it.
+      var groups = [];
+      Array.prototype.forEach.call(table.tBodies[0].rows, function (r) {
+        if (r.className === "failed" && groups.length) { groups[groups.length - 1].push(r); } else { groups.push([r]); }
+      });
+      groups.sort(function (a, b) {
+        var x = key(a[0], i), y = key(b[0], i);
         var d = (typeof x === "number") ? x - y : String(x).localeCompare(String(y));
         return asc ? d : -d;
       });
-      rows.forEach(function (r) { table.tBodies[0].appendChild(r); });
+      groups.forEach(function (g) { g.forEach(function (r) { table.tBodies[0].appendChild(r); }); });
     });
   });
   document.body.setAttribute("data-ready", "1");

@@ -8,6 +8,7 @@
 //! Caveats: costs are computed from the recorded prices when read (`ledger::cost`), so a
 //! report is an estimate of the bill, not the bill (no taxes, credits, or data transfer).
 
+pub mod archive;
 pub mod cost;
 pub mod html;
 pub mod report;
@@ -16,6 +17,7 @@ pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::future::BoxFuture;
@@ -50,6 +52,10 @@ pub struct BuildEntry {
     /// all x86_64).
     #[serde(default)]
     pub arch: crate::platform::Arch,
+    /// The folder of its archived logs (`…/logs/YYYY/MM/DD/<build>/`), when archived:
+    /// `spotbuild logs <build>` reads them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
     pub attempts: Vec<AttemptEntry>,
 }
 
@@ -211,6 +217,11 @@ pub trait LedgerStore: Send + Sync {
 
     /// The heartbeats of these builds (those that have one).
     fn beats<'a>(&'a self, build_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<Beat>, LedgerError>>;
+
+    /// Where this ledger keeps builds' logs: beside a SQLite file, in an S3 ledger's bucket.
+    fn archive(&self) -> Option<Arc<dyn archive::LogArchive>> {
+        None
+    }
 
     /// Writes (or rewrites) one project's record of a deploy.
     fn record_deploy<'a>(&'a self, entry: &'a DeployEntry) -> BoxFuture<'a, Result<(), LedgerError>> {

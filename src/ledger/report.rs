@@ -90,6 +90,12 @@ pub struct BuildRow {
     pub cost: f64,
     pub savings: f64,
     pub ci_job_url: Option<String>,
+    /// The folder of its archived logs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    /// Its failed steps' last lines, read from the archive (filled by whoever has it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failed_steps: Vec<super::archive::FailedStep>,
 }
 
 /// One UTC day, for the charts.
@@ -216,6 +222,8 @@ impl Report {
                 cost: build_cost,
                 savings: build_savings,
                 ci_job_url: b.ci_job_url.clone(),
+                log: b.log.clone(),
+                failed_steps: Vec::new(),
             });
         }
         durations.sort_by(|a, b| a.total_cmp(b));

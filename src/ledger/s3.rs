@@ -97,6 +97,10 @@ fn days(since: SystemTime, until: SystemTime) -> Vec<String> {
 }
 
 impl LedgerStore for S3Ledger {
+    fn archive(&self) -> Option<Arc<dyn super::archive::LogArchive>> {
+        Some(Arc::new(super::archive::ObjectArchive::new(self.objects.clone(), self.prefix.clone())))
+    }
+
     fn place(&self) -> String {
         format!("s3://{}/{}", self.objects.bucket(), self.prefix)
     }

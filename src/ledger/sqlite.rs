@@ -101,6 +101,13 @@ fn normalised(ts: &str) -> String {
 }
 
 impl LedgerStore for SqliteLedger {
+    fn archive(&self) -> Option<Arc<dyn super::archive::LogArchive>> {
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        // The untrusted part (`<stem>-untrusted.sqlite`) keeps its logs apart too.
+        let untrusted = self.path.file_stem().is_some_and(|s| s.to_string_lossy().ends_with("-untrusted"));
+        Some(Arc::new(super::archive::DirArchive::new(if untrusted { dir.join("untrusted") } else { dir.to_path_buf() })))
+    }
+
     fn place(&self) -> String {
         format!("sqlite:{}", self.path.display())
     }

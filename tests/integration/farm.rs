@@ -221,11 +221,35 @@ fn sigkill_leaves_the_instance_to_reap_and_sigterm_terminates_it_before_exiting(
     let farm = LocalFarm::start();
     let repo = farm_repo(Some(r#"["/bin/busybox", "sleep", "30"]"#), PASSING_TEST);
 
-    let mut killed = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut killed = farm.spotbuild(repo.path()).args(["build", "--all", "--json"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    // Each line the build printed, and when.
+    let printed = {
+        let out = std::io::BufReader::new(killed.stdout.take().unwrap());
+        std::thread::spawn(move || std::io::BufRead::lines(out).map_while(Result::ok).map(|l| (Instant::now(), l)).collect::<Vec<_>>())
+    };
     let instance = farm.wait_host(Duration::from_secs(60));
     farm.wait_event(Duration::from_secs(60), |e| e["type"] == "step_start");
+    // Long enough that lines before the last chunk are there to be lost or kept.
+    std::thread::sleep(Duration::from_secs(5));
+    let killed_at = Instant::now();
     killed.kill().unwrap();
     killed.wait().unwrap();
+    let printed = printed.join().unwrap();
+    // The archive kept every line but those of the last chunk (at most 2 s old, written
+    // every half second): all that was printed 4 s before the kill is there.
+    let build_id = serde_json::from_str::<Value>(&printed[0].1).unwrap()["build_id"].as_str().unwrap().to_string();
+    let archived = Run::of(farm.spotbuild(repo.path()).args(["logs", &build_id, "--json"]));
+    assert_eq!(archived.code, 0, "{archived:?}");
+    let kept = by_attempt(&archived.stdout);
+    let all: String = printed.iter().map(|(_, l)| format!("{l}\n")).collect();
+    let old: String = printed.iter().filter(|(t, _)| killed_at.duration_since(*t) > Duration::from_secs(4)).map(|(_, l)| format!("{l}\n")).collect();
+    for (attempt, lines) in by_attempt(&old) {
+        let have = kept.get(&attempt).cloned().unwrap_or_default();
+        assert!(have.len() >= lines.len() && have[..lines.len()] == lines[..], "attempt {attempt}: {} of {} old lines archived", have.len(), lines.len());
+    }
+    for (attempt, lines) in &kept {
+        assert_eq!(lines[..], by_attempt(&all)[attempt][..lines.len()], "the archive is what was printed");
+    }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(farm.live_instances(), [instance.clone()], "SIGKILL cannot tear down: the instance is left to reap");
     let reap = Run::of(
@@ -411,10 +435,12 @@ fn finish(mut child: std::process::Child, limit: Duration) -> (Option<i32>, Stri
             s
         })
     }
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
+    // A stream the caller took is its own to read.
+    let out = child.stdout.take().map(drain);
+    let err = child.stderr.take().map(drain);
     let status = wait_child(&mut child, limit);
-    (status, out.join().unwrap(), err.join().unwrap())
+    let joined = |h: Option<std::thread::JoinHandle<String>>| h.map(|h| h.join().unwrap()).unwrap_or_default();
+    (status, joined(out), joined(err))
 }
 
 fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
@@ -449,8 +475,42 @@ fn an_arm64_build_rents_only_arm64_types_from_the_arm64_image() {
     repo.commit("arm64");
     let proxy = farm.fault_proxy();
     let config = farm.config_with_endpoint(&proxy.endpoint());
-    let run = Run::of(farm.spotbuild(repo.path()).arg("--config").arg(&config).args(["build", "--arch", "arm64", "--all", "--json"]));
-    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    // The build, and `logs --follow` on it from the moment its id is known.
+    let mut child = farm
+        .spotbuild(repo.path())
+        .arg("--config")
+        .arg(&config)
+        .args(["build", "--arch", "arm64", "--all", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let build_id = serde_json::from_str::<Value>(&first).unwrap()["build_id"].as_str().unwrap().to_string();
+    let follower = farm.spotbuild(repo.path()).args(["logs", &build_id, "--follow", "--json"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // What the reader holds beyond the first line stays with it.
+    let rest = std::thread::spawn(move || {
+        let mut r = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut r);
+        r
+    });
+    let (code, _, err) = finish(child, Duration::from_secs(180));
+    let rest = rest.join().unwrap();
+    let live = format!("{first}{rest}");
+    assert_eq!(code, Some(0), "{live}\n{err}");
+    let (followed, followed_lines, follow_err) = finish(follower, Duration::from_secs(30));
+    assert_eq!(followed, Some(0), "`logs --follow` ends when the build does: {follow_err}");
+    // The archive is the live `--json` stream, line for line, attempt by attempt; what
+    // --follow printed while the build ran is the same.
+    let archived = Run::of(farm.spotbuild(repo.path()).args(["logs", &build_id, "--json"]));
+    assert_eq!(archived.code, 0, "{archived:?}");
+    assert_eq!(by_attempt(&archived.stdout), by_attempt(&live));
+    assert_eq!(by_attempt(&followed_lines), by_attempt(&live));
+    let readable = Run::of(farm.spotbuild(repo.path()).args(["logs", &build_id, "--step", "app:build"]));
+    assert!(readable.stdout.contains("app:build"), "{readable:?}");
+    assert!(!readable.stdout.contains("launching"), "--step keeps one step's lines: {}", readable.stdout);
 
     // One fleet request, of arm64 pools only, from the arm64 image.
     let fleet = proxy.params("CreateFleet");
@@ -478,5 +538,24 @@ fn an_arm64_build_rents_only_arm64_types_from_the_arm64_image() {
     let rows = report.json()["rows"].clone();
     assert_eq!(rows.as_array().map(|r| r.len()), Some(1), "{rows:#}");
     assert_eq!(rows[0]["key"], "arm64", "{rows:#}");
+    // The ledger's entry says where the log is.
+    let builds = Run::of(farm.spotbuild(repo.path()).args(["report", "--since", "1h", "--format", "json"])).json()["builds"].clone();
+    assert!(builds[0]["log"].as_str().is_some_and(|l| l.contains(&format!("logs/")) && l.contains(&build_id)), "{builds:#}");
     farm.assert_nothing_left();
+}
+
+/// The NDJSON lines of a build, per attempt log (0: the build's own lines), in order.
+fn by_attempt(text: &str) -> std::collections::BTreeMap<u64, Vec<String>> {
+    let mut out: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
+    for line in text.lines().filter(|l| l.starts_with('{')) {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let attempt = match &v["attempt"] {
+            Value::Number(n) => n.as_u64().unwrap(),
+            // `attempt_ended` carries the attempt's record.
+            Value::Object(record) => record["attempt"].as_u64().unwrap(),
+            _ => 0,
+        };
+        out.entry(attempt).or_default().push(line.to_string());
+    }
+    out
 }

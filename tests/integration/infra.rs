@@ -364,6 +364,17 @@ fn the_launch_template_and_the_policies_keep_their_guarantees() {
     assert_eq!(one(&expiry["filter"]), &serde_json::json!({}), "every transport object expires: {expiry}");
     assert_eq!(one(&one(&expiry["expiration"])["days"]), "${var.transport_object_days}");
     assert_eq!(one(&one(&expiry["abort_incomplete_multipart_upload"])["days_after_initiation"]), 1);
+    // Archived logs (trusted and untrusted) expire after the retention the team chose.
+    let rules = resource(main, "aws_s3_bucket_lifecycle_configuration", "spotbuild")["rule"].clone();
+    for prefix in ["${var.ledger_prefix}/logs/", "${var.ledger_prefix}/untrusted/logs/"] {
+        let rule = rules
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| one(&one(&r["filter"])["prefix"]) == prefix)
+            .unwrap_or_else(|| panic!("no lifecycle rule for {prefix}: {rules}"));
+        assert_eq!(one(&one(&rule["expiration"])["days"]), "${var.log_retention_days}", "{rule}");
+    }
     let tls = statements(policy_doc(main, "transport_bucket"));
     assert!(
         tls.iter().any(|st| strings(&st["effect"]) == ["Deny"] && condition(st).iter().any(|(t, v, vals)| t == "Bool" && v == "aws:SecureTransport" && vals == &["false"])),

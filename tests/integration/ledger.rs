@@ -304,10 +304,28 @@ fn hex(c: &str) -> [u8; 3] {
 fn the_html_report_renders_in_headless_chromium_with_its_charts() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = fixture_ledger(dir.path());
+    // The failed build's log is archived beside the ledger: its failing step's end shows.
+    runtime().block_on(async {
+        use spotbuild::ledger::archive::{frame, LogKey};
+        let l = SqliteLedger::open(&ledger).unwrap();
+        let archive = l.archive().unwrap();
+        let key = LogKey { build_id: "b-fixture-3".into(), attempt: 1 };
+        let mut lines = String::new();
+        for i in 0..30 {
+            lines.push_str(&format!("{}\n", json!({"type": "log", "step": "api:test:unit", "stream": "stdout", "line": format!("case {i} <ok>"), "attempt": 1})));
+        }
+        lines.push_str(&format!("{}\n", json!({"type": "step_end", "step": "api:test:unit", "exit_code": 3, "duration_ms": 5, "attempt": 1})));
+        archive.append(&key, frame(lines.as_bytes())).await.unwrap();
+        let mut failed = fixture().into_iter().find(|e| e.build_id == "b-fixture-3").unwrap();
+        failed.log = Some(format!("{}/logs/unknown/b-fixture-3/", dir.path().display()));
+        l.put(&failed).await.unwrap();
+    });
     let page = dir.path().join("report.html");
     let run = report(dir.path(), &ledger, &["--format", "html", "-o", page.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("api:test:unit failed (exit 3)") && html.contains("case 29 &lt;ok&gt;") && !html.contains("case 9 "), "the last 20 lines");
+    assert!(html.contains("class=\"log\" href=\"file://"), "a link to the log");
     assert!(!html.contains("http://") && !html.contains("src=\""), "self-contained: no external assets");
     assert!(html.contains("<svg") && html.contains("@media print"));
 
