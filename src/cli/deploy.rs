@@ -140,7 +140,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Deplo
         promote_only: args.promote_only,
         ci_job_url: super::remote::ci_job_url(),
     };
-    let progress = Arc::new(Mutex::new(Progress::default()));
+    let progress = Arc::new(Mutex::new(Progress { json: args.json, copying: None }));
     let sink_progress = progress.clone();
     let sink: deploy::EventSink = Arc::new(move |e| sink_progress.lock().expect("not poisoned").on(e));
     let result = tokio::select! {
@@ -215,10 +215,11 @@ fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
 }
 
-/// What stderr shows as the deploy runs: one line per step, and a byte count with its
-/// rate at most once a second while blobs copy.
-#[derive(Default)]
+/// What stderr shows as the deploy runs: one line per step, and while blobs copy a
+/// redrawn bar with bytes and rate on a terminal, else a byte count with its rate at most
+/// once a second.
 struct Progress {
+    json: bool,
     copying: Option<Copying>,
 }
 
@@ -228,6 +229,8 @@ struct Copying {
     sent: u64,
     started: Instant,
     last_line: Instant,
+    /// The redrawn bar, on a terminal.
+    bar: super::progress::Line,
 }
 
 fn mb(bytes: u64) -> String {
@@ -259,6 +262,7 @@ impl Progress {
             DeployEvent::CopyStarted { project, bytes, .. } => {
                 let now = Instant::now();
                 self.copying = Some(Copying {
+                    bar: super::progress::Line::bytes(self.json, bytes, &format!("deploy: {project}")),
                     project,
                     total: bytes,
                     sent: 0,
@@ -270,7 +274,8 @@ impl Progress {
                 let Some(c) = &mut self.copying else { return };
                 if let CopyProgress::Bytes(n) = progress {
                     c.sent += n;
-                    if c.last_line.elapsed() >= Duration::from_secs(1) {
+                    c.bar.advance(n);
+                    if !c.bar.is_drawn() && c.last_line.elapsed() >= Duration::from_secs(1) {
                         c.last_line = Instant::now();
                         let rate = c.sent as f64 / c.started.elapsed().as_secs_f64().max(0.001);
                         eprintln!("deploy: {}: {} of {} sent ({}/s)", c.project, mb(c.sent), mb(c.total), mb(rate as u64));
@@ -295,7 +300,10 @@ impl Progress {
                     eprintln!("deploy: {}: {e}", row.project);
                 }
             }
-            DeployEvent::Warning { message } => eprintln!("warning: {message}"),
+            DeployEvent::Warning { message } => match &self.copying {
+                Some(c) => c.bar.above(|| eprintln!("warning: {message}")),
+                None => eprintln!("warning: {message}"),
+            },
             DeployEvent::LedgerFailed { detail } => eprintln!("warning: the deploy was not recorded in the ledger: {detail}"),
         }
     }

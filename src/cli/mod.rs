@@ -9,6 +9,7 @@ mod farm;
 mod logs;
 mod manifest;
 mod plan;
+mod progress;
 mod oneoff;
 mod reap;
 mod report;

@@ -221,6 +221,8 @@ struct View {
     reporters: Mutex<std::collections::BTreeMap<Option<u32>, Reporter>>,
     /// The build's id (a group's log is under `<id>-<group>`) and the archive's writer.
     archive: Option<(String, ArchiveWriter)>,
+    /// On a terminal: what the build is doing now, and for how long (redrawn).
+    now: Mutex<Option<super::progress::Line>>,
 }
 
 impl View {
@@ -229,6 +231,7 @@ impl View {
             json,
             reporters: Mutex::new(Default::default()),
             archive,
+            now: Mutex::new(Some(super::progress::Line::spinner(json))),
         }
     }
 
@@ -252,6 +255,12 @@ impl View {
         if let Some((group, attempt, line)) = json_line(e) {
             self.line(group, attempt, &line);
         }
+        let now = self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let drawn = now.as_ref().is_some_and(|l| l.is_drawn());
+        let above = |print: &mut dyn FnMut()| match now.as_ref() {
+            Some(l) => l.above(print),
+            None => print(),
+        };
         match e {
             FarmEvent::Started { build_id, commit, trust, groups } => {
                 if !self.json {
@@ -259,20 +268,45 @@ impl View {
                         crate::trust::Level::Trusted => "trusted",
                         crate::trust::Level::Untrusted => "untrusted",
                     };
-                    eprintln!("build {build_id}: commit {} ({level}: {})", &commit[..commit.len().min(12)], trust.reason);
-                    for (i, g) in groups.iter().enumerate() {
-                        eprintln!("  instance {}: {}", i + 1, g.join(", "));
-                    }
+                    above(&mut || {
+                        eprintln!("build {build_id}: commit {} ({level}: {})", &commit[..commit.len().min(12)], trust.reason);
+                        for (i, g) in groups.iter().enumerate() {
+                            eprintln!("  instance {}: {}", i + 1, g.join(", "));
+                        }
+                    });
                 }
             }
-            FarmEvent::Note { message, .. } => eprintln!("{message}"),
+            FarmEvent::Note { message, .. } => above(&mut || eprintln!("{message}")),
             FarmEvent::Agent { origin, envelope } => {
+                if let (Some(l), crate::protocol::Event::StepStart { step, .. }) = (now.as_ref(), &envelope.event) {
+                    l.set(format!("{}: {step}", attempt_tag(origin.group, origin.attempt)));
+                }
                 let r = reporters.entry(origin.group).or_default();
-                let _ = if self.json { r.show(envelope, &mut std::io::sink()) } else { r.show(envelope, &mut std::io::stdout().lock()) };
+                if self.json {
+                    let _ = r.show(envelope, &mut std::io::sink());
+                } else {
+                    above(&mut || {
+                        let _ = r.show(envelope, &mut std::io::stdout().lock());
+                    });
+                }
             }
-            FarmEvent::Phase { .. } | FarmEvent::AttemptEnded { .. } => {
+            FarmEvent::Phase { origin, phase, detail } => {
+                if let Some(l) = now.as_ref() {
+                    l.set(format!("{} {}: {}", attempt_tag(origin.group, origin.attempt), phase.name(), short(detail)));
+                }
+                // The redrawn line shows a long wait going on; the log keeps the lines.
+                let waiting = detail.starts_with("… still ");
+                if !self.json && !(drawn && waiting) {
+                    above(&mut || {
+                        let _ = writeln!(std::io::stdout().lock(), "{}", readable(e).unwrap_or_default());
+                    });
+                }
+            }
+            FarmEvent::AttemptEnded { .. } => {
                 if !self.json {
-                    let _ = writeln!(std::io::stdout().lock(), "{}", readable(e).unwrap_or_default());
+                    above(&mut || {
+                        let _ = writeln!(std::io::stdout().lock(), "{}", readable(e).unwrap_or_default());
+                    });
                 }
             }
         }
@@ -281,6 +315,8 @@ impl View {
     /// The closing lines: one record line per group with `--json`, else each group's
     /// summary and cost table. Then the archive is completed.
     async fn finish(self, groups: &[GroupOutcome], recorded: Option<&str>) {
+        // The redrawn line goes before the closing lines.
+        drop(self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
         {
             let mut reporters = self.reporters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let several = groups.len() > 1;
@@ -311,6 +347,7 @@ impl View {
 
     /// Completes the archive's logs, saying what could not be written.
     async fn close_archive(self) {
+        drop(self.now.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
         if let Some((build_id, writer)) = self.archive {
             for warning in writer.close().await {
                 eprintln!("warning: {warning}");
@@ -375,6 +412,15 @@ fn readable(e: &FarmEvent) -> Option<String> {
         } => Some(controller_line(&now(), *group, *attempt, phase.name(), detail)),
         FarmEvent::AttemptEnded { group, record: a } => Some(format!("{} ended: {}", attempt_tag(*group, a.attempt), describe(&a.outcome))),
         _ => None,
+    }
+}
+
+/// A detail cut to fit the redrawn line.
+fn short(detail: &str) -> String {
+    const MAX: usize = 70;
+    match detail.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &detail[..i]),
+        None => detail.to_string(),
     }
 }
 

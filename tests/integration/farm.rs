@@ -538,6 +538,21 @@ fn an_arm64_build_rents_only_arm64_types_from_the_arm64_image() {
     let rows = report.json()["rows"].clone();
     assert_eq!(rows.as_array().map(|r| r.len()), Some(1), "{rows:#}");
     assert_eq!(rows[0]["key"], "arm64", "{rows:#}");
+    // On a terminal the build redraws one progress line; off one (above) it did not.
+    assert!(!live.contains('\u{1b}') && !err.contains('\u{1b}'), "no terminal control off a terminal");
+    repo.write("app/stamp", &format!("{}\n", unique()));
+    repo.commit("again");
+    let mut tty = Command::new("script");
+    farm.env(&mut tty).current_dir(repo.path()).args([
+        "-qec",
+        &format!("{} build --arch arm64 app", env!("CARGO_BIN_EXE_spotbuild")),
+        "/dev/null",
+    ]);
+    let on_tty = Run::of(&mut tty);
+    assert_eq!(on_tty.code, 0, "{on_tty:?}");
+    assert!(on_tty.stdout.contains("\r\u{1b}[2K") && on_tty.stdout.contains("[attempt 1] "), "a redrawn line: {:?}", on_tty.stdout);
+    assert!(!on_tty.stdout.contains("… still "), "waits are redrawn, not repeated: {}", on_tty.stdout);
+
     // The ledger's entry says where the log is.
     let builds = Run::of(farm.spotbuild(repo.path()).args(["report", "--since", "1h", "--format", "json"])).json()["builds"].clone();
     assert!(builds[0]["log"].as_str().is_some_and(|l| l.contains(&format!("logs/")) && l.contains(&build_id)), "{builds:#}");
