@@ -24,6 +24,7 @@ pub mod platform;
 pub mod protocol;
 pub mod reap;
 pub mod registry;
+pub mod serve;
 pub mod settings;
 pub mod transport;
 pub mod trust;

@@ -15,6 +15,7 @@ mod reap;
 mod report;
 mod remote;
 mod reporter;
+mod serve;
 mod signals;
 
 use std::io::IsTerminal;
@@ -61,6 +62,7 @@ pub enum Command {
     Reap(reap::ReapArgs),
     Report(report::ReportArgs),
     Logs(logs::LogsArgs),
+    Serve(serve::ServeArgs),
     Farm(farm::FarmArgs),
     Agent(agent::AgentArgs),
 }
@@ -125,6 +127,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Reap(args) => reap::run(args).await,
         Command::Report(args) => report::run(cli.repo, cli.config, args).await,
         Command::Logs(args) => logs::run(cli.repo, cli.config, args).await,
+        Command::Serve(args) => serve::run(cli.repo, cli.config, args).await,
         Command::Farm(args) => farm::run(args).await,
         Command::Agent(args) => agent::run(args).await,
     }

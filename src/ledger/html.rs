@@ -12,7 +12,8 @@ pub const SPOT_COLOUR: &str = "#2e7d32";
 pub const ON_DEMAND_COLOUR: &str = "#c62828";
 pub const SAVINGS_COLOUR: &str = "#1565c0";
 
-fn esc(s: &str) -> String {
+/// `s` made safe as HTML text and attribute values.
+pub fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;")
 }
 

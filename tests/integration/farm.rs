@@ -443,7 +443,7 @@ fn finish(mut child: std::process::Child, limit: Duration) -> (Option<i32>, Stri
     (status, joined(out), joined(err))
 }
 
-fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+pub(crate) fn wait_child(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(s) = child.try_wait().unwrap() {

@@ -257,6 +257,11 @@ fn chromium() -> PathBuf {
 /// Runs headless Chromium on a local file with every host name unresolvable, so the page
 /// (and the browser) can reach nothing.
 fn headless(dir: &Path, page: &Path, args: &[&str]) -> std::process::Output {
+    headless_at(dir, &format!("file://{}", page.display()), args)
+}
+
+/// The same on `url` (a page this test serves on loopback: an address, not a name).
+pub(crate) fn headless_at(dir: &Path, url: &str, args: &[&str]) -> std::process::Output {
     Command::new(chromium())
         .args([
             "--headless",
@@ -269,20 +274,21 @@ fn headless(dir: &Path, page: &Path, args: &[&str]) -> std::process::Output {
             "--disable-component-update",
             "--disable-sync",
             "--disable-default-apps",
-            "--host-resolver-rules=MAP * ~NOTFOUND",
+            // Nothing resolves but loopback (the pages a test serves itself).
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
             "--enable-logging=stderr",
             "--v=0",
             "--window-size=1280,1700",
         ])
         .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
         .args(args)
-        .arg(format!("file://{}", page.display()))
+        .arg(url)
         .output()
         .expect("chromium runs")
 }
 
 /// Pixels of exactly `rgb` in a PNG.
-fn count_colour(png_path: &Path, rgb: [u8; 3]) -> usize {
+pub(crate) fn count_colour(png_path: &Path, rgb: [u8; 3]) -> usize {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(png_path).unwrap()));
     let mut reader = decoder.read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
@@ -295,7 +301,7 @@ fn count_colour(png_path: &Path, rgb: [u8; 3]) -> usize {
     buf[..info.buffer_size()].chunks(step).filter(|p| p[..3] == rgb).count()
 }
 
-fn hex(c: &str) -> [u8; 3] {
+pub(crate) fn hex(c: &str) -> [u8; 3] {
     let v = u32::from_str_radix(c.trim_start_matches('#'), 16).unwrap();
     [(v >> 16) as u8, (v >> 8) as u8, v as u8]
 }

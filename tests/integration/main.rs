@@ -17,6 +17,7 @@ mod ledger;
 mod manifest_errors;
 mod multiarch;
 mod registry;
+mod serve;
 mod ssm;
 mod support;
 mod trust;
