@@ -28,3 +28,4 @@ pub mod serve;
 pub mod settings;
 pub mod transport;
 pub mod trust;
+pub mod watch;

@@ -70,18 +70,7 @@ pub enum ManifestCommand {
 
 /// Planning one project (and its dependencies) without asking the registry.
 fn one_project_offline(repo_dir: Option<PathBuf>, settings: Option<PathBuf>, project: &str, commit: String) -> PlanRequest {
-    PlanRequest {
-        repo_dir,
-        settings,
-        projects: vec![project.to_string()],
-        commit,
-        offline: true,
-        registry: None,
-        registry_auth: None,
-        test: None,
-        force_untrusted: false,
-        arch: crate::platform::Arch::X86_64,
-    }
+    PlanRequest::offline(repo_dir, settings, vec![project.to_string()], commit)
 }
 
 fn parse_arch(s: &str) -> Result<crate::platform::Arch, String> {

@@ -17,6 +17,7 @@ mod remote;
 mod reporter;
 mod serve;
 mod signals;
+mod watch;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -63,6 +64,7 @@ pub enum Command {
     Report(report::ReportArgs),
     Logs(logs::LogsArgs),
     Serve(serve::ServeArgs),
+    Watch(watch::WatchArgs),
     Farm(farm::FarmArgs),
     Agent(agent::AgentArgs),
 }
@@ -128,6 +130,7 @@ pub async fn run(cli: Cli) -> Result<Exit, Error> {
         Command::Report(args) => report::run(cli.repo, cli.config, args).await,
         Command::Logs(args) => logs::run(cli.repo, cli.config, args).await,
         Command::Serve(args) => serve::run(cli.repo, cli.config, args).await,
+        Command::Watch(args) => watch::run(cli.repo, cli.config, args).await,
         Command::Farm(args) => farm::run(args).await,
         Command::Agent(args) => agent::run(args).await,
     }

@@ -93,6 +93,48 @@ impl Repo {
         Ok(Repo { inner })
     }
 
+    /// A commit of the working tree as it is now: tracked files as they are on disk (deleted
+    /// ones gone) and untracked files that are not ignored, on top of HEAD. Nothing points
+    /// at it (no branch, no reflog, the real index untouched); its blobs join the object
+    /// database, as `git stash create` does. Plans and bundles take it like any commit.
+    pub fn worktree_commit(&self) -> Result<CommitId, GitError> {
+        let read = |what: &str| {
+            let what = what.to_string();
+            move |source| GitError::Read { what: what.clone(), source }
+        };
+        // A handle of its own, so the index swapped in below is nobody else's.
+        let repo = Repository::open(self.inner.path()).map_err(read("the repository"))?;
+        let scratch = tempfile::NamedTempFile::new().map_err(|e| GitError::Read {
+            what: "a scratch index".into(),
+            source: git2::Error::from_str(&e.to_string()),
+        })?;
+        let real = self.inner.path().join("index");
+        if real.is_file() {
+            std::fs::copy(&real, scratch.path()).map_err(|e| GitError::Read {
+                what: "the index".into(),
+                source: git2::Error::from_str(&e.to_string()),
+            })?;
+        } else {
+            // No index yet: an empty one.
+            let _ = std::fs::remove_file(scratch.path());
+        }
+        let mut index = git2::Index::open(scratch.path()).map_err(read("the scratch index"))?;
+        repo.set_index(&mut index).map_err(read("the scratch index"))?;
+        index.add_all(["*"], git2::IndexAddOption::DEFAULT, None).map_err(read("the working tree"))?;
+        index.update_all(["*"], None).map_err(read("the working tree"))?;
+        let tree_id = index.write_tree_to(&repo).map_err(read("the working tree"))?;
+        let tree = repo.find_tree(tree_id).map_err(read("the working tree"))?;
+        let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let sig = git2::Signature::now("spotbuild watch", "spotbuild@localhost").map_err(read("a signature"))?;
+        let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+        repo.commit(None, &sig, &sig, "spotbuild watch: the working tree", &tree, &parents).map_err(read("the working tree's commit"))
+    }
+
+    /// Whether a path (relative to the working tree) is ignored by the repository's rules.
+    pub fn is_ignored(&self, path: &Path) -> bool {
+        self.inner.is_path_ignored(path).unwrap_or(false)
+    }
+
     /// The `.git` directory (or the repository itself, when bare).
     pub fn git_dir(&self) -> &Path {
         self.inner.path()

@@ -38,6 +38,24 @@ pub struct PlanRequest {
     pub arch: crate::platform::Arch,
 }
 
+impl PlanRequest {
+    /// Hashes only (the registry is not asked), for x86_64, as a trusted build would.
+    pub fn offline(repo_dir: Option<PathBuf>, settings: Option<PathBuf>, projects: Vec<String>, commit: String) -> PlanRequest {
+        PlanRequest {
+            repo_dir,
+            settings,
+            projects,
+            commit,
+            offline: true,
+            registry: None,
+            registry_auth: None,
+            test: None,
+            force_untrusted: false,
+            arch: crate::platform::Arch::X86_64,
+        }
+    }
+}
+
 /// A computed plan and what it was computed from.
 pub struct Planned {
     pub repo: Repo,

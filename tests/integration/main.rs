@@ -21,4 +21,5 @@ mod serve;
 mod ssm;
 mod support;
 mod trust;
+mod watch;
 mod wild_manifests;
