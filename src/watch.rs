@@ -34,6 +34,26 @@ pub fn relevant(path: &Path, ignored: impl Fn(&Path) -> bool) -> bool {
     !path.as_os_str().is_empty() && !path.starts_with(".git") && !ignored(path)
 }
 
+/// Turns a plan of a working-tree commit into a working-tree build's: every project under
+/// its `dev-<hash>` tag, built when the registry lacks that tag, and no tests (a pass
+/// tag is a commit's record).
+pub async fn as_dev_plan(plan: &mut crate::plan::Plan, store: &dyn crate::registry::ImageStore) {
+    for p in &mut plan.projects {
+        p.tag = dev_tag(&p.hash);
+        let there = store.tag_exists(&p.name, &p.tag).await.unwrap_or(false);
+        p.needs_build = Some(!there);
+        p.reason = if there { format!("{} exists", p.tag) } else { format!("no {} in the registry", p.tag) };
+        p.image = None;
+        p.tests.clear();
+    }
+}
+
+/// The branch whose cache tag working-tree builds move: this user's, never a real branch.
+pub fn dev_branch() -> String {
+    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "local".into());
+    format!("dev-{user}")
+}
+
 /// The projects whose hash differs from the one last built, successfully or not (all, the
 /// first time).
 pub fn changed(hashes: &BTreeMap<String, String>, built: &BTreeMap<String, String>) -> Vec<String> {

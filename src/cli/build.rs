@@ -91,6 +91,7 @@ impl BuildArgs {
             branch: self.branch.clone(),
             builder: self.builder,
             max_instances: self.max_instances,
+            dev: false,
         }
     }
 }

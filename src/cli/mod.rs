@@ -15,7 +15,7 @@ mod reap;
 mod report;
 mod remote;
 mod reporter;
-mod serve;
+pub(crate) mod serve;
 mod signals;
 mod watch;
 

@@ -170,5 +170,6 @@ fn remote(projects: Vec<String>, flags: &RemoteFlags, scope: Scope) -> Remote<'_
         branch: None,
         builder: BuilderChoice::Auto,
         max_instances: None,
+        dev: false,
     }
 }

@@ -91,6 +91,8 @@ pub struct Remote<'a> {
     pub branch: Option<String>,
     pub builder: BuilderChoice,
     pub max_instances: Option<u32>,
+    /// A working-tree build (`watch --remote`): `dev-<hash>` tags, no tests.
+    pub dev: bool,
 }
 
 impl Remote<'_> {
@@ -116,7 +118,12 @@ impl Remote<'_> {
 
 pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: Remote<'_>) -> Result<Exit, Error> {
     let mut request = remote.plan_request(repo_dir, config);
-    let planned = compute(&request).await?;
+    let mut planned = compute(&request).await?;
+    if remote.dev {
+        if let Some(client) = &planned.client {
+            crate::watch::as_dev_plan(&mut planned.plan, client).await;
+        }
+    }
     // Re-plans between attempts ask about this commit, whatever `--commit HEAD` (or a
     // branch) points at by then.
     request.commit = planned.plan.commit.clone();
@@ -160,6 +167,7 @@ pub async fn build(repo_dir: Option<PathBuf>, config: Option<PathBuf>, remote: R
             request,
             scope: remote.scope.clone(),
             options,
+            dev: remote.dev,
         }),
     };
     let build = BuildRequest {
@@ -223,6 +231,20 @@ struct View {
     archive: Option<(String, ArchiveWriter)>,
     /// On a terminal: what the build is doing now, and for how long (redrawn).
     now: Mutex<Option<super::progress::Line>>,
+    /// The secrets this controller holds (the agent redacts its own lines already).
+    redactor: crate::agent::redact::Redactor,
+}
+
+/// What the controller knows that must never reach a log: the registry password and the
+/// AWS secrets in its environment.
+fn controller_secrets() -> Vec<String> {
+    let mut secrets: Vec<String> = crate::registry::auth::Basic::from_env().map(|b| b.password).into_iter().collect();
+    for v in ["AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", crate::cli::serve::TOKEN_ENV] {
+        if let Ok(s) = std::env::var(v) {
+            secrets.push(s);
+        }
+    }
+    secrets
 }
 
 impl View {
@@ -232,12 +254,13 @@ impl View {
             reporters: Mutex::new(Default::default()),
             archive,
             now: Mutex::new(Some(super::progress::Line::spinner(json))),
+            redactor: crate::agent::redact::Redactor::new(&controller_secrets()),
         }
     }
 
     /// Archives (and with `--json` prints) one NDJSON line of `group`'s `attempt`.
     fn line(&self, group: Option<u32>, attempt: u32, line: &serde_json::Value) {
-        let text = line.to_string();
+        let text = self.redactor.redact(&line.to_string());
         if let Some((build_id, writer)) = &self.archive {
             let build_id = match group {
                 Some(g) => format!("{build_id}-{g}"),
@@ -276,7 +299,7 @@ impl View {
                     });
                 }
             }
-            FarmEvent::Note { message, .. } => above(&mut || eprintln!("{message}")),
+            FarmEvent::Note { message, .. } => above(&mut || eprintln!("{}", self.redactor.redact(message))),
             FarmEvent::Agent { origin, envelope } => {
                 if let (Some(l), crate::protocol::Event::StepStart { step, .. }) = (now.as_ref(), &envelope.event) {
                     l.set(format!("{}: {step}", attempt_tag(origin.group, origin.attempt)));
@@ -298,14 +321,14 @@ impl View {
                 let waiting = detail.starts_with("… still ");
                 if !self.json && !(drawn && waiting) {
                     above(&mut || {
-                        let _ = writeln!(std::io::stdout().lock(), "{}", readable(e).unwrap_or_default());
+                        let _ = writeln!(std::io::stdout().lock(), "{}", self.redactor.redact(&readable(e).unwrap_or_default()));
                     });
                 }
             }
             FarmEvent::AttemptEnded { .. } => {
                 if !self.json {
                     above(&mut || {
-                        let _ = writeln!(std::io::stdout().lock(), "{}", readable(e).unwrap_or_default());
+                        let _ = writeln!(std::io::stdout().lock(), "{}", self.redactor.redact(&readable(e).unwrap_or_default()));
                     });
                 }
             }

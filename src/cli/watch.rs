@@ -32,8 +32,9 @@ hash changed are built, on this machine, and pushed as dev-<hash> (a hash no com
 never as cache-<hash>: the registry's cache tags stay the record of commits. A file that
 is ignored, or that no project's patterns match, triggers nothing, so files a build or
 --then writes do not loop unless they are inputs. --then runs after each successful build
-only, with SPOTBUILD_DEV_TAGS (project=tag, space-separated). Ctrl-C stops after the step
-running.";
+only, with SPOTBUILD_DEV_TAGS (project=tag, space-separated). --remote builds on a rented
+machine instead ([cloud] settings, as `spotbuild build`). Ctrl-C stops after the step
+running (and a rented machine is terminated).";
 
 #[derive(Debug, Args)]
 #[command(about = "Rebuild what each saved change affects, then run a command", after_help = WATCH_AFTER_HELP)]
@@ -42,7 +43,8 @@ pub struct WatchArgs {
     #[arg(value_name = "PROJECT")]
     pub projects: Vec<String>,
 
-    /// Build on a rented machine instead of this one.
+    /// Build on a rented machine instead of this one (the working-tree commit is shipped;
+    /// the tags are the same dev tags).
     #[arg(long)]
     pub remote: bool,
 
@@ -76,10 +78,6 @@ pub struct WatchArgs {
 }
 
 pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: WatchArgs) -> Result<Exit, Error> {
-    if args.remote {
-        return Err(Error::new(Exit::Usage, "watch --remote is not available yet: working-tree builds run on this machine")
-            .hint("drop --remote; commit and `spotbuild build` to build on a rented machine"));
-    }
     let cwd = match repo_dir {
         Some(d) => d,
         None => std::env::current_dir().map_err(|e| Error::new(Exit::Usage, format!("failed to read the current directory: {e}")))?,
@@ -105,6 +103,7 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Watch
         config,
         built: BTreeMap::new(),
         last_commit: None,
+        last: None,
     };
     let stop = super::signals::stopped_with();
     tokio::pin!(stop);
@@ -112,11 +111,24 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Watch
     let mut pending = true;
     loop {
         if std::mem::take(&mut pending) {
-            tokio::select! {
-                r = w.rebuild() => r?,
-                s = &mut stop => return Ok(Exit::of_signal(s)),
+            let stopped = if args.remote {
+                // A rented machine's build handles the signal itself (it tears its instance
+                // down and says so): it must not be dropped halfway.
+                w.rebuild().await?
+            } else {
+                tokio::select! {
+                    r = w.rebuild() => r?,
+                    s = &mut stop => return Ok(Exit::of_signal(s)),
+                }
+            };
+            if let Some(exit) = stopped {
+                return Ok(exit);
             }
         }
+        // On a terminal, the loop's state, redrawn while it waits (cleared before a build,
+        // whose lines then scroll as usual).
+        let idle = super::progress::Line::spinner(args.json);
+        idle.set(format!("watching {} · {}", root.display(), w.last.as_deref().unwrap_or("waiting for a change")));
         tokio::select! {
             got = rx.recv() => {
                 let Some(mut paths) = got else { break };
@@ -146,6 +158,8 @@ struct Watch<'a> {
     built: BTreeMap<String, String>,
     /// The working-tree commit of the last plan, for --explain.
     last_commit: Option<String>,
+    /// What the last rebuild did, for the redrawn line.
+    last: Option<String>,
 }
 
 impl Watch<'_> {
@@ -162,7 +176,8 @@ impl Watch<'_> {
     }
 
     /// Hashes the working tree, builds what changed, and runs --then after a success.
-    async fn rebuild(&mut self) -> Result<(), Error> {
+    /// `Some`: a signal stopped a rented machine's build; watch ends with that exit code.
+    async fn rebuild(&mut self) -> Result<Option<Exit>, Error> {
         let commit = self.repo.worktree_commit()?.to_string();
         let request = PlanRequest::offline(Some(self.root.clone()), self.config.clone(), self.args.projects.clone(), commit.clone());
         let planned = planner::plan(&request).await?;
@@ -174,8 +189,9 @@ impl Watch<'_> {
         let previous = self.last_commit.replace(commit.clone());
         if changed.is_empty() {
             self.say("no project's inputs changed".into());
-            return Ok(());
+            return Ok(None);
         }
+        self.last = Some(format!("last: {} changed", changed.join(", ")));
         if self.args.explain {
             if let Some(prev) = previous.and_then(|p| self.repo.resolve_commit(&p).ok()) {
                 let now = self.repo.resolve_commit(&commit)?;
@@ -199,15 +215,44 @@ impl Watch<'_> {
         let started = Instant::now();
         let outcome = if build.is_empty() {
             Some(Outcome::Success)
+        } else if self.args.remote {
+            // The same plan on a rented machine: the working-tree commit is shipped like any
+            // other, and the remote build takes the dev tags too.
+            let flags = super::remote::RemoteFlags {
+                commit: commit.clone(),
+                json: self.args.json,
+                registry: self.args.registry.clone(),
+                timeout: Duration::from_secs(3600),
+                cpus: None,
+                arch: crate::platform::Arch::X86_64,
+                market: None,
+                record: None,
+                ledger: std::env::var("SPOTBUILD_LEDGER").ok(),
+                untrusted: false,
+            };
+            let remote = super::remote::Remote {
+                projects: build.clone(),
+                flags: &flags,
+                scope: super::remote::Scope::Build,
+                registry_auth: self.args.registry_auth,
+                branch: Some(crate::watch::dev_branch()),
+                builder: self.args.builder,
+                max_instances: None,
+                dev: true,
+            };
+            match super::remote::build(Some(self.root.clone()), self.config.clone(), remote).await? {
+                Exit::Success => Some(Outcome::Success),
+                e @ (Exit::Sigint | Exit::Sigterm) => return Ok(Some(e)),
+                _ => Some(Outcome::Failed),
+            }
         } else {
             let build_id = crate::farm::build::new_build_id();
             let workdir = std::env::temp_dir().join(format!("spotbuild-watch-{build_id}"));
-            let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "local".into());
             let options = JobOptions {
                 build_id,
                 registry_auth: self.args.registry_auth,
                 // Its own branch cache tag: a working tree never moves a real branch's.
-                branch: Some(format!("dev-{user}")),
+                branch: Some(crate::watch::dev_branch()),
                 builder: self.args.builder,
                 timeout: Duration::from_secs(3600),
             };
@@ -229,15 +274,16 @@ impl Watch<'_> {
             self.built.insert(p.clone(), hashes[p].clone());
         }
         self.line(serde_json::json!({ "type": "watch", "event": if ok { "built" } else { "failed" }, "projects": build, "changed": changed, "tags": tags, "seconds": secs }));
+        self.last = Some(format!("last: {} {} in {secs:.1}s", changed.join(", "), if ok { "built" } else { "failed" }));
         if !ok {
             self.say(format!("the build failed after {secs:.1}s; waiting for the next change"));
-            return Ok(());
+            return Ok(None);
         }
         self.say(format!("built in {secs:.1}s: {}", changed.iter().map(|p| format!("{p}:{}", tags[p])).collect::<Vec<_>>().join(" ")));
         if !self.args.then.is_empty() {
             self.then(&tags).await;
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn then(&self, tags: &BTreeMap<String, String>) {

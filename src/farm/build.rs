@@ -122,12 +122,19 @@ pub struct PlanAgain {
     pub request: PlanRequest,
     pub scope: Scope,
     pub options: JobOptions,
+    /// A working-tree build (`watch --remote`): dev tags, no tests.
+    pub dev: bool,
 }
 
 impl Planner for PlanAgain {
     fn plan(&self) -> BoxFuture<'_, Result<Work, PlanningError>> {
         Box::pin(async move {
-            let planned = crate::plan::planner::plan(&self.request).await?;
+            let mut planned = crate::plan::planner::plan(&self.request).await?;
+            if self.dev {
+                if let Some(client) = &planned.client {
+                    crate::watch::as_dev_plan(&mut planned.plan, client).await;
+                }
+            }
             Ok(super::job::work(&planned, &self.scope, &self.options))
         })
     }

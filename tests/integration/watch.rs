@@ -132,3 +132,34 @@ fn a_saved_file_rebuilds_only_its_project_and_then_runs_after_each_success() {
     };
     assert_eq!(status.code(), Some(130), "{status:?}");
 }
+
+#[test]
+fn watch_remote_builds_the_working_tree_on_a_rented_machine_under_dev_tags() {
+    docker_required();
+    let farm = crate::support::farm::LocalFarm::start();
+    let repo = crate::farm::farm_repo(None, crate::farm::PASSING_TEST);
+    let mut child = farm
+        .spotbuild(repo.path())
+        .args(["watch", "--remote", "--json", "--debounce", "300ms", "web"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let rx = watch_lines(&mut child);
+    let pid = child.id();
+    let first = next(&rx, Duration::from_secs(180));
+    assert_eq!(first["event"], "built", "{first}");
+    assert_eq!(first["projects"], json!(["base", "web"]), "web and what it is built from");
+    repo.write("web/src/index.html", &format!("<p>saved {}</p>\n", unique()));
+    let second = next(&rx, Duration::from_secs(180));
+    assert_eq!((second["event"].as_str(), &second["projects"]), (Some("built"), &json!(["web"])), "{second}");
+    for p in ["base", "web"] {
+        let t = crate::farm::tags(&farm.registry(), p);
+        assert!(!t.is_empty() && t.iter().all(|t| t.starts_with("dev-") || t.starts_with("branch-dev-")), "{p}: {t:?}");
+    }
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let status = crate::farm::wait_child(&mut child, Duration::from_secs(60));
+    assert_eq!(status, Some(130));
+    farm.assert_nothing_left();
+}
