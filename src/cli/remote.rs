@@ -554,3 +554,23 @@ async fn ssm_clients(cfg: &crate::settings::Config) -> Result<Option<SsmClients>
         objects: Arc::new(objects),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::archive::{self, DirArchive, LogArchive};
+
+    #[tokio::test]
+    async fn the_controllers_lines_are_redacted_before_they_are_printed_or_archived() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn LogArchive> = Arc::new(DirArchive::new(dir.path()));
+        let mut view = View::new(false, Some(("b1".into(), ArchiveWriter::start(store.clone()))));
+        view.redactor = crate::agent::redact::Redactor::new(&["hunter2-is-the-password".to_string()]);
+        view.line(None, 0, &serde_json::json!({ "type": "note", "message": "login with hunter2-is-the-password failed" }));
+        view.close_archive().await;
+        let bytes = store.read(&LogKey { build_id: "b1".into(), attempt: 0 }).await.unwrap().unwrap();
+        let (lines, _) = archive::lines(&bytes);
+        assert_eq!(lines.len(), 1);
+        assert!(!lines[0].contains("hunter2") && lines[0].contains(crate::agent::redact::MASK), "{}", lines[0]);
+    }
+}

@@ -113,6 +113,10 @@ fn the_dashboard_shows_a_farm_build_running_then_finished_with_its_live_log() {
     assert!(idle.contains("No build is running"), "{idle}");
     let (_, recent) = get(&format!("{base}/builds?result=success"));
     assert!(recent.contains(&format!("data-build=\"{build_id}\"")) && recent.contains("class=\"success\""), "{recent}");
+    let dom = headless_at(dir.path(), &format!("{base}/builds"), &["--dump-dom"]);
+    let stdout = String::from_utf8_lossy(&dom.stdout);
+    assert!(stdout.contains(&format!("data-build=\"{build_id}\"")) && stdout.contains("class=\"success\""), "finished, in Chromium:\n{stdout}");
+    assert!(console_errors(&String::from_utf8_lossy(&dom.stderr)).is_empty());
     let (_, none) = get(&format!("{base}/builds?result=failed"));
     assert!(!none.contains(&build_id), "filters filter");
     let page = headless_at(dir.path(), &format!("{base}/builds/{build_id}"), &["--dump-dom", "--virtual-time-budget=10000"]);
