@@ -4,7 +4,8 @@
 #   make bench  planner figures on a generated 100k-file monorepo; event stream throughput;
 #               the controller's overhead and the bytes it ships for a one-file change;
 #               capacity error to on-demand fulfilment, and how soon the reaper finds an orphan;
-#               deploy's promotion against docker pull + push, and bytes for a one-layer change
+#               deploy's promotion against docker pull + push, and bytes for a one-layer change;
+#               a build archived against not, the archive's size, and watch's save-to-pushed
 #   make demo   a real farm build of examples/monorepo on the local farm (EC2 emulated,
 #               hosts in network namespaces, a loopback registry, this machine's Docker)
 #   make chaos  the whole lifecycle chaos matrix (every phase × every fault) on the local farm
@@ -90,6 +91,7 @@ bench: farm-deps
 	scripts/bench-controller --binary target/release/spotbuild
 	scripts/bench-lifecycle --binary target/release/spotbuild
 	scripts/bench-deploy --binary target/release/spotbuild
+	scripts/bench-logs --binary target/release/spotbuild
 
 demo: farm-deps build
 	scripts/demo

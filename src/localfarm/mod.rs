@@ -335,7 +335,7 @@ async fn run_owned(
         wait_http(&format!("http://127.0.0.1:{registry_port}/v2/"), Duration::from_secs(30), "the registry").await?;
         let sdk = sdk_config(&ec2_endpoint, &settings.region, &access_key_id, &secret_access_key).await;
         let ec2 = aws_sdk_ec2::Client::new(&sdk);
-        let (subnet_id, ami, ami_arm64) = prepare_ec2(&ec2, settings.subnet).await?;
+        let (subnet_id, ami, ami_arm64) = prepare_ec2(&ec2, settings.subnet, &settings.region).await?;
         let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build());
         s3.create_bucket()
             .bucket(&transport_bucket)
@@ -810,7 +810,7 @@ shutdown_command = []
 }
 
 /// A VPC around the farm's subnet, the subnet, and an image of each architecture to launch.
-async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(String, String, String), FarmError> {
+async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr, region: &str) -> Result<(String, String, String), FarmError> {
     let o = subnet.octets();
     let vpc = ec2
         .create_vpc()
@@ -819,9 +819,13 @@ async fn prepare_ec2(ec2: &aws_sdk_ec2::Client, subnet: Ipv4Addr) -> Result<(Str
         .await
         .map_err(ec2_err("create the farm's VPC"))?;
     let vpc_id = vpc.vpc().and_then(|v| v.vpc_id()).unwrap_or_default().to_string();
+    // In the region's first zone: left to itself the emulator picks one at random, and some
+    // zones (us-east-1e) offer none of the farm's instance types, so no spot price is known
+    // there and builds' costs show as unknown.
     let sub = ec2
         .create_subnet()
         .vpc_id(&vpc_id)
+        .availability_zone(format!("{region}a"))
         .cidr_block(format!("{subnet}/24"))
         .send()
         .await
