@@ -19,6 +19,9 @@ use crate::protocol::{BuilderChoice, Outcome};
 use crate::registry::ImageStore;
 use crate::settings::AuthMode;
 
+/// How many times the working tree is read again when a file changes while it is read.
+const WORKTREE_TRIES: u32 = 5;
+
 const WATCH_AFTER_HELP: &str = "\
 Examples:
   spotbuild watch                                   rebuild what a saved file affects, here
@@ -111,18 +114,28 @@ pub async fn run(repo_dir: Option<PathBuf>, config: Option<PathBuf>, args: Watch
     let mut pending = true;
     loop {
         if std::mem::take(&mut pending) {
-            let stopped = if args.remote {
+            let done = if args.remote {
                 // A rented machine's build handles the signal itself (it tears its instance
                 // down and says so): it must not be dropped halfway.
-                w.rebuild().await?
+                w.rebuild().await
             } else {
                 tokio::select! {
-                    r = w.rebuild() => r?,
+                    r = w.rebuild() => r,
                     s = &mut stop => return Ok(Exit::of_signal(s)),
                 }
             };
-            if let Some(exit) = stopped {
-                return Ok(exit);
+            match done {
+                Ok(Some(exit)) => return Ok(exit),
+                Ok(None) => {}
+                // A manifest being edited, a file saved mid-read: said, and the next save
+                // tries again. Watching stops only when asked to.
+                Err(e) => {
+                    w.line(serde_json::json!({ "type": "watch", "event": "error", "message": e.message }));
+                    if !args.json {
+                        eprint!("{}", e.render());
+                    }
+                    w.last = Some("last: an error (see above)".into());
+                }
             }
         }
         // On a terminal, the loop's state, redrawn while it waits (cleared before a build,
@@ -178,7 +191,18 @@ impl Watch<'_> {
     /// Hashes the working tree, builds what changed, and runs --then after a success.
     /// `Some`: a signal stopped a rented machine's build; watch ends with that exit code.
     async fn rebuild(&mut self) -> Result<Option<Exit>, Error> {
-        let commit = self.repo.worktree_commit()?.to_string();
+        // A file saved while it is read makes git refuse the snapshot: read again.
+        let mut tries = 0;
+        let commit = loop {
+            match self.repo.worktree_commit() {
+                Ok(c) => break c.to_string(),
+                Err(_) if tries < WORKTREE_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(self.args.debounce.max(Duration::from_millis(50))).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         let request = PlanRequest::offline(Some(self.root.clone()), self.config.clone(), self.args.projects.clone(), commit.clone());
         let planned = planner::plan(&request).await?;
         for w in &planned.warnings {

@@ -110,6 +110,15 @@ fn a_saved_file_rebuilds_only_its_project_and_then_runs_after_each_success() {
     assert!(rx.recv_timeout(Duration::from_secs(2)).is_err(), "no --then after a failure");
     assert_eq!(then_lines(), 2);
 
+    // A manifest saved half-edited is said, and watching goes on.
+    let manifest = std::fs::read_to_string(repo.path().join("build_manifest.json")).unwrap();
+    repo.write("build_manifest.json", "{\"a\": {\"buildDir\": ");
+    let error = next(&rx, Duration::from_secs(30));
+    assert_eq!(error["event"], "error", "{error}");
+    assert!(error["message"].as_str().is_some_and(|m| m.contains("build_manifest.json")), "{error}");
+    repo.write("build_manifest.json", &manifest);
+    assert!(child.try_wait().unwrap().is_none(), "still watching");
+
     // The registry holds only dev tags, none of them a commit's hash.
     let committed = repo.hashes();
     for p in ["a", "b"] {
